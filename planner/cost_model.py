@@ -1,0 +1,214 @@
+"""Time of one engine step, layer by layer, for a placement of experts into tiers.
+
+Shared by the planner (which linearizes it) and the simulator (which plays it out event by
+event). A step runs the decoder layers in order. Layer l costs, on the GPU timeline,
+`compute_l` (attention, dense GEMMs and the expert FFNs of the tokens routed there, the same
+whatever tier the experts came from) plus `decode_l` (compressed experts decoded into the
+staging pool: the decoder shares the SMs and HBM with compute, so it is serialized with it).
+Host experts cross PCIe on the copy engine (`transfer_l`), overlapping the compute of the
+`prefetch_depth` layers before l; wrapping around, since next step's early layers prefetch
+during this step's last ones. Steady state:
+
+    step = max(sum_l (compute_l + decode_l) + sum_l stall_l,  sum_l transfer_l) + fixed
+    stall_l = max(0, transfer_l - sum of (compute + decode) over the depth layers before l)
+
+Routing is assumed uniform: with T tokens and top-k of E experts, E(1 - (1 - k/E)^T) experts
+are active in a layer. Baselines: plain vLLM (all resident) and vLLM with CPU weight offload,
+whose offloaded bytes cross PCIe every step without overlap.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from profiles.registry import Profile
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What one engine step processes: tokens (decode + prefill chunk), sequences, mean context."""
+
+    tokens: int
+    sequences: int
+    context_tokens: float
+
+    @classmethod
+    def steady_decode(cls, batch: int, prompt_tokens: int, output_tokens: int) -> "StepShape":
+        """A continuous-batching step: `batch` decodes plus their amortized share of prefill."""
+        prefill_per_step = batch * prompt_tokens / max(output_tokens, 1)
+        return cls(tokens=max(1, round(batch + prefill_per_step)), sequences=batch,
+                   context_tokens=prompt_tokens + output_tokens / 2)
+
+
+@dataclass(frozen=True)
+class TierCounts:
+    """How many of one MoE layer's experts sit in each tier."""
+
+    resident: int
+    compressed: int
+    host: int
+
+    @property
+    def paged(self) -> int:
+        """Experts that need a staging slot when the layer runs."""
+        return self.compressed + self.host
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """A step's time and where it went; all in seconds."""
+
+    total_s: float
+    gpu_s: float
+    link_s: float
+    stall_s: float
+    fixed_s: float
+
+
+class CostModel:
+    """Per-layer times for one model on one GPU; tier-independent parts cached per step shape."""
+
+    def __init__(self, profile: Profile):
+        self.profile = profile
+        self.model = profile.model
+        self.hw = profile.hardware
+        m, hw = self.model, self.hw
+        self._flops_per_s = hw.bf16_tflops * 1e12 * hw.gemm_efficiency
+        self._bytes_per_s = hw.hbm_gbps * 1e9 * hw.memory_efficiency
+        self._ffn_curve = hw.expert_ffn_s.get(f"{m.hidden_size}x{m.expert_intermediate_size}")
+        self.expert_bytes = m.expert_bytes
+        self.compressed_expert_bytes = m.expert_bytes * hw.codec.compressed_ratio
+        # Per-expert costs of the two paged tiers.
+        self.decode_s_per_expert = m.expert_bytes / (hw.codec.decode_gbps * 1e9)
+        self.transfer_s_per_expert = hw.h2d_seconds(m.expert_bytes)
+        self._compute_cache: dict[StepShape, list[float]] = {}
+
+    # ------------------------------------------------------------------ compute
+    def _gemm_s(self, params: float, tokens: float) -> float:
+        """Roofline time of reading `params` weights once and multiplying them by `tokens` rows."""
+        if params <= 0:
+            return 0.0
+        return max(2 * params * tokens / self._flops_per_s,
+                   params * self.model.dtype_bytes / self._bytes_per_s) + self.hw.kernel_overhead_s
+
+    def expert_ffn_s(self, tokens: float) -> float:
+        """One expert's FFN over `tokens` tokens: measured table if the profile has one, else roofline."""
+        if self._ffn_curve is not None:
+            return self._ffn_curve(tokens)
+        return self._gemm_s(self.model.expert_params, tokens)
+
+    def active_experts(self, tokens: int) -> float:
+        m = self.model
+        return m.num_experts * (1 - (1 - m.experts_per_token / m.num_experts) ** tokens)
+
+    def _attention_s(self, kind: str, step: StepShape) -> float:
+        m = self.model
+        if kind == "linear":
+            state_io = 2 * step.sequences * m.linear_state_bytes_per_layer
+            return state_io / self._bytes_per_s + self.hw.kernel_overhead_s
+        context = min(step.context_tokens, m.sliding_window) if kind == "sliding" else step.context_tokens
+        kv_read = step.sequences * context * m.kv_bytes_per_token_layer.get(kind, 0)
+        flops = 4 * m.attention_width * step.tokens * context
+        return max(flops / self._flops_per_s, kv_read / self._bytes_per_s) + self.hw.kernel_overhead_s
+
+    def layer_compute_s(self, step: StepShape) -> list[float]:
+        """Per-layer compute time (attention + dense + routed experts), independent of tiers."""
+        cached = self._compute_cache.get(step)
+        if cached is not None:
+            return cached
+        m = self.model
+        active = self.active_experts(step.tokens)
+        per_expert_tokens = step.tokens * m.experts_per_token / active
+        experts_s = active * self.expert_ffn_s(per_expert_tokens)
+        times = []
+        for layer in range(m.num_layers):
+            t = self._gemm_s(m.layer_dense_params(layer), step.tokens) + self._attention_s(m.attention[layer], step)
+            if m.is_moe_layer(layer):
+                t += experts_s
+            times.append(t)
+        self._compute_cache[step] = times
+        return times
+
+    def fixed_s(self, step: StepShape) -> float:
+        """Per-step cost outside the layers: LM head over the sampled rows, engine overhead."""
+        m = self.model
+        return self._gemm_s(m.vocab_size * m.hidden_size, step.sequences) + self.hw.step_overhead_s
+
+    # ------------------------------------------------------------------ steps
+    def step_time(self, tiers: list[TierCounts], step: StepShape, prefetch_depth: int) -> StepTime:
+        """Steady-state step time for a placement (one TierCounts per MoE layer, in order)."""
+        m = self.model
+        if len(tiers) != m.num_moe_layers:
+            raise ValueError(f"need one TierCounts per MoE layer ({m.num_moe_layers}), got {len(tiers)}")
+        compute = self.layer_compute_s(step)
+        gpu = list(compute)
+        transfer = [0.0] * m.num_layers
+        for layer, counts in zip(m.moe_layers, tiers):
+            gpu[layer] += counts.compressed * self.decode_s_per_expert
+            transfer[layer] = counts.host * self.transfer_s_per_expert
+        stall = sum(max(0.0, transfer[layer] - self.window_gpu_s(gpu, layer, prefetch_depth))
+                    for layer in range(m.num_layers) if transfer[layer] > 0)
+        gpu_s, link_s, fixed = sum(gpu), sum(transfer), self.fixed_s(step)
+        return StepTime(max(gpu_s + stall, link_s) + fixed, gpu_s, link_s, stall, fixed)
+
+    @staticmethod
+    def window_layers(num_layers: int, layer: int, prefetch_depth: int) -> list[int]:
+        """The layers whose compute hides layer `layer`'s transfer (cyclic: the previous step's tail)."""
+        return [(layer - j) % num_layers for j in range(1, min(prefetch_depth, num_layers) + 1)]
+
+    def window_gpu_s(self, gpu: list[float], layer: int, prefetch_depth: int) -> float:
+        return sum(gpu[j] for j in self.window_layers(len(gpu), layer, prefetch_depth))
+
+    def resident_step_time(self, step: StepShape) -> StepTime:
+        """Every expert resident: the fastest a step can be (and plain vLLM's step)."""
+        tiers = [TierCounts(self.model.num_experts, 0, 0)] * self.model.num_moe_layers
+        return self.step_time(tiers, step, prefetch_depth=1)
+
+    def offload_rereads(self, step: StepShape) -> int:
+        """How often vLLM's UVA offload reads each offloaded weight per step.
+
+        vLLM 0.26's `cpu_offload_gb` leaves weights in pinned host memory and lets the GEMM
+        kernels read them over PCIe; a kernel reads its weight tile once per block of
+        `offload_tile_tokens` token rows, so each expert's weights cross the link once per
+        such block of the tokens routed to it (what made prefill so slow on the H200).
+        """
+        m = self.model
+        per_expert = step.tokens * m.experts_per_token / self.active_experts(step.tokens)
+        return max(1, math.ceil(per_expert / self.hw.offload_tile_tokens))
+
+    def offload_step_time(self, step: StepShape, offload_bytes: float) -> StepTime:
+        """vLLM with CPU weight offload: offloaded weights cross PCIe every step, unhidden."""
+        base = self.resident_step_time(step)
+        link = self.hw.h2d_seconds(offload_bytes) * self.offload_rereads(step)
+        return StepTime(base.total_s + link, base.gpu_s, link, link, base.fixed_s)
+
+    def paging_lower_bound_s(self, step: StepShape, bytes_to_free: float, host_bytes: float,
+                             slot_share: float = 0.0) -> float:
+        """No placement that frees `bytes_to_free` of expert memory has a shorter step than this.
+
+        Relaxes integrality, staging memory and per-layer stalls: free C compressed experts
+        (each saves eb(1 - ratio), costs decode time on the GPU) and H host experts (each saves
+        eb, costs link time); the best split balances GPU and link time.
+        """
+        base = self.resident_step_time(step)
+        if bytes_to_free <= 0:
+            return base.total_s
+        # A paged expert needs a staging slot in each of depth+1 buffers; spread evenly over the
+        # layers that is at least `slot_share` of an expert's bytes (the max is >= the mean).
+        eb = self.expert_bytes * (1 - slot_share)
+        saved_c = max(self.expert_bytes - self.compressed_expert_bytes - self.expert_bytes * slot_share, 1e-9)
+        td, tx, total = self.decode_s_per_expert, self.transfer_s_per_expert, self.model.total_experts
+        h_max = min(total, host_bytes / self.expert_bytes)
+        if eb <= 0 or h_max * eb + (total - h_max) * saved_c < bytes_to_free:
+            return math.inf
+
+        def time_at(c: float) -> float:
+            h = max(0.0, (bytes_to_free - saved_c * c) / eb)
+            return max(base.gpu_s + td * c, tx * h) if h <= h_max + 1e-9 else math.inf
+
+        c_balance = (tx * bytes_to_free / eb - base.gpu_s) / (td + tx * saved_c / eb)
+        c_min = max(0.0, (bytes_to_free - h_max * eb) / saved_c)
+        c_max = min(total, bytes_to_free / saved_c)
+        candidates = [c_min, c_max, min(max(c_balance, c_min), c_max)]
+        return min(time_at(c) for c in candidates) + base.fixed_s

@@ -1,0 +1,343 @@
+"""`optimize(profile, budget)`: the residency plan with the best predicted throughput.
+
+For each candidate (batch size B, prefetch depth D) a small MILP (PuLP, CBC) chooses how many
+of each MoE layer's experts are resident, compressed or on the host, minimizing the cost
+model's steady-state step time under the GPU budget (FlexGen's shape: epigraph variables for
+the max of GPU time and link time, one stall variable per layer for transfers the prefetch
+window cannot hide). Candidates are visited best upper bound first (B over the all-resident
+step time) and pruned once none can beat the best plan found, so the result is the optimum
+over the whole candidate grid while solving only a few MILPs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import pulp
+
+from fluxmoe.errors import ConfigError, InfeasibleError
+from fluxmoe.units import GiB, format_bytes, parse_bytes
+from planner.cost_model import CostModel, StepShape, TierCounts
+from planner.plan import (BaselinePrediction, LayerPlan, MemoryBreakdown, Plan, Prediction,
+                          WorkloadShape)
+from profiles.registry import Profile
+
+BATCH_GRID = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512,
+              640, 768, 896, 1024, 1280, 1536, 2048)
+PREFETCH_DEPTHS = (0, 1, 2, 3)
+DEFAULT_RESERVE_BYTES = 1 * GiB
+SLOT_ENUMERATION_MAX_EXPERTS = 16
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A solved (batch, depth): its placement and the step time the MILP found."""
+
+    batch: int
+    depth: int
+    tiers: list[TierCounts]
+    step_time_s: float
+    staging_slots: int
+    status: str
+
+
+class _Problem:
+    """Everything fixed for one optimize() call: profile, budget, workload, derived sizes."""
+
+    def __init__(self, profile: Profile, budget_bytes: int, host_budget_bytes: int, workload: WorkloadShape,
+                 reserve_bytes: int, tpot_limit_s: float | None, max_num_seqs: int, mip_gap: float = 0.01):
+        self.profile, self.model, self.cost = profile, profile.model, CostModel(profile)
+        self.budget, self.host_budget, self.workload = budget_bytes, host_budget_bytes, workload
+        self.reserve, self.tpot_limit_s, self.max_num_seqs = reserve_bytes, tpot_limit_s, max_num_seqs
+        self.kv_per_seq = self.model.kv_bytes_per_sequence(workload.prompt_tokens + workload.output_tokens)
+        self.fixed_gpu_bytes = self.model.non_expert_bytes + reserve_bytes
+        self.gap, self.time_limit_s = mip_gap, 1.0
+
+    def step(self, batch: int) -> StepShape:
+        return StepShape.steady_decode(batch, self.workload.prompt_tokens, self.workload.output_tokens)
+
+    def expert_memory_lower_bound(self, depth: int) -> float:
+        """No placement at this depth needs less GPU memory for experts than this."""
+        m = self.model
+        return min(m.total_experts, (depth + 1) * m.num_experts) * m.expert_bytes
+
+    def _build(self, batch: int, depth: int, integer: bool, minimize_memory: bool, slots_fixed: int | None = None):
+        """The placement model for one (batch, depth): variables per MoE layer, epigraph for time."""
+        m, cost = self.model, self.cost
+        step = self.step(batch)
+        compute = cost.layer_compute_s(step)
+        eb, ceb, E = m.expert_bytes, cost.compressed_expert_bytes, m.num_experts
+        cat = "Integer" if integer else "Continuous"
+        prob = pulp.LpProblem("placement", pulp.LpMinimize)
+        r = {l: pulp.LpVariable(f"r{l}", 0, E, cat=cat) for l in m.moe_layers}
+        c = {l: pulp.LpVariable(f"c{l}", 0, E, cat=cat) for l in m.moe_layers}
+        h = {l: pulp.LpVariable(f"h{l}", 0, E, cat=cat) for l in m.moe_layers}
+        # Staging slots per buffer of the pool.
+        slots = pulp.LpVariable("slots", 0 if slots_fixed is None else slots_fixed,
+                                E if slots_fixed is None else slots_fixed, cat=cat)
+        step_time = pulp.LpVariable("step_time", 0)
+        for l in m.moe_layers:
+            prob += r[l] + c[l] + h[l] == E
+            prob += slots >= c[l] + h[l]
+        gpu = {l: compute[l] + (cost.decode_s_per_expert * c[l] if l in c else 0) for l in range(m.num_layers)}
+        stalls = []
+        for l in m.moe_layers:
+            stall = pulp.LpVariable(f"stall{l}", 0)
+            window = pulp.lpSum(gpu[j] for j in cost.window_layers(m.num_layers, l, depth))
+            prob += stall >= cost.transfer_s_per_expert * h[l] - window
+            stalls.append(stall)
+        prob += step_time >= pulp.lpSum(gpu.values()) + pulp.lpSum(stalls)
+        prob += step_time >= pulp.lpSum(cost.transfer_s_per_expert * h[l] for l in m.moe_layers)
+        memory = (self.fixed_gpu_bytes + batch * self.kv_per_seq
+                  + pulp.lpSum(eb * r[l] + ceb * c[l] for l in m.moe_layers) + (depth + 1) * eb * slots)
+        prob += pulp.lpSum(eb * h[l] for l in m.moe_layers) <= self.host_budget
+        if minimize_memory:
+            prob += memory
+        else:
+            prob += memory <= self.budget
+            if self.tpot_limit_s is not None:
+                prob += step_time + cost.fixed_s(step) <= self.tpot_limit_s
+            prob += step_time
+        prob.solve(pulp.PULP_CBC_CMD(msg=False, gapRel=self.gap, threads=1, timeLimit=self.time_limit_s))
+        if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+            return None
+        values = [(r[l].value(), c[l].value(), h[l].value()) for l in m.moe_layers]
+        return prob, values, pulp.value(prob.objective)
+
+    def memory_bytes(self, tiers: list[TierCounts], depth: int, batch: int) -> float:
+        """GPU bytes a placement needs: fixed part, KV for `batch`, experts, staging."""
+        m = self.model
+        slots = max(t.paged for t in tiers)
+        return (self.fixed_gpu_bytes + batch * self.kv_per_seq + (depth + 1) * slots * m.expert_bytes
+                + sum(t.resident * m.expert_bytes + t.compressed * self.cost.compressed_expert_bytes for t in tiers))
+
+    def _fits(self, tiers: list[TierCounts], depth: int, batch: int) -> bool:
+        host = sum(t.host for t in tiers) * self.model.expert_bytes
+        return self.memory_bytes(tiers, depth, batch) <= self.budget and host <= self.host_budget
+
+    def _roundings(self, values: list[tuple[float, float, float]]) -> list[list[TierCounts]]:
+        """Integer placements near the LP's: per-layer host ceilings, and roundings that keep
+        the LP's totals of host and compressed experts (largest remainders), a little above."""
+        E = self.model.num_experts
+        out = []
+        for round_c in (round, math.ceil):
+            tiers = []
+            for _, c, h in values:
+                hi = min(E, math.ceil(h - 1e-6))
+                ci = min(E - hi, round_c(c - 1e-6) if round_c is math.ceil else round_c(c))
+                tiers.append(TierCounts(E - hi - ci, ci, hi))
+            out.append(tiers)
+
+        def spread(fractions: list[float], total: int, caps: list[int]) -> list[int]:
+            counts = [min(cap, math.floor(f + 1e-6)) for f, cap in zip(fractions, caps)]
+            order = sorted(range(len(fractions)), key=lambda i: counts[i] - fractions[i])
+            while sum(counts) < total:
+                room = [i for i in order if counts[i] < caps[i]]
+                if not room:
+                    break
+                counts[room[0]] += 1
+                order = room[1:] + [i for i in order if i not in room]
+            return counts
+
+        host_total = sum(h for _, _, h in values)
+        comp_total = sum(c for _, c, _ in values)
+        for extra_h in (0, 1, 2):
+            hs = spread([h for _, _, h in values], math.ceil(host_total - 1e-6) + extra_h, [E] * len(values))
+            for extra_c in (0, 1, 2):
+                cs = spread([c for _, c, _ in values], math.ceil(comp_total - 1e-6) + extra_c, [E - x for x in hs])
+                out.append([TierCounts(E - hi - ci, ci, hi) for hi, ci in zip(hs, cs)])
+        return out
+
+    def solve(self, batch: int, depth: int, incumbent_rate: float = 0.0) -> Candidate | None:
+        """Best placement for one (batch, depth); None if none fits or none can beat `incumbent_rate`.
+
+        The LP relaxation gives a lower bound on the step time; a rounding of it that is
+        within `gap` of that bound is accepted (certified), otherwise the MILP decides.
+        """
+        step = self.step(batch)
+        fixed = self.cost.fixed_s(step)
+        relaxed = self._build(batch, depth, integer=False, minimize_memory=False)
+        if relaxed is None or batch / (relaxed[2] + fixed) <= incumbent_rate:
+            return None
+        relaxations = [relaxed]
+        if self.model.num_experts <= SLOT_ENUMERATION_MAX_EXPERTS:
+            # Few, large experts: a fractional slot count makes the LP bound weak. The least LP
+            # bound over every integer slot count is still a bound, and a much tighter one.
+            relaxations = [x for s in range(self.model.num_experts + 1)
+                           if (x := self._build(batch, depth, False, False, slots_fixed=s)) is not None]
+        if not relaxations:
+            return None
+        bound = min(x[2] for x in relaxations) + fixed
+        rounded = [(self.cost.step_time(tiers, step, depth).total_s, tiers)
+                   for x in relaxations for tiers in self._roundings(x[1]) if self._fits(tiers, depth, batch)]
+        if rounded:
+            t, tiers = min(rounded, key=lambda x: x[0])
+            if t <= bound * (1 + self.gap) and (self.tpot_limit_s is None or t <= self.tpot_limit_s):
+                gap = max(0.0, t / bound - 1)
+                return Candidate(batch, depth, tiers, t, max(x.paged for x in tiers),
+                                 f"LP rounding, within {gap:.2%} of the LP bound")
+        solved = self._build(batch, depth, integer=True, minimize_memory=False)
+        if solved is None:
+            return None
+        prob, values, _ = solved
+        tiers = [TierCounts(*(round(v) for v in x)) for x in values]
+        if prob.sol_status == pulp.LpSolutionIntegerFeasible:
+            status = f"MILP stopped at its {self.time_limit_s:g} s limit"
+        else:
+            status = "MILP optimal" if self.gap == 0 else f"MILP optimal within {self.gap:.0%}"
+        return Candidate(batch, depth, tiers, self.cost.step_time(tiers, step, depth).total_s,
+                         max(t.paged for t in tiers), status)
+
+    def smallest_budget(self, depth: int) -> int:
+        """The least GPU memory any plan needs: one sequence at the shallowest depth, least memory."""
+        all_resident = self.fixed_gpu_bytes + self.kv_per_seq + self.model.total_experts * self.model.expert_bytes
+        solved = self._build(1, depth, integer=True, minimize_memory=True)
+        if solved is None:
+            return all_resident
+        tiers = [TierCounts(*(round(v) for v in x)) for x in solved[1]]
+        return math.ceil(min(all_resident, self.memory_bytes(tiers, depth, 1)))
+
+
+def _resident_fits(p: _Problem, batch: int) -> bool:
+    return p.fixed_gpu_bytes + batch * p.kv_per_seq + p.model.total_experts * p.model.expert_bytes <= p.budget
+
+
+def _prediction(p: _Problem, batch: int, tiers: list[TierCounts] | None, depth: int,
+                offload_bytes: float = 0.0) -> Prediction:
+    step = p.step(batch)
+    if tiers is None:
+        t = p.cost.offload_step_time(step, offload_bytes)
+    else:
+        t = p.cost.step_time(tiers, step, depth)
+    out = batch / t.total_s
+    return Prediction(batch, t.total_s, out, out * (1 + p.workload.prompt_tokens / p.workload.output_tokens),
+                      t.gpu_s, t.link_s, t.stall_s)
+
+
+def _best_over_batches(p: _Problem, predict, feasible) -> Prediction | None:
+    best = None
+    for batch in BATCH_GRID:
+        if batch > p.max_num_seqs or not feasible(batch):
+            continue
+        pred = predict(batch)
+        if p.tpot_limit_s is not None and pred.step_time_s > p.tpot_limit_s:
+            continue
+        if best is None or pred.output_tokens_per_s > best.output_tokens_per_s:
+            best = pred
+    return best
+
+
+def baselines(p: _Problem) -> list[BaselinePrediction]:
+    """Plain vLLM (everything resident) and vLLM with CPU weight offload, each at its best batch."""
+    m = p.model
+    plain = _best_over_batches(p, lambda b: _prediction(p, b, [TierCounts(m.num_experts, 0, 0)] * m.num_moe_layers, 1),
+                               lambda b: _resident_fits(p, b))
+    out = [BaselinePrediction("vllm", plain is not None, plain,
+                              note="" if plain else "the model's weights and one sequence's KV exceed the budget")]
+
+    def offload(b: int) -> float:
+        return max(0.0, p.fixed_gpu_bytes + b * p.kv_per_seq + m.total_bytes - m.non_expert_bytes - p.budget)
+
+    offloaded = _best_over_batches(
+        p, lambda b: _prediction(p, b, None, 0, offload(b)),
+        lambda b: offload(b) <= min(p.host_budget, m.total_experts * m.expert_bytes))
+    out.append(BaselinePrediction("vllm_offload", offloaded is not None, offloaded,
+                                  offload_bytes=round(offload(offloaded.batch_size)) if offloaded else 0,
+                                  note="" if offloaded else "nothing fits even with offload"))
+    return out
+
+
+def optimize(profile: Profile, budget: int | str, *, workload: WorkloadShape | None = None,
+             host_budget: int | str | None = None, objective: str = "throughput",
+             tpot_limit_s: float | None = None, reserve_bytes: int | str = DEFAULT_RESERVE_BYTES,
+             max_num_seqs: int = 1024, prefetch_depths: tuple[int, ...] = PREFETCH_DEPTHS,
+             mip_gap: float = 0.01) -> Plan:
+    """The plan with the best predicted output tokens/s for `profile` within `budget` GPU bytes.
+
+    budget, host_budget, reserve_bytes: bytes or strings like "46GiB". objective: "throughput",
+    or "throughput_under_latency" with `tpot_limit_s` (per-token time). Raises InfeasibleError
+    with the smallest workable budget when nothing fits.
+    """
+    started = time.perf_counter()
+    hw, m = profile.hardware, profile.model
+    budget_bytes = parse_bytes(budget, "budget")
+    host_bytes = parse_bytes(host_budget, "host_budget") if host_budget is not None else hw.host_pinned_bytes
+    reserve = parse_bytes(reserve_bytes, "reserve_bytes")
+    workload = workload or WorkloadShape()
+    if objective not in ("throughput", "throughput_under_latency"):
+        raise ConfigError(f"objective: expected 'throughput' or 'throughput_under_latency', got {objective!r}")
+    if objective == "throughput_under_latency" and (tpot_limit_s is None or tpot_limit_s <= 0):
+        raise ConfigError(f"tpot_limit_s: objective 'throughput_under_latency' needs a limit > 0, got {tpot_limit_s!r}")
+    if budget_bytes > hw.gpu_memory_bytes:
+        raise ConfigError(f"budget: {format_bytes(budget_bytes)} exceeds the {format_bytes(hw.gpu_memory_bytes)} "
+                          f"of GPU {hw.name!r}")
+    if max_num_seqs < 1 or not prefetch_depths or min(prefetch_depths) < 0:
+        raise ConfigError(f"max_num_seqs must be >= 1 and prefetch_depths >= 0, got {max_num_seqs!r}, {prefetch_depths!r}")
+    limit = tpot_limit_s if objective == "throughput_under_latency" else None
+    p = _Problem(profile, budget_bytes, host_bytes, workload, reserve, limit, max_num_seqs, mip_gap)
+
+    # Visit candidates by their upper bound: B over the all-resident step time.
+    order = []
+    for batch in BATCH_GRID:
+        if batch > max_num_seqs:
+            continue
+        step = p.step(batch)
+        for depth in sorted(prefetch_depths):
+            # Bytes paging must free: the overshoot of all-resident (staging is charged in the bound).
+            need = max(0, p.fixed_gpu_bytes + batch * p.kv_per_seq + m.total_experts * m.expert_bytes - budget_bytes)
+            fastest = p.cost.paging_lower_bound_s(step, need, host_bytes, (depth + 1) / m.num_moe_layers)
+            if fastest < math.inf:
+                order.append((batch / fastest, batch, depth))
+    order.sort(key=lambda x: (-x[0], x[1], x[2]))
+    best: Candidate | None = None
+    solved = 0
+    for bound, batch, depth in order:
+        if best is not None and bound <= best.batch / best.step_time_s * (1 + 1e-12):
+            break
+        kv = batch * p.kv_per_seq
+        if p.fixed_gpu_bytes + kv + p.expert_memory_lower_bound(depth) > budget_bytes:
+            continue
+        if _resident_fits(p, batch):
+            tiers = [TierCounts(m.num_experts, 0, 0)] * m.num_moe_layers
+            cand = Candidate(batch, 0, tiers, p.cost.step_time(tiers, p.step(batch), 0).total_s, 0, "all resident")
+        else:
+            solved += 1
+            cand = p.solve(batch, depth, best.batch / best.step_time_s if best else 0.0)
+        if cand is None or (limit is not None and cand.step_time_s > limit):
+            continue
+        if best is None or cand.batch / cand.step_time_s > best.batch / best.step_time_s * (1 + 1e-12):
+            best = cand
+    if best is None:
+        smallest = p.smallest_budget(min(prefetch_depths))
+        raise InfeasibleError(
+            f"no plan for {m.name} on {hw.name} fits a budget of {format_bytes(budget_bytes)}"
+            + (f" under a per-token limit of {limit * 1e3:.1f} ms" if limit else "")
+            + f"; the smallest budget that works is {format_bytes(smallest)} (non-expert weights "
+            f"{format_bytes(m.non_expert_bytes)} + staging pool + one sequence's KV "
+            f"{format_bytes(p.kv_per_seq)} + reserve {format_bytes(reserve)})")
+    return _make_plan(p, best, objective, limit, solved, time.perf_counter() - started)
+
+
+def _make_plan(p: _Problem, best: Candidate, objective: str, limit: float | None, solved: int,
+               elapsed: float) -> Plan:
+    m = p.model
+    layers = []
+    for layer, t in zip(m.moe_layers, best.tiers):
+        ids = list(range(m.num_experts))
+        layers.append(LayerPlan(layer, ids[:t.resident], ids[t.resident:t.resident + t.compressed],
+                                ids[t.resident + t.compressed:]))
+    staging = (best.depth + 1) * best.staging_slots * m.expert_bytes if best.staging_slots else 0
+    resident = sum(t.resident for t in best.tiers) * m.expert_bytes
+    compressed = math.ceil(sum(t.compressed for t in best.tiers) * p.cost.compressed_expert_bytes)
+    host = sum(t.host for t in best.tiers) * m.expert_bytes
+    kv = p.budget - p.fixed_gpu_bytes - resident - compressed - staging
+    memory = MemoryBreakdown(m.non_expert_bytes, resident, compressed, staging, kv, p.reserve, host)
+    return Plan(model=m.name, model_hash=m.content_hash(), gpu=p.profile.hardware.name,
+                hardware_hash=p.profile.hardware.content_hash(), budget_bytes=p.budget,
+                host_budget_bytes=p.host_budget, objective=objective, workload=p.workload, layers=layers,
+                prefetch_depth=best.depth, staging_slots=(best.depth + 1) * best.staging_slots if best.staging_slots else 0,
+                max_num_seqs=best.batch, kv_cache_bytes=kv, memory=memory,
+                predicted=_prediction(p, best.batch, best.tiers, best.depth), baselines=baselines(p),
+                solver_status=best.status, solve_time_s=elapsed, candidates_solved=solved, tpot_limit_s=limit)

@@ -1,0 +1,180 @@
+"""The planner: optimal under its own cost model, monotone in budget, never over budget."""
+
+import itertools
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import planner
+from fluxmoe.errors import ConfigError, InfeasibleError
+from planner.cost_model import CostModel, TierCounts
+from planner.optimize import BATCH_GRID, PREFETCH_DEPTHS
+from profiles import Profile
+from tests.conftest import tiny_gpu, tiny_model
+
+RESERVE = 16 << 10
+
+
+def brute_force_best(profile: Profile, budget: int, max_num_seqs: int, host_budget: int) -> float:
+    """Best output tokens/s over every placement, depth and batch, checked by the plan's memory rule."""
+    m, cost = profile.model, CostModel(profile)
+    wl = planner.WorkloadShape()
+    kv = m.kv_bytes_per_sequence(wl.prompt_tokens + wl.output_tokens)
+    per_layer = [TierCounts(r, c, m.num_experts - r - c)
+                 for r in range(m.num_experts + 1) for c in range(m.num_experts + 1 - r)]
+    best = 0.0
+    for tiers in itertools.product(per_layer, repeat=m.num_moe_layers):
+        slots = max(t.paged for t in tiers)
+        weights = sum(t.resident * m.expert_bytes + t.compressed * cost.compressed_expert_bytes for t in tiers)
+        if sum(t.host for t in tiers) * m.expert_bytes > host_budget:
+            continue
+        for depth in PREFETCH_DEPTHS:
+            staging = (depth + 1) * slots * m.expert_bytes
+            for batch in (b for b in BATCH_GRID if b <= max_num_seqs):
+                if m.non_expert_bytes + RESERVE + weights + staging + batch * kv > budget:
+                    continue
+                step = planner.StepShape.steady_decode(batch, wl.prompt_tokens, wl.output_tokens)
+                best = max(best, batch / cost.step_time(list(tiers), step, depth).total_s)
+    return best
+
+
+@pytest.mark.parametrize("layers,experts,budget_kib,pcie", [
+    (2, 4, 400, 1.0), (2, 4, 450, 1.0), (2, 4, 700, 1.0), (2, 4, 1200, 1.0),
+    (2, 4, 450, 0.05), (3, 3, 450, 1.0), (3, 3, 600, 0.2), (3, 3, 900, 5.0),
+])
+def test_plan_equals_the_best_enumerated_placement(layers, experts, budget_kib, pcie):
+    """The MILP over (batch, depth) candidates finds what trying every placement finds."""
+    profile = Profile(tiny_model(layers, experts), tiny_gpu(pcie))
+    budget, host = budget_kib * 1024, 4 * 2**20
+    plan = planner.optimize(profile, budget, reserve_bytes=RESERVE, max_num_seqs=64, mip_gap=0, host_budget=host)
+    expected = brute_force_best(profile, budget, 64, host)
+    assert plan.predicted.output_tokens_per_s == pytest.approx(expected, rel=1e-9)
+
+
+def test_host_budget_limits_host_experts(tiny_profile):
+    plan = planner.optimize(tiny_profile, 600 * 1024, reserve_bytes=RESERVE, max_num_seqs=64, mip_gap=0,
+                            host_budget=2 * tiny_profile.model.expert_bytes)
+    assert plan.memory.host_expert_bytes <= 2 * tiny_profile.model.expert_bytes
+
+
+@settings(max_examples=25, deadline=None)
+@given(low=st.integers(200, 1500), extra=st.integers(1, 1000), pcie=st.sampled_from([0.05, 0.3, 1.0, 5.0]))
+def test_throughput_never_drops_when_the_budget_grows(low, extra, pcie):
+    profile = Profile(tiny_model(3, 4), tiny_gpu(pcie))
+
+    def throughput(kib: int) -> float:
+        try:
+            return planner.optimize(profile, kib * 1024, reserve_bytes=RESERVE, max_num_seqs=64,
+                                    mip_gap=0).predicted.output_tokens_per_s
+        except InfeasibleError:
+            return 0.0
+
+    assert throughput(low + extra) >= throughput(low) * (1 - 1e-9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(budget_kib=st.integers(150, 2000), layers=st.integers(1, 4), experts=st.integers(2, 6),
+       pcie=st.sampled_from([0.05, 1.0, 5.0]))
+def test_no_plan_exceeds_its_budget(budget_kib, layers, experts, pcie):
+    profile = Profile(tiny_model(layers, experts, top_k=min(2, experts)), tiny_gpu(pcie))
+    try:
+        plan = planner.optimize(profile, budget_kib * 1024, reserve_bytes=RESERVE, max_num_seqs=64)
+    except InfeasibleError:
+        return
+    m, mem = profile.model, plan.memory
+    assert mem.gpu_total_bytes <= plan.budget_bytes
+    kv_needed = plan.max_num_seqs * m.kv_bytes_per_sequence(640)
+    assert mem.kv_cache_bytes >= kv_needed
+    paged = max((len(lp.compressed) + len(lp.host) for lp in plan.layers), default=0)
+    assert mem.staging_bytes == (plan.prefetch_depth + 1) * paged * m.expert_bytes
+    for lp in plan.layers:  # every expert placed exactly once
+        assert sorted(lp.resident + lp.compressed + lp.host) == list(range(m.num_experts))
+
+
+def test_infeasible_budget_names_the_smallest_that_works(tiny_profile):
+    with pytest.raises(InfeasibleError, match=r"smallest budget that works is ([0-9.]+) (KiB|MiB|B|GiB)") as info:
+        planner.optimize(tiny_profile, 50 * 1024, reserve_bytes=RESERVE)
+    # Search the smallest working budget by bisection: it must equal what the error said.
+    lo, hi = 50 * 1024, 10 * 2**20
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        try:
+            planner.optimize(tiny_profile, mid, reserve_bytes=RESERVE, max_num_seqs=1)
+            hi = mid
+        except InfeasibleError:
+            lo = mid
+    said = str(info.value)
+    from fluxmoe.units import format_bytes
+
+    assert f"smallest budget that works is {format_bytes(hi)}" in said
+
+
+def test_budget_above_gpu_memory_is_refused(tiny_profile):
+    with pytest.raises(ConfigError, match="exceeds the 1.00 GiB of GPU 'toy'"):
+        planner.optimize(tiny_profile, "2GiB")
+
+
+def test_latency_objective_respects_the_bound():
+    import profiles
+
+    profile = profiles.load("mixtral-8x7b", gpu="h200")
+    free = planner.optimize(profile, "120GiB")
+    bound = free.predicted.step_time_s / 2
+    capped = planner.optimize(profile, "120GiB", objective="throughput_under_latency", tpot_limit_s=bound)
+    assert capped.predicted.step_time_s <= bound
+    assert capped.predicted.output_tokens_per_s <= free.predicted.output_tokens_per_s
+    with pytest.raises(ConfigError, match="tpot_limit_s"):
+        planner.optimize(profile, "120GiB", objective="throughput_under_latency")
+
+
+def test_everything_resident_when_the_model_fits():
+    import profiles
+
+    profile = profiles.load("qwen3-30b-a3b", gpu="h200")
+    plan = planner.optimize(profile, "130GiB")
+    assert all(not lp.compressed and not lp.host for lp in plan.layers)
+    vllm = plan.baseline("vllm").prediction
+    assert plan.predicted.output_tokens_per_s >= vllm.output_tokens_per_s * (1 - 1e-9)
+
+
+def test_paging_beats_cpu_offload_when_memory_bound():
+    import profiles
+
+    plan = planner.optimize(profiles.load("mixtral-8x7b", gpu="a40"), "44GiB")
+    assert not plan.baseline("vllm").feasible
+    assert plan.predicted.output_tokens_per_s > plan.baseline("vllm_offload").prediction.output_tokens_per_s
+    assert any(lp.host for lp in plan.layers)
+
+
+def test_plan_round_trips_through_json(tmp_path):
+    import profiles
+
+    plan = planner.optimize(profiles.load("deepseek-v2-lite", gpu="a40"), "20GiB")
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    assert planner.Plan.load(path) == plan
+    plan.check_matches(profiles.load("deepseek-v2-lite", gpu="a40"))
+    with pytest.raises(ConfigError, match="plan was made for model 'deepseek-v2-lite'"):
+        plan.check_matches(profiles.load("mixtral-8x7b", gpu="a40"))
+
+
+def test_malformed_plan_file_names_file_field_and_value(tmp_path):
+    import json
+
+    import profiles
+
+    plan = planner.optimize(profiles.load("mixtral-8x7b", gpu="h200"), "60GiB")
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    data = json.loads(path.read_text())
+    data["layers"][3]["host"] = ["seven"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"plan\.json: field 'layers\[3\]\.host\[0\]': expected an integer, got 'seven'"):
+        planner.Plan.load(path)
+    data["layers"][3]["host"] = []
+    data["max_num_seqs"] = -4
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"plan\.json: field 'max_num_seqs': must be > 0, got -4"):
+        planner.Plan.load(path)
