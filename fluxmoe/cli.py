@@ -51,30 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--out", default=None, help="write the plan as JSON here")
     plan.set_defaults(func=_cmd_plan)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
     return parser
 
 
-# Other packages add their subcommands here (simulator, profiler), keeping this file small.
-_EXTRA_COMMANDS: list = []
-
-
-def _register_optional_commands() -> None:
-    import importlib
-
-    for module in ("simulator.cli", "profiles.profiler_cli"):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        _EXTRA_COMMANDS.append(mod.register)
-
-
 def main(argv: list[str] | None = None) -> int:
-    _register_optional_commands()
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -29,3 +29,15 @@ def tiny_gpu(pcie_gbps: float = 1.0) -> HardwareProfile:
 @pytest.fixture
 def tiny_profile() -> Profile:
     return Profile(tiny_model(), tiny_gpu())
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA (and Triton); skip them elsewhere."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
