@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--out", default=None, help="write the plan as JSON here")
     plan.set_defaults(func=_cmd_plan)
 
+    from simulator.cli import register as register_simulate
+
+    register_simulate(sub)
     return parser
 
 

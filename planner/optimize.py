@@ -249,12 +249,21 @@ def baselines(p: _Problem) -> list[BaselinePrediction]:
     return out
 
 
-def optimize(profile: Profile, budget: int | str, *, workload: WorkloadShape | None = None,
-             host_budget: int | str | None = None, objective: str = "throughput",
-             tpot_limit_s: float | None = None, reserve_bytes: int | str = DEFAULT_RESERVE_BYTES,
-             max_num_seqs: int = 1024, prefetch_depths: tuple[int, ...] = PREFETCH_DEPTHS,
-             mip_gap: float = 0.01) -> Plan:
+def optimize(profile: Profile, budget: int | str, **options) -> Plan:
     """The plan with the best predicted output tokens/s for `profile` within `budget` GPU bytes.
+
+    Options as for `candidate_plans` (workload, host_budget, objective, tpot_limit_s,
+    reserve_bytes, max_num_seqs, prefetch_depths, mip_gap).
+    """
+    return candidate_plans(profile, budget, top_k=1, **options)[0]
+
+
+def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, workload: WorkloadShape | None = None,
+                    host_budget: int | str | None = None, objective: str = "throughput",
+                    tpot_limit_s: float | None = None, reserve_bytes: int | str = DEFAULT_RESERVE_BYTES,
+                    max_num_seqs: int = 1024, prefetch_depths: tuple[int, ...] = PREFETCH_DEPTHS,
+                    mip_gap: float = 0.01) -> list[Plan]:
+    """The `top_k` best plans (best first) by predicted output tokens/s within `budget` GPU bytes.
 
     budget, host_budget, reserve_bytes: bytes or strings like "46GiB". objective: "throughput",
     or "throughput_under_latency" with `tpot_limit_s` (per-token time). Raises InfeasibleError
@@ -273,6 +282,8 @@ def optimize(profile: Profile, budget: int | str, *, workload: WorkloadShape | N
     if budget_bytes > hw.gpu_memory_bytes:
         raise ConfigError(f"budget: {format_bytes(budget_bytes)} exceeds the {format_bytes(hw.gpu_memory_bytes)} "
                           f"of GPU {hw.name!r}")
+    if top_k < 1:
+        raise ConfigError(f"top_k: must be >= 1, got {top_k!r}")
     if max_num_seqs < 1 or not prefetch_depths or min(prefetch_depths) < 0:
         raise ConfigError(f"max_num_seqs must be >= 1 and prefetch_depths >= 0, got {max_num_seqs!r}, {prefetch_depths!r}")
     limit = tpot_limit_s if objective == "throughput_under_latency" else None
@@ -291,25 +302,39 @@ def optimize(profile: Profile, budget: int | str, *, workload: WorkloadShape | N
             if fastest < math.inf:
                 order.append((batch / fastest, batch, depth))
     order.sort(key=lambda x: (-x[0], x[1], x[2]))
-    best: Candidate | None = None
+    # The `top_k` best candidates, best first; pruning compares against the k-th.
+    kept: list[Candidate] = []
     solved = 0
+
+    def rate(c: Candidate) -> float:
+        return c.batch / c.step_time_s
+
+    def threshold() -> float:
+        return rate(kept[-1]) if len(kept) >= top_k else 0.0
+
+    seen_resident: set[int] = set()
     for bound, batch, depth in order:
-        if best is not None and bound <= best.batch / best.step_time_s * (1 + 1e-12):
+        if kept and bound <= threshold() * (1 + 1e-12):
             break
         kv = batch * p.kv_per_seq
         if p.fixed_gpu_bytes + kv + p.expert_memory_lower_bound(depth) > budget_bytes:
             continue
         if _resident_fits(p, batch):
+            if batch in seen_resident:  # depth does not matter when nothing is paged
+                continue
+            seen_resident.add(batch)
             tiers = [TierCounts(m.num_experts, 0, 0)] * m.num_moe_layers
             cand = Candidate(batch, 0, tiers, p.cost.step_time(tiers, p.step(batch), 0).total_s, 0, "all resident")
         else:
             solved += 1
-            cand = p.solve(batch, depth, best.batch / best.step_time_s if best else 0.0)
+            cand = p.solve(batch, depth, threshold())
         if cand is None or (limit is not None and cand.step_time_s > limit):
             continue
-        if best is None or cand.batch / cand.step_time_s > best.batch / best.step_time_s * (1 + 1e-12):
-            best = cand
-    if best is None:
+        if len(kept) < top_k or rate(cand) > threshold() * (1 + 1e-12):
+            kept.append(cand)
+            kept.sort(key=lambda c: -rate(c))
+            del kept[top_k:]
+    if not kept:
         smallest = p.smallest_budget(min(prefetch_depths))
         raise InfeasibleError(
             f"no plan for {m.name} on {hw.name} fits a budget of {format_bytes(budget_bytes)}"
@@ -317,7 +342,8 @@ def optimize(profile: Profile, budget: int | str, *, workload: WorkloadShape | N
             + f"; the smallest budget that works is {format_bytes(smallest)} (non-expert weights "
             f"{format_bytes(m.non_expert_bytes)} + staging pool + one sequence's KV "
             f"{format_bytes(p.kv_per_seq)} + reserve {format_bytes(reserve)})")
-    return _make_plan(p, best, objective, limit, solved, time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    return [_make_plan(p, c, objective, limit, solved, elapsed) for c in kept]
 
 
 def _make_plan(p: _Problem, best: Candidate, objective: str, limit: float | None, solved: int,

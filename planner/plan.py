@@ -90,6 +90,19 @@ class BaselinePrediction:
 
 
 @dataclass
+class SimulatedFigures:
+    """What the simulator measured when it replayed a workload against a plan."""
+
+    workload: str
+    output_tokens_per_s: float
+    tokens_per_s: float
+    ttft_p50_s: float
+    tpot_p50_s: float
+    preemptions: int
+    candidates_simulated: int
+
+
+@dataclass
 class Plan:
     """A residency plan for one model on one GPU under one memory budget."""
 
@@ -113,6 +126,7 @@ class Plan:
     solve_time_s: float = 0.0
     candidates_solved: int = 0
     tpot_limit_s: float | None = None
+    simulated: SimulatedFigures | None = None
     schema_version: int = PLAN_SCHEMA_VERSION
 
     def __post_init__(self) -> None:

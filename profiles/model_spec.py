@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -128,17 +129,17 @@ class ModelSpec:
     def total_bytes(self) -> int:
         return self.total_params * self.dtype_bytes
 
-    @property
+    @cached_property
     def kv_bytes_per_token(self) -> int:
         """KV bytes one token adds, over the layers whose KV grows with context without bound."""
         return sum(self.kv_bytes_per_token_layer.get(kind, 0)
                    for kind in self.attention if kind in ("full", "mla"))
 
-    @property
+    @cached_property
     def sliding_kv_bytes_per_token(self) -> int:
         return sum(self.kv_bytes_per_token_layer.get("sliding", 0) for kind in self.attention if kind == "sliding")
 
-    @property
+    @cached_property
     def state_bytes_per_sequence(self) -> int:
         """Fixed state one sequence holds whatever its length (linear-attention layers)."""
         return self.linear_state_bytes_per_layer * self.attention.count("linear")
@@ -150,7 +151,7 @@ class ModelSpec:
         return (self.kv_bytes_per_token * blocks + self.sliding_kv_bytes_per_token * window
                 + self.state_bytes_per_sequence)
 
-    @property
+    @cached_property
     def _moe_set(self) -> frozenset[int]:
         return frozenset(self.moe_layers)
 

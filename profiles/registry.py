@@ -6,6 +6,7 @@ one, so measuring a GPU changes every later plan without a flag.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,16 +52,22 @@ def load_model(name_or_path: str | Path) -> ModelSpec:
 
 
 def load_gpu(name_or_path: str | Path, measured: bool = True) -> HardwareProfile:
-    """A shipped GPU profile by name (the measured one if there is one), or a profile JSON by path."""
+    """A shipped GPU profile by name (the measured one if there is one), or a profile JSON by path.
+
+    "<gpu>x<n>" (e.g. "a40x2") is n such GPUs in tensor parallel.
+    """
     path = Path(name_or_path)
     if path.suffix == ".json" and path.exists():
         return load_json(HardwareProfile, path)
+    match = re.fullmatch(r"(.+)x([0-9]+)", str(name_or_path))
+    if match and match.group(1) in list_gpus():
+        return load_gpu(match.group(1), measured).tensor_parallel(int(match.group(2)))
     candidates = ([GPUS_DIR / f"{name_or_path}-measured.json"] if measured else []) + [GPUS_DIR / f"{name_or_path}.json"]
     for candidate in candidates:
         if candidate.exists():
             return load_json(HardwareProfile, candidate)
     raise UnknownNameError(f"unknown GPU {str(name_or_path)!r}; known GPUs: {', '.join(list_gpus())} "
-                           f"(or give the path of a hardware profile JSON)")
+                           f"(or '<gpu>x<n>' for n in tensor parallel, or the path of a hardware profile JSON)")
 
 
 def load(model: str | Path, gpu: str | Path = "h200", measured: bool = True) -> Profile:

@@ -1,0 +1,174 @@
+"""The serving engine: arrivals, the scheduler's steps and their execution, on one SimPy clock.
+
+`simulate(profile, plan, workload)` replays a workload against a plan (or a baseline) and
+returns `SimulationResult`: throughput, latency percentiles, KV use, preemptions, busy
+fractions and a per-step timeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import simpy
+
+from fluxmoe.errors import ConfigError
+from planner.cost_model import CostModel, StepShape
+from planner.plan import Plan
+from profiles.registry import Profile
+from simulator.execution import OffloadExecution, PagedExecution, ResidentExecution
+from simulator.scheduler import Sequence, VLLMScheduler
+from simulator.workload import Workload
+
+
+@dataclass
+class StepRecord:
+    start_s: float
+    end_s: float
+    tokens: int
+    sequences: int
+    prefill_tokens: int
+    kv_used_bytes: int
+
+
+@dataclass
+class Percentiles:
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> "Percentiles":
+        if not values:
+            return cls(float("nan"), float("nan"), float("nan"), float("nan"))
+        p50, p90, p99 = np.percentile(values, [50, 90, 99])
+        return cls(float(p50), float(p90), float(p99), float(np.mean(values)))
+
+
+@dataclass
+class SimulationResult:
+    system: str
+    requests: int
+    makespan_s: float
+    output_tokens: int
+    prompt_tokens: int
+    tokens_per_s: float
+    output_tokens_per_s: float
+    ttft_s: Percentiles
+    tpot_s: Percentiles
+    e2e_s: Percentiles
+    kv_utilization: float  # time-averaged share of the KV pool in use
+    preemptions: int
+    pcie_busy: float  # shares of the makespan
+    decode_busy: float
+    gpu_busy: float
+    stall_s: float
+    mean_in_system: float  # time-averaged number of requests in the system (Little's L)
+    steps: int
+    timeline: list[StepRecord] = field(default_factory=list, repr=False)
+    sequences: list[Sequence] = field(default_factory=list, repr=False)
+
+    def summary(self) -> str:
+        return (f"{self.system}: {self.output_tokens_per_s:,.0f} output tok/s ({self.tokens_per_s:,.0f} total), "
+                f"TTFT p50 {self.ttft_s.p50:.3f}s, TPOT p50 {self.tpot_s.p50 * 1e3:.1f} ms, "
+                f"preemptions {self.preemptions}")
+
+
+def _execution_for(env: simpy.Environment, cost: CostModel, plan: Plan | None, system: str, offload_bytes: float):
+    if system == "fluxmoe":
+        return PagedExecution(env, cost, plan.tier_counts(), plan.prefetch_depth)
+    if system == "vllm":
+        return ResidentExecution(env, cost)
+    if system == "vllm_offload":
+        return OffloadExecution(env, cost, offload_bytes)
+    raise ConfigError(f"system: expected 'fluxmoe', 'vllm' or 'vllm_offload', got {system!r}")
+
+
+def simulate(profile: Profile, workload: Workload, *, plan: Plan | None = None, system: str = "fluxmoe",
+             kv_cache_bytes: int | None = None, max_num_seqs: int | None = None, offload_bytes: float = 0.0,
+             max_num_batched_tokens: int = 8192, keep_timeline: bool = True,
+             progress: Callable[[int], None] | None = None) -> SimulationResult:
+    """Serve `workload` with a FluxMoE `plan` (system 'fluxmoe') or a baseline ('vllm',
+    'vllm_offload', which need kv_cache_bytes and max_num_seqs). `progress(n)` is called as
+    requests finish."""
+    if system == "fluxmoe":
+        if plan is None:
+            raise ConfigError("system 'fluxmoe' needs a plan")
+        plan.check_matches(profile)
+        kv_cache_bytes = plan.kv_cache_bytes if kv_cache_bytes is None else kv_cache_bytes
+        max_num_seqs = plan.max_num_seqs if max_num_seqs is None else max_num_seqs
+    if kv_cache_bytes is None or max_num_seqs is None:
+        raise ConfigError(f"system {system!r} needs kv_cache_bytes and max_num_seqs")
+    workload.check_fits(profile.model.max_context)
+    longest = max(workload.requests, key=lambda r: r.prompt_tokens + r.output_tokens)
+    if profile.model.kv_bytes_per_sequence(longest.prompt_tokens + longest.output_tokens) > kv_cache_bytes:
+        raise ConfigError(f"request {longest.id} ({longest.prompt_tokens + longest.output_tokens} tokens) does not "
+                          f"fit the KV cache of {kv_cache_bytes} bytes even alone")
+
+    env = simpy.Environment()
+    cost = CostModel(profile)
+    execution = _execution_for(env, cost, plan, system, offload_bytes)
+    scheduler = VLLMScheduler(profile.model, kv_cache_bytes, max_num_seqs, max_num_batched_tokens)
+    timeline: list[StepRecord] = []
+    finished: list[Sequence] = []
+    arrived = env.event()
+    stats = {"kv_area": 0.0, "in_system_area": 0.0, "in_system": 0, "last": 0.0}
+
+    def account(now: float) -> None:
+        dt = now - stats["last"]
+        stats["kv_area"] += dt * scheduler.used
+        stats["in_system_area"] += dt * stats["in_system"]
+        stats["last"] = now
+
+    def arrivals():
+        nonlocal arrived
+        for request in workload.requests:
+            if request.arrival_s > env.now:
+                yield env.timeout(request.arrival_s - env.now)
+            account(env.now)
+            stats["in_system"] += 1
+            scheduler.add(request)
+            if not arrived.triggered:
+                arrived.succeed()
+
+    def engine():
+        nonlocal arrived
+        while len(finished) < len(workload.requests):
+            if not scheduler.has_work:
+                arrived = env.event()
+                yield arrived
+            step = scheduler.schedule()
+            if step.empty:
+                raise RuntimeError("scheduler made no progress with work waiting (KV pool too small?)")
+            contexts = [seq.computed + n for seq, n in step.work]
+            shape = StepShape(step.tokens, len(step.work), float(np.mean(contexts)))
+            start = env.now
+            yield env.process(execution.run_step(shape))
+            account(env.now)
+            prefill = sum(n for seq, n in step.work if n > 1)
+            if keep_timeline:
+                timeline.append(StepRecord(start, env.now, step.tokens, len(step.work), prefill, scheduler.used))
+            done = scheduler.complete(step, env.now)
+            stats["in_system"] -= len(done)
+            finished.extend(done)
+            if progress and done:
+                progress(len(done))
+
+    env.process(arrivals())
+    env.run(until=env.process(engine()))
+    makespan = env.now - workload.requests[0].arrival_s
+    out = sum(s.generated for s in finished)
+    prompt = sum(s.request.prompt_tokens for s in finished)
+    tpot = [(s.finish_s - s.first_token_s) / (s.generated - 1) for s in finished if s.generated > 1]
+    busy = execution.busy
+    return SimulationResult(
+        system=system, requests=len(finished), makespan_s=makespan, output_tokens=out, prompt_tokens=prompt,
+        tokens_per_s=(out + prompt) / makespan, output_tokens_per_s=out / makespan,
+        ttft_s=Percentiles.of([s.first_token_s - s.request.arrival_s for s in finished]),
+        tpot_s=Percentiles.of(tpot), e2e_s=Percentiles.of([s.finish_s - s.request.arrival_s for s in finished]),
+        kv_utilization=stats["kv_area"] / (env.now * kv_cache_bytes) if env.now else 0.0,
+        preemptions=scheduler.preemptions, pcie_busy=busy.link_s / makespan, decode_busy=busy.decode_s / makespan,
+        gpu_busy=busy.gpu_s / makespan, stall_s=busy.stall_s, mean_in_system=stats["in_system_area"] / env.now,
+        steps=len(timeline), timeline=timeline, sequences=finished)
