@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from executor.codec.format import (DEFAULT_BLOCK, PRIMARY_WIDTHS, SECONDARY_WIDTHS, CodecError, CodecHeader,
-                                   EncodedTensor, block_escape_offsets, unpack_codes)
+                                   EncodedTensor, block_escape_offsets, pack_planes, unpack_codes,
+                                   unpack_planes)
 
 
 def split_bf16(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,6 +29,7 @@ def _pack_codes(codes: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def choose_code(histogram: torch.Tensor, numel: int) -> tuple[int, int, list[int]]:
+    # Sizes counted in bits of codes; the tables' few bytes are the same order for every choice.
     """Widths (k1, k2) minimizing size for this exponent histogram, and exponents by frequency."""
     order = [int(e) for e in torch.argsort(histogram, descending=True, stable=True)]
     counts = [int(histogram[e]) for e in order]
@@ -44,8 +46,19 @@ def choose_code(histogram: torch.Tensor, numel: int) -> tuple[int, int, list[int
     return best[1], best[2], order
 
 
-def encode(t: torch.Tensor, block: int = DEFAULT_BLOCK) -> EncodedTensor:
-    """Losslessly compress a bf16 tensor (any shape, any bit patterns) on the device it is on."""
+def choose_block(numel: int, k1: int) -> int:
+    """The block size (elements) that wastes least: padding of the last block's bit planes
+    against 8 bytes of escape offsets per block. Large tensors get DEFAULT_BLOCK."""
+    def waste(block: int) -> float:
+        blocks = -(-numel // block)
+        return blocks * 8 + (blocks * block - numel) * k1 / 8
+    return min((DEFAULT_BLOCK >> i for i in range(5)), key=lambda b: (waste(b), -b))
+
+
+def encode(t: torch.Tensor, block: int | None = None) -> EncodedTensor:
+    """Losslessly compress a bf16 tensor (any shape, any bit patterns) on the device it is on.
+
+    block: elements per GPU block (a power of two >= 128); None picks it by size."""
     if t.dtype != torch.bfloat16:
         raise CodecError(f"the codec compresses bf16 tensors, got {t.dtype}")
     t = t.detach()
@@ -53,6 +66,7 @@ def encode(t: torch.Tensor, block: int = DEFAULT_BLOCK) -> EncodedTensor:
     exponent, signmant = split_bf16(t)
     numel = exponent.numel()
     k1, k2, order = choose_code(torch.bincount(exponent, minlength=256), numel)
+    block = block or choose_block(numel, k1)
     n1, n2 = (1 << k1) - 1, (1 << k2) - 1
     table1, table2 = order[:n1], order[n1:n1 + n2]
     # Per exponent value: its primary code, and its secondary code if it escapes.
@@ -68,12 +82,15 @@ def encode(t: torch.Tensor, block: int = DEFAULT_BLOCK) -> EncodedTensor:
     esc2[esc1] = secondary == n2
     raw = exponent[esc2].to(torch.uint8)
 
-    offsets = block_escape_offsets(esc1, esc2, block).to(torch.int32)  # [blocks, 2]
+    offsets = block_escape_offsets(esc1, esc2, block).to(torch.int32)  # [blocks + 1, 2]
 
-    payload = torch.cat([offsets.reshape(-1).view(torch.uint8), signmant.to(torch.uint8), _pack_codes(primary, k1),
-                         _pack_codes(secondary, k2), raw])
     header = CodecHeader(k1, k2, block, tuple(t.shape), tuple(table1), tuple(table2), int(esc1.sum()),
                          int(esc2.sum()))
+    sections = {"block_offsets": offsets.reshape(-1).view(torch.uint8), "signmant": signmant.to(torch.uint8),
+                "primary": pack_planes(primary, k1, block), "secondary": _pack_codes(secondary, k2), "raw": raw}
+    payload = torch.zeros(header.payload_bytes, dtype=torch.uint8, device=dev)
+    for name, start in header.section_starts().items():
+        payload[start:start + sections[name].numel()] = sections[name]
     return EncodedTensor(header, payload)
 
 
@@ -84,7 +101,7 @@ def decode(enc: EncodedTensor) -> torch.Tensor:
     n1, n2 = (1 << h.k1) - 1, (1 << h.k2) - 1
     table1 = torch.tensor(h.table1 + (0,), dtype=torch.int32, device=device)
     table2 = torch.tensor(h.table2 + (0,), dtype=torch.int32, device=device)
-    primary = unpack_codes(s["primary"], h.numel, h.k1)
+    primary = unpack_planes(s["primary"], h.numel, h.k1, h.block)
     exponent = table1[primary]
     esc1 = primary == n1
     secondary = unpack_codes(s["secondary"], h.n_secondary, h.k2)
