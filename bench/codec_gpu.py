@@ -59,12 +59,16 @@ def bench_source(name: str, tensors: list[torch.Tensor]) -> dict:
     exact &= torch.equal(out.view(torch.int16), big.view(torch.int16))
     copy_dst = torch.empty_like(big)
     t_copy = ms(lambda: copy_dst.copy_(big))
+    by_warps = {w: ms(lambda: DeviceDecoder(enc, num_warps=w).decode_into(out)) for w in (2, 4, 8)}
+    best_warps = min(by_warps, key=by_warps.get)
+    decoder = DeviceDecoder(enc, num_warps=best_warps)
     t_decode = ms(lambda: decoder.decode_into(out))
     t_copy_again = ms(lambda: copy_dst.copy_(big))
     out_bytes = 2 * big.numel()
-    del big, out, copy_dst, enc, decoder
+    del big, out, copy_dst, decoder
     torch.cuda.empty_cache()
     return dict(source=name, tensors=len(tensors), params=sum(t.numel() for t in tensors), ratio=ratio,
+                num_warps=best_warps, decode_ms_by_warps=by_warps, k1=enc.header.k1, k2=enc.header.k2,
                 bit_exact=bool(exact), decode_ms=t_decode, copy_ms=(t_copy + t_copy_again) / 2,
                 copy_spread=abs(t_copy - t_copy_again) / min(t_copy, t_copy_again),
                 decode_gbps=out_bytes / t_decode / 1e6, copy_gbps=out_bytes / ((t_copy + t_copy_again) / 2) / 1e6)
@@ -72,7 +76,7 @@ def bench_source(name: str, tensors: list[torch.Tensor]) -> dict:
 
 def bench_mixtral_layer(tensors: list[torch.Tensor]) -> dict:
     layer = tiled(tensors, MIXTRAL_LAYER)
-    decoder = DeviceDecoder(encode(layer))
+    decoder = DeviceDecoder(encode(layer), num_warps=4)
     out = torch.empty_like(layer)
     t_decode = ms(lambda: decoder.decode_into(out))
     host = torch.empty(layer.shape, dtype=torch.bfloat16, pin_memory=True)

@@ -15,8 +15,8 @@ bf16 is sign (1 bit), exponent (8), mantissa (7). Trained weights use few expone
   0 .. 2^k2 - 2 index `table2`, the last escapes again.
 - `raw`: one exponent byte per doubly escaped element, in element order.
 
-In `secondary`, code i of width k sits at bit i*k, read from the 16-bit window of the two
-bytes at (i*k) // 8 (the section carries a byte of padding so the window never leaves it).
+In `secondary`, code i of width k sits at bit i*k; the section carries 8 bytes of padding so
+a 64-bit window read at any code never leaves it.
 Every section starts on a 16-byte boundary so the GPU can use vector loads. Decoding is a
 fixed number of loads, shifts and lookups per element: fixed-rate where it matters. The encoder picks (k1, k2) and the tables from the exponent
 histogram to minimize size (3-bit codes matter: they bring conv nets under 0.70).
@@ -81,7 +81,7 @@ class CodecHeader:
             "block_offsets": (self.num_blocks + 1) * 8,
             "signmant": self.numel,
             "primary": self.num_blocks * self.k1 * self.block // 8,
-            "secondary": -(-self.n_secondary * self.k2 // 8) + 1,
+            "secondary": -(-self.n_secondary * self.k2 // 8) + 8,  # + a 64-bit read window
             "raw": self.n_raw,
         }
 

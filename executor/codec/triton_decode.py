@@ -1,15 +1,16 @@
 """Triton decoder for FXMC streams: writes bf16 into a caller-given buffer on a caller's stream.
 
-One program per format block, viewed as rows of 32 elements ([block / 32, 32]):
-- sign+mantissa bytes: one vector load (sections are 16-byte aligned);
-- primary codes: k1 bit-plane words per row, expanded by shifts; a row's escapes are the AND
-  of its plane words, and an escape's rank is the block's stored offset, plus the escapes
-  of earlier rows (a scan over block/32 counts), plus a popcount of the bits below it;
-- escaped elements gather their secondary code (a 16-bit window) and look it up;
-- only blocks that hold raw exponents (their offsets differ from the next block's) rank and
-  gather those.
-Every gather is also masked against the header's counts, so even a corrupted payload that
-slipped past validation cannot read out of bounds.
+Each thread decodes one row of 8 elements (a program holds block / 8 rows):
+- its 8 sign+mantissa bytes arrive as two 32-bit words and its output leaves as one 16-byte
+  store, both coalesced across the warp;
+- its primary codes are one byte of each bit plane; its escapes are the AND of those bytes;
+- escaped elements of a row have consecutive ranks, so their secondary codes are one run of
+  at most 8 * k2 <= 32 bits: two 32-bit words, shifted, give them all. The row's first rank
+  is the block's stored offset plus a scan of the rows' escape counts;
+- only blocks holding raw exponents (the offsets' next entry tells) rank and gather those.
+Every load is also masked against the header's counts, so even a corrupted payload that
+slipped past validation cannot read out of bounds. The kernel takes the output as int16 and
+writes whole rows as int32 words (the output must be 16-byte aligned).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from executor.codec.format import CodecError, EncodedTensor
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: no libdevice
 
 
+
 @triton.jit
 def _popc(x, HW_POPC: tl.constexpr):
     """Set bits of each int32: the POPC instruction on a GPU, SWAR arithmetic in the interpreter."""
@@ -39,65 +41,129 @@ def _popc(x, HW_POPC: tl.constexpr):
 
 
 @triton.jit
-def _rank_in_block(word, below, HW_POPC: tl.constexpr):
-    """Per element of a [rows, 32] block: how many set bits of its row's word come before it,
-    plus all set bits of earlier rows. word: [rows] escape bits, below: [32] masks."""
-    count = _popc(word, HW_POPC)  # [rows]
-    before_row = tl.cumsum(count, axis=0) - count  # [rows]
-    return before_row[:, None] + _popc(word[:, None] & below[None, :], HW_POPC)  # [rows, 32]
+def _bit(x, c):
+    return (x >> c) & 1
 
 
 @triton.jit
 def _fxmc_decode(payload_ptr, words_ptr, tables_ptr, out_ptr,
-                 signmant_at, primary_word_at, secondary_at, raw_at,
+                 signmant_word_at, primary_at, secondary_word_at, raw_at, total_words,
                  numel, n_secondary, n_raw,
                  K1: tl.constexpr, K2: tl.constexpr, BLOCK: tl.constexpr, HW_POPC: tl.constexpr):
-    ROWS: tl.constexpr = BLOCK // 32
+    ROWS: tl.constexpr = BLOCK // 8
     pid = tl.program_id(0)
-    rows = tl.arange(0, ROWS)
-    cols = tl.arange(0, 32)
-    idx = pid.to(tl.int64) * BLOCK + rows[:, None] * 32 + cols[None, :]  # [ROWS, 32] element index
-    live = idx < numel
-    signmant = tl.load(payload_ptr + signmant_at + idx, mask=live, other=0).to(tl.int32)
+    local = tl.arange(0, ROWS)
+    row = pid.to(tl.int64) * ROWS + local  # [ROWS] global row: elements 8*row .. 8*row+7
+    live = row * 8 < numel
 
-    # Primary codes from bit planes; escapes (all-ones codes) are the AND of the planes.
-    code = tl.zeros([ROWS, 32], dtype=tl.int32)
-    escape_word = tl.full([ROWS], -1, dtype=tl.int32)
-    for p in tl.static_range(K1):
-        plane = tl.load(words_ptr + primary_word_at + (pid * K1 + p) * ROWS + rows)  # [ROWS]
-        code |= ((plane[:, None] >> cols[None, :]) & 1) << p
-        escape_word &= plane
+    # Sign+mantissa: 8 bytes a row, as two words.
+    sm_lo, sm_hi = tl.split(tl.load(words_ptr + signmant_word_at + row[:, None] * 2 + tl.arange(0, 2)[None, :],
+                                    mask=live[:, None], other=0))  # [ROWS] each
+
+    # Primary planes: one byte per plane per row; escapes are elements whose code is all ones.
+    plane_at = payload_ptr + primary_at + pid * K1 * ROWS + local
+    p0 = tl.load(plane_at).to(tl.int32)
+    escape = p0
+    p1 = tl.zeros([ROWS], dtype=tl.int32)
+    p2 = tl.zeros([ROWS], dtype=tl.int32)
+    p3 = tl.zeros([ROWS], dtype=tl.int32)
+    if K1 > 1:
+        p1 = tl.load(plane_at + ROWS).to(tl.int32)
+        escape &= p1
+    if K1 > 2:
+        p2 = tl.load(plane_at + 2 * ROWS).to(tl.int32)
+        escape &= p2
+    if K1 > 3:
+        p3 = tl.load(plane_at + 3 * ROWS).to(tl.int32)
+        escape &= p3
+    escape = tl.where(live, escape, 0)
+
+    # The row's secondary codes: one run of bits from the row's first escape rank.
+    count = _popc(escape, HW_POPC)
+    first = tl.load(words_ptr + 2 * pid) + tl.cumsum(count, axis=0) - count  # [ROWS]
+    bit = first.to(tl.int64) * K2
+    word = secondary_word_at + (bit >> 5)
+    has = (count > 0) & (first < n_secondary) & (word + 1 < total_words)
+    w0 = tl.load(words_ptr + word, mask=has, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+    w1 = tl.load(words_ptr + word + 1, mask=has, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+    run = ((w0 | (w1 << 32)) >> (bit & 31).to(tl.uint64)).to(tl.int64, bitcast=True)  # codes, LSB first
+
     N1: tl.constexpr = (1 << K1) - 1
-    if N1 <= 3:  # a short select chain beats a gather
-        exponent = tl.zeros([ROWS, 32], dtype=tl.int32) + tl.load(tables_ptr)
-        for i in tl.static_range(1, N1):
-            exponent = tl.where(code == i, tl.load(tables_ptr + i), exponent)
-    else:
-        exponent = tl.load(tables_ptr + code)
-    below = ((1 << cols.to(tl.uint32)) - 1).to(tl.int32)  # [32] bits below each column
-    esc1 = (((escape_word[:, None] >> cols[None, :]) & 1) != 0) & live
-
-    # Secondary codes of escaped elements, found by rank.
     ESC2: tl.constexpr = (1 << K2) - 1
-    pos1 = tl.load(words_ptr + 2 * pid) + _rank_in_block(escape_word, below, HW_POPC)
-    ok1 = esc1 & (pos1 < n_secondary)
-    bit2 = pos1.to(tl.int64) * K2
-    lo2 = tl.load(payload_ptr + secondary_at + (bit2 >> 3), mask=ok1, other=0).to(tl.int32)
-    hi2 = tl.load(payload_ptr + secondary_at + (bit2 >> 3) + 1, mask=ok1, other=0).to(tl.int32)
-    code2 = ((lo2 | (hi2 << 8)) >> (bit2 & 7).to(tl.int32)) & ESC2
-    second = tl.load(tables_ptr + 16 + code2, mask=ok1, other=0)
+    t1_0 = tl.load(tables_ptr)
+    t1_1 = tl.load(tables_ptr + 1)
+    t1_2 = tl.load(tables_ptr + 2)
+    rank = tl.zeros([ROWS], dtype=tl.int32)  # escapes before this element in its row
+    raw_bits = tl.zeros([ROWS], dtype=tl.int32)  # which elements of the row hold raw exponents
+    o0 = tl.zeros([ROWS], dtype=tl.int32)  # output words: elements (0,1), (2,3), (4,5), (6,7)
+    o1 = tl.zeros([ROWS], dtype=tl.int32)
+    o2 = tl.zeros([ROWS], dtype=tl.int32)
+    o3 = tl.zeros([ROWS], dtype=tl.int32)
+    for c in tl.static_range(8):
+        code = _bit(p0, c) | (_bit(p1, c) << 1) | (_bit(p2, c) << 2) | (_bit(p3, c) << 3)
+        if N1 <= 3:  # a short select chain beats a gather
+            exponent = tl.where(code == 0, t1_0, tl.where(code == 1, t1_1, t1_2))
+        else:
+            exponent = tl.load(tables_ptr + code)
+        esc = _bit(escape, c) != 0
+        code2 = ((run >> (rank * K2).to(tl.int64)) & ESC2).to(tl.int32)
+        ok = esc & has
+        second = tl.load(tables_ptr + 16 + code2, mask=ok, other=0)
+        raw_bits |= (ok & (code2 == ESC2)).to(tl.int32) << c
+        exponent = tl.where(esc, second, exponent)
+        rank += esc.to(tl.int32)
+        if c < 4:
+            sm = (sm_lo >> (8 * c)) & 0xFF
+        else:
+            sm = (sm_hi >> (8 * (c - 4))) & 0xFF
+        value = (((sm & 0x80) << 8) | (exponent << 7) | (sm & 0x7F)) << (16 * (c % 2))
+        if c // 2 == 0:
+            o0 |= value
+        elif c // 2 == 1:
+            o1 |= value
+        elif c // 2 == 2:
+            o2 |= value
+        else:
+            o3 |= value
 
     raw_first = tl.load(words_ptr + 2 * pid + 1)
-    if tl.load(words_ptr + 2 * pid + 3) > raw_first:  # this block holds raw exponents (rare)
-        esc2 = ok1 & (code2 == ESC2)
-        raw_word = tl.sum(esc2.to(tl.int32) << cols[None, :], axis=1)  # [ROWS] distinct bits: sum == or
-        pos2 = raw_first + _rank_in_block(raw_word, below, HW_POPC)
-        raw = tl.load(payload_ptr + raw_at + pos2, mask=esc2 & (pos2 < n_raw), other=0).to(tl.int32)
-        second = tl.where(esc2, raw, second)
+    if tl.load(words_ptr + 2 * pid + 3) > raw_first:  # this block holds raw exponents
+        raw_count = _popc(raw_bits, HW_POPC)
+        raw_start = raw_first + tl.cumsum(raw_count, axis=0) - raw_count
+        raw_rank = tl.zeros([ROWS], dtype=tl.int32)
+        for c in tl.static_range(8):
+            is_raw = _bit(raw_bits, c) != 0
+            pos = raw_start + raw_rank
+            e = tl.load(payload_ptr + raw_at + pos, mask=is_raw & (pos < n_raw), other=0).to(tl.int32)
+            field = 0xFF << (16 * (c % 2) + 7)
+            patch = e << (16 * (c % 2) + 7)
+            if c // 2 == 0:
+                o0 = tl.where(is_raw, (o0 & ~field) | patch, o0)
+            elif c // 2 == 1:
+                o1 = tl.where(is_raw, (o1 & ~field) | patch, o1)
+            elif c // 2 == 2:
+                o2 = tl.where(is_raw, (o2 & ~field) | patch, o2)
+            else:
+                o3 = tl.where(is_raw, (o3 & ~field) | patch, o3)
+            raw_rank += is_raw.to(tl.int32)
 
-    exponent = tl.where(esc1, second, exponent)
-    bits = ((signmant & 0x80) << 8) | (exponent << 7) | (signmant & 0x7F)
-    tl.store(out_ptr + idx, bits.to(tl.int16), mask=live)
+    words = tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), [ROWS, 4])  # [ROWS, 4], element order
+    full = (row * 8 + 8) <= numel
+    out_words = out_ptr.to(tl.pointer_type(tl.int32))
+    tl.store(out_words + row[:, None] * 4 + tl.arange(0, 4)[None, :], words, mask=full[:, None])
+    if (pid + 1) * BLOCK > numel:  # the last block may end inside a row: store that row singly
+        tail = live & ~full
+        for c in tl.static_range(8):
+            if c // 2 == 0:
+                w = o0
+            elif c // 2 == 1:
+                w = o1
+            elif c // 2 == 2:
+                w = o2
+            else:
+                w = o3
+            tl.store(out_ptr + row * 8 + c, ((w >> (16 * (c % 2))) & 0xFFFF).to(tl.int16),
+                     mask=tail & (row * 8 + c < numel))
 
 
 @contextlib.contextmanager
@@ -108,7 +174,8 @@ def _nothing():
 class DeviceDecoder:
     """An encoded tensor made ready for repeated GPU decodes: everything allocated up front."""
 
-    def __init__(self, enc: EncodedTensor, device: torch.device | str = "cuda"):
+    def __init__(self, enc: EncodedTensor, device: torch.device | str = "cuda", num_warps: int = 4):
+        self.num_warps = num_warps
         self.enc = enc if enc.payload.device.type == "cuda" or INTERPRETED else enc.to(device)
         h = self.enc.header
         tables = torch.zeros(32, dtype=torch.int32)
@@ -126,14 +193,17 @@ class DeviceDecoder:
                              f"{out.dtype} {tuple(out.shape)}")
         if out.device != self.enc.payload.device and not INTERPRETED:
             raise CodecError(f"output is on {out.device}, the stream on {self.enc.payload.device}")
+        if out.data_ptr() % 16:
+            raise CodecError("output must be 16-byte aligned (a fresh allocation or a staging-pool slot)")
         if h.numel == 0:
             return out
         s = self.starts
         with torch.cuda.stream(stream or torch.cuda.current_stream(out.device)) if not INTERPRETED else _nothing():
             _fxmc_decode[(h.num_blocks,)](
-                self.enc.payload, self.words, self.tables, out.view(torch.int16),
-                s["signmant"], s["primary"] // 4, s["secondary"], s["raw"], h.numel, h.n_secondary, h.n_raw,
-                K1=h.k1, K2=h.k2, BLOCK=h.block, HW_POPC=not INTERPRETED, num_warps=4)
+                self.enc.payload, self.words, self.tables, out.view(-1).view(torch.int16),
+                s["signmant"] // 4, s["primary"], s["secondary"] // 4, s["raw"], self.words.numel(),
+                h.numel, h.n_secondary, h.n_raw,
+                K1=h.k1, K2=h.k2, BLOCK=h.block, HW_POPC=not INTERPRETED, num_warps=self.num_warps)
         return out
 
 
