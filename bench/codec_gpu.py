@@ -59,13 +59,14 @@ def bench_source(name: str, tensors: list[torch.Tensor]) -> dict:
     exact &= torch.equal(out.view(torch.int16), big.view(torch.int16))
     copy_dst = torch.empty_like(big)
     t_copy = ms(lambda: copy_dst.copy_(big))
-    by_warps = {w: ms(lambda: DeviceDecoder(enc, num_warps=w).decode_into(out)) for w in (2, 4, 8)}
+    decoders = {w: DeviceDecoder(enc, num_warps=w) for w in (2, 4, 8)}
+    by_warps = {w: ms(lambda d=d: d.decode_into(out)) for w, d in decoders.items()}
     best_warps = min(by_warps, key=by_warps.get)
-    decoder = DeviceDecoder(enc, num_warps=best_warps)
+    decoder = decoders[best_warps]
     t_decode = ms(lambda: decoder.decode_into(out))
     t_copy_again = ms(lambda: copy_dst.copy_(big))
     out_bytes = 2 * big.numel()
-    del big, out, copy_dst, decoder
+    del big, out, copy_dst, decoder, decoders
     torch.cuda.empty_cache()
     return dict(source=name, tensors=len(tensors), params=sum(t.numel() for t in tensors), ratio=ratio,
                 num_warps=best_warps, decode_ms_by_warps=by_warps, k1=enc.header.k1, k2=enc.header.k2,
