@@ -49,7 +49,9 @@ def _bit(x, c):
 def _fxmc_decode(payload_ptr, words_ptr, tables_ptr, out_ptr,
                  signmant_word_at, primary_at, secondary_word_at, raw_at, total_words,
                  numel, n_secondary, n_raw,
-                 K1: tl.constexpr, K2: tl.constexpr, BLOCK: tl.constexpr, HW_POPC: tl.constexpr):
+                 K1: tl.constexpr, K2: tl.constexpr, BLOCK: tl.constexpr, HW_POPC: tl.constexpr,
+                 SKIP: tl.constexpr = 0):
+    # SKIP (benchmarks only, wrong output): 1 leaves out the secondary codes, 2 the row scan.
     ROWS: tl.constexpr = BLOCK // 8
     pid = tl.program_id(0)
     local = tl.arange(0, ROWS)
@@ -80,7 +82,10 @@ def _fxmc_decode(payload_ptr, words_ptr, tables_ptr, out_ptr,
 
     # The row's secondary codes: one run of bits from the row's first escape rank.
     count = _popc(escape, HW_POPC)
-    first = tl.load(words_ptr + 2 * pid) + tl.cumsum(count, axis=0) - count  # [ROWS]
+    if SKIP == 2:
+        first = tl.load(words_ptr + 2 * pid) + count
+    else:
+        first = tl.load(words_ptr + 2 * pid) + tl.cumsum(count, axis=0) - count  # [ROWS]
     bit = first.to(tl.int64) * K2
     word = secondary_word_at + (bit >> 5)
     has = (count > 0) & (first < n_secondary) & (word + 1 < total_words)
@@ -108,7 +113,10 @@ def _fxmc_decode(payload_ptr, words_ptr, tables_ptr, out_ptr,
         esc = _bit(escape, c) != 0
         code2 = ((run >> (rank * K2).to(tl.int64)) & ESC2).to(tl.int32)
         ok = esc & has
-        second = tl.load(tables_ptr + 16 + code2, mask=ok, other=0)
+        if SKIP == 1:
+            second = exponent
+        else:
+            second = tl.load(tables_ptr + 16 + code2, mask=ok, other=0)
         raw_bits |= (ok & (code2 == ESC2)).to(tl.int32) << c
         exponent = tl.where(esc, second, exponent)
         rank += esc.to(tl.int32)
@@ -174,8 +182,9 @@ def _nothing():
 class DeviceDecoder:
     """An encoded tensor made ready for repeated GPU decodes: everything allocated up front."""
 
-    def __init__(self, enc: EncodedTensor, device: torch.device | str = "cuda", num_warps: int = 4):
-        self.num_warps = num_warps
+    def __init__(self, enc: EncodedTensor, device: torch.device | str = "cuda", num_warps: int = 8,
+                 skip: int = 0):
+        self.num_warps, self.skip = num_warps, skip
         self.enc = enc if enc.payload.device.type == "cuda" or INTERPRETED else enc.to(device)
         h = self.enc.header
         tables = torch.zeros(32, dtype=torch.int32)
@@ -203,7 +212,8 @@ class DeviceDecoder:
                 self.enc.payload, self.words, self.tables, out.view(-1).view(torch.int16),
                 s["signmant"] // 4, s["primary"], s["secondary"] // 4, s["raw"], self.words.numel(),
                 h.numel, h.n_secondary, h.n_raw,
-                K1=h.k1, K2=h.k2, BLOCK=h.block, HW_POPC=not INTERPRETED, num_warps=self.num_warps)
+                K1=h.k1, K2=h.k2, BLOCK=h.block, HW_POPC=not INTERPRETED, SKIP=self.skip,
+                num_warps=self.num_warps)
         return out
 
 
