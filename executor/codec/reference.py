@@ -58,7 +58,7 @@ def choose_block(numel: int, k1: int) -> int:
 def encode(t: torch.Tensor, block: int | None = None) -> EncodedTensor:
     """Losslessly compress a bf16 tensor (any shape, any bit patterns) on the device it is on.
 
-    block: elements per GPU block (a power of two >= 128); None picks it by size."""
+    block: elements per GPU block (a power of two >= 128); None picks it by size (<= DEFAULT_BLOCK)."""
     if t.dtype != torch.bfloat16:
         raise CodecError(f"the codec compresses bf16 tensors, got {t.dtype}")
     t = t.detach()
