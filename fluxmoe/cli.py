@@ -54,7 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     from simulator.cli import register as register_simulate
 
     register_simulate(sub)
+    prof = sub.add_parser("profile", help="measure this GPU into profiles/gpus/<name>-measured.json (needs CUDA)",
+                          add_help=False)
+    prof.add_argument("rest", nargs=argparse.REMAINDER)
+    prof.set_defaults(func=_cmd_profile)
     return parser
+
+
+def _cmd_profile(args: argparse.Namespace) -> None:
+    from profiles.profiler import main as profile_main
+
+    profile_main(args.rest)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,162 @@
+"""Measure a GPU into a `HardwareProfile` with `measured` provenance.
+
+What it measures, each timed with CUDA events (median of repeats, after warm-up):
+- pinned host-to-device and device-to-host bandwidth against transfer size;
+- device-to-device copy bandwidth (the HBM rate, read + write) and a large bf16 matmul;
+- the FXMC codec: decode rate (bf16 output bytes/s) and size ratio on trained-like weights;
+- one expert's FFN (gate, up, SiLU, down) against tokens per expert, for every shipped
+  model's expert shape.
+`build_profile` turns those measurements into a profile (pure, tested on the CPU);
+`python -m profiles.profiler --gpu-name h200` runs it all on a GPU and writes
+profiles/gpus/<name>-measured.json, which `profiles.load` then prefers over the datasheet.
+Attention time and the engine's per-step overhead are not measured here (they stay
+roofline and datasheet values; see the profile's provenance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fluxmoe.errors import FluxMoEError
+from fluxmoe.serde import dump_json
+from profiles.hardware import CodecRates, Curve, HardwareProfile, Provenance
+from profiles.registry import GPUS_DIR, list_models, load_gpu, load_model
+
+TRANSFER_SIZES = [1 << k for k in range(16, 31, 2)]  # 64 KiB .. 1 GiB
+EXPERT_TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+TOOL_VERSION = "fluxmoe-profiler 1"
+
+
+@dataclass
+class Measurements:
+    """Raw figures from one profiling run."""
+
+    device: str
+    gpu_memory_bytes: int
+    host_memory_bytes: int
+    h2d_gbps: dict[int, float]
+    d2h_gbps: dict[int, float]
+    copy_gbps: float  # read + write
+    matmul_tflops: float
+    codec_decode_gbps: float
+    codec_ratio: float
+    expert_ffn_s: dict[str, dict[int, float]] = field(default_factory=dict)  # "h x i" -> tokens -> s
+
+
+def build_profile(name: str, m: Measurements, base: HardwareProfile | None = None) -> HardwareProfile:
+    """A measured profile; what is not measured comes from `base` (the datasheet profile)."""
+    curve = lambda d: Curve(sorted(d), [d[k] for k in sorted(d)], log_x=True)  # noqa: E731
+    ffn = {shape: curve(points) for shape, points in m.expert_ffn_s.items()}
+    fields = dict(
+        name=name, gpu_memory_bytes=m.gpu_memory_bytes, hbm_gbps=m.copy_gbps, bf16_tflops=m.matmul_tflops,
+        h2d_gbps=curve(m.h2d_gbps), d2h_gbps=curve(m.d2h_gbps),
+        codec=CodecRates(m.codec_decode_gbps, m.codec_ratio), host_pinned_bytes=m.host_memory_bytes,
+        # Achieved rates were measured, so no further discount on them.
+        gemm_efficiency=1.0, memory_efficiency=1.0, expert_ffn_s=ffn,
+        provenance=Provenance("measured", "fluxmoe profiler: PCIe curves, D2D copy, bf16 matmul, codec, expert "
+                              "FFN tables measured; attention is roofline, step overhead from the datasheet",
+                              device=m.device, date=datetime.date.today().isoformat(), tool_version=TOOL_VERSION))
+    if base is not None:
+        return dataclasses.replace(base, **fields)
+    return HardwareProfile(**fields)
+
+
+def measure(expert_shapes: list[tuple[int, int]]) -> Measurements:  # pragma: no cover - needs a GPU
+    import os
+
+    import torch
+    from tqdm import tqdm
+
+    if not torch.cuda.is_available():
+        raise FluxMoEError("the profiler measures a GPU, and torch sees no CUDA device here")
+    from executor.codec import encode
+    from executor.codec.triton_decode import DeviceDecoder
+
+    def ms(fn, reps: int = 20) -> float:
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    dev = torch.device("cuda")
+    h2d, d2h = {}, {}
+    host = torch.empty(max(TRANSFER_SIZES), dtype=torch.uint8, pin_memory=True)
+    gpu = torch.empty(max(TRANSFER_SIZES), dtype=torch.uint8, device=dev)
+    for size in tqdm(TRANSFER_SIZES, desc="PCIe"):
+        h2d[size] = size / ms(lambda: gpu[:size].copy_(host[:size], non_blocking=True)) / 1e6
+        d2h[size] = size / ms(lambda: host[:size].copy_(gpu[:size], non_blocking=True)) / 1e6
+    del host, gpu
+    src = torch.randn(1 << 30, device=dev, dtype=torch.bfloat16)  # 2 GiB
+    dst = torch.empty_like(src)
+    copy_gbps = 2 * src.numel() * 2 / ms(lambda: dst.copy_(src)) / 1e6
+    del src, dst
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    matmul_tflops = 2 * 8192 ** 3 / ms(lambda: a @ a) / 1e9
+    del a
+    weights = (torch.randn(256 << 20, device=dev) * 0.02).to(torch.bfloat16)
+    decoder = DeviceDecoder(encode(weights))
+    out = torch.empty_like(weights)
+    codec_gbps = 2 * weights.numel() / ms(lambda: decoder.decode_into(out)) / 1e6
+    codec_ratio = decoder.enc.ratio
+    assert torch.equal(out.view(torch.int16), weights.view(torch.int16))
+    del weights, decoder, out
+    ffn: dict[str, dict[int, float]] = {}
+    for h, i in tqdm(expert_shapes, desc="expert FFN shapes"):
+        w13 = torch.randn(2 * i, h, device=dev, dtype=torch.bfloat16) * 0.02  # gate and up, fused
+        w2 = torch.randn(h, i, device=dev, dtype=torch.bfloat16) * 0.02
+        points = {}
+        for t in EXPERT_TOKENS:
+            x = torch.randn(t, h, device=dev, dtype=torch.bfloat16)
+
+            def expert():
+                gate_up = x @ w13.T  # [t, 2i]
+                act = torch.nn.functional.silu(gate_up[:, :i]) * gate_up[:, i:]  # [t, i]
+                return act @ w2.T  # [t, h]
+
+            points[t] = ms(expert) / 1e3
+        ffn[f"{h}x{i}"] = points
+    props = torch.cuda.get_device_properties(0)
+    host_bytes = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8)
+    return Measurements(props.name, props.total_memory, host_bytes, h2d, d2h, copy_gbps, matmul_tflops, codec_gbps,
+                        codec_ratio, ffn)
+
+
+def shipped_expert_shapes() -> list[tuple[int, int]]:
+    shapes = {(s.hidden_size, s.expert_intermediate_size) for s in map(load_model, list_models())}
+    return sorted(shapes)
+
+
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover - needs a GPU
+    parser = argparse.ArgumentParser(prog="fluxmoe profile", description="measure this GPU into a hardware profile")
+    parser.add_argument("--gpu-name", required=True, help="profile name, e.g. h200 (the datasheet one fills gaps)")
+    parser.add_argument("--out", default=None, help="where to write (default profiles/gpus/<name>-measured.json)")
+    args = parser.parse_args(argv)
+    m = measure(shipped_expert_shapes())
+    try:
+        base = load_gpu(args.gpu_name, measured=False)
+    except FluxMoEError:
+        base = None
+    profile = build_profile(args.gpu_name, m, base)
+    out = Path(args.out or GPUS_DIR / f"{args.gpu_name}-measured.json")
+    dump_json(profile, out)
+    print(f"\n{m.device}: H2D {max(m.h2d_gbps.values()):.1f} GB/s, D2H {max(m.d2h_gbps.values()):.1f} GB/s, "
+          f"D2D copy {m.copy_gbps:.0f} GB/s, bf16 matmul {m.matmul_tflops:.0f} TFLOP/s, codec decode "
+          f"{m.codec_decode_gbps:.0f} GB/s at ratio {m.codec_ratio:.3f}; {len(m.expert_ffn_s)} expert shapes")
+    print(f"written {out}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

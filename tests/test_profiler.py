@@ -1,0 +1,40 @@
+"""The profiler's bookkeeping: measurements become a valid, measured, loadable profile."""
+
+import pytest
+
+import profiles
+from fluxmoe.serde import dump_json, load_json
+from planner.cost_model import CostModel
+from profiles.hardware import HardwareProfile
+from profiles.profiler import Measurements, build_profile, shipped_expert_shapes
+
+
+def fake_measurements() -> Measurements:
+    return Measurements(
+        device="NVIDIA H200", gpu_memory_bytes=150_107_586_560, host_memory_bytes=100 * 2**30,
+        h2d_gbps={1 << 16: 10.0, 1 << 24: 52.0, 1 << 30: 55.0}, d2h_gbps={1 << 16: 9.0, 1 << 30: 54.0},
+        copy_gbps=4200.0, matmul_tflops=780.0, codec_decode_gbps=1430.0, codec_ratio=0.68,
+        expert_ffn_s={"4096x14336": {1: 1e-4, 64: 1.2e-4, 4096: 2e-3}})
+
+
+def test_measurements_become_a_measured_profile_that_round_trips(tmp_path):
+    base = profiles.load_gpu("h200", measured=False)
+    hw = build_profile("h200", fake_measurements(), base)
+    assert hw.provenance.kind == "measured" and hw.provenance.device == "NVIDIA H200"
+    assert hw.codec.decode_gbps == 1430.0 and hw.h2d_seconds(1 << 30) == pytest.approx((1 << 30) / 55e9)
+    assert hw.step_overhead_s == base.step_overhead_s  # not measured: kept from the datasheet
+    path = tmp_path / "h200-measured.json"
+    dump_json(hw, path)
+    assert load_json(HardwareProfile, path) == hw
+
+
+def test_cost_model_uses_the_measured_expert_table():
+    hw = build_profile("h200", fake_measurements(), profiles.load_gpu("h200", measured=False))
+    cost = CostModel(profiles.Profile(profiles.load_model("mixtral-8x7b"), hw))
+    assert cost.expert_ffn_s(64) == pytest.approx(1.2e-4)
+    assert cost.expert_ffn_s(1) == pytest.approx(1e-4)
+
+
+def test_every_shipped_expert_shape_is_profiled():
+    shapes = shipped_expert_shapes()
+    assert (4096, 14336) in shapes and (2048, 512) in shapes and (2880, 2880) in shapes
