@@ -54,20 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     from simulator.cli import register as register_simulate
 
     register_simulate(sub)
-    prof = sub.add_parser("profile", help="measure this GPU into profiles/gpus/<name>-measured.json (needs CUDA)",
-                          add_help=False)
-    prof.add_argument("rest", nargs=argparse.REMAINDER)
-    prof.set_defaults(func=_cmd_profile)
+    # Listed for --help; main() hands its arguments to the profiler's own parser.
+    sub.add_parser("profile", help="measure this GPU into profiles/gpus/<name>-measured.json (needs CUDA)")
     return parser
 
 
-def _cmd_profile(args: argparse.Namespace) -> None:
-    from profiles.profiler import main as profile_main
-
-    profile_main(args.rest)
-
-
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["profile"]:
+        from profiles.profiler import main as profile_main
+
+        try:
+            return profile_main(argv[1:])
+        except FluxMoEError as e:
+            print(f"fluxmoe profile: error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
