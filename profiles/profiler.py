@@ -4,8 +4,9 @@ What it measures, each timed with CUDA events (median of repeats, after warm-up)
 - pinned host-to-device and device-to-host bandwidth against transfer size;
 - device-to-device copy bandwidth (the HBM rate, read + write) and a large bf16 matmul;
 - the FXMC codec: decode rate (bf16 output bytes/s) and size ratio on trained-like weights;
-- one expert's FFN (gate, up, SiLU, down) against tokens per expert, for every shipped
-  model's expert shape.
+- the expert FFN (gate, up, SiLU, down) against tokens per expert, for every shipped model's
+  expert shape: many experts at once through batched matmuls, as a fused-MoE kernel runs
+  them, divided by their number (a lone expert in eager torch measures launch overhead).
 `build_profile` turns those measurements into a profile (pure, tested on the CPU);
 `python -m profiles.profiler --gpu-name h200` runs it all on a GPU and writes
 profiles/gpus/<name>-measured.json, which `profiles.load` then prefers over the datasheet.
@@ -66,7 +67,7 @@ def build_profile(name: str, m: Measurements, base: HardwareProfile | None = Non
     return HardwareProfile(**fields)
 
 
-def measure(expert_shapes: list[tuple[int, int]]) -> Measurements:  # pragma: no cover - needs a GPU
+def measure(expert_shapes: list[tuple[int, int, int]]) -> Measurements:  # pragma: no cover - needs a GPU
     import os
 
     import torch
@@ -113,29 +114,38 @@ def measure(expert_shapes: list[tuple[int, int]]) -> Measurements:  # pragma: no
     assert torch.equal(out.view(torch.int16), weights.view(torch.int16))
     del weights, decoder, out
     ffn: dict[str, dict[int, float]] = {}
-    for h, i in tqdm(expert_shapes, desc="expert FFN shapes"):
-        w13 = torch.randn(2 * i, h, device=dev, dtype=torch.bfloat16) * 0.02  # gate and up, fused
-        w2 = torch.randn(h, i, device=dev, dtype=torch.bfloat16) * 0.02
+    for h, i, experts in tqdm(expert_shapes, desc="expert FFN shapes"):
+        n = max(1, min(experts, (2 << 30) // (3 * h * i * 2)))  # up to 2 GiB of experts at once
+        w13 = torch.randn(n, h, 2 * i, device=dev, dtype=torch.bfloat16) * 0.02  # gate and up, fused
+        w2 = torch.randn(n, i, h, device=dev, dtype=torch.bfloat16) * 0.02
         points = {}
         for t in EXPERT_TOKENS:
-            x = torch.randn(t, h, device=dev, dtype=torch.bfloat16)
+            if n * t * (h + 2 * i) * 2 > 8 << 30:
+                continue  # activations past 8 GiB: the table's last point stands for larger t
+            x = torch.randn(n, t, h, device=dev, dtype=torch.bfloat16)
 
-            def expert():
-                gate_up = x @ w13.T  # [t, 2i]
-                act = torch.nn.functional.silu(gate_up[:, :i]) * gate_up[:, i:]  # [t, i]
-                return act @ w2.T  # [t, h]
+            def experts_ffn():
+                gate_up = torch.bmm(x, w13)  # [n, t, 2i]
+                act = torch.nn.functional.silu(gate_up[..., :i]) * gate_up[..., i:]  # [n, t, i]
+                return torch.bmm(act, w2)  # [n, t, h]
 
-            points[t] = ms(expert) / 1e3
+            points[t] = ms(experts_ffn) / 1e3 / n
+            del x
         ffn[f"{h}x{i}"] = points
+        del w13, w2
     props = torch.cuda.get_device_properties(0)
     host_bytes = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8)
     return Measurements(props.name, props.total_memory, host_bytes, h2d, d2h, copy_gbps, matmul_tflops, codec_gbps,
                         codec_ratio, ffn)
 
 
-def shipped_expert_shapes() -> list[tuple[int, int]]:
-    shapes = {(s.hidden_size, s.expert_intermediate_size) for s in map(load_model, list_models())}
-    return sorted(shapes)
+def shipped_expert_shapes() -> list[tuple[int, int, int]]:
+    """(hidden, intermediate, most experts per layer) of every shipped model's experts."""
+    shapes: dict[tuple[int, int], int] = {}
+    for spec in map(load_model, list_models()):
+        key = (spec.hidden_size, spec.expert_intermediate_size)
+        shapes[key] = max(shapes.get(key, 0), spec.num_experts)
+    return sorted((h, i, e) for (h, i), e in shapes.items())
 
 
 def main(argv: list[str] | None = None) -> int:  # pragma: no cover - needs a GPU
