@@ -60,9 +60,12 @@ def build_profile(name: str, m: Measurements, base: HardwareProfile | None = Non
         # Achieved rates were measured, so no further discount on them.
         gemm_efficiency=1.0, memory_efficiency=1.0, expert_ffn_s=ffn,
         provenance=Provenance("measured", "fluxmoe profiler: PCIe curves, D2D copy, bf16 matmul, codec, expert "
-                              "FFN tables measured; attention is roofline, step overhead from the datasheet",
+                              "FFN tables measured; attention is roofline; step overhead and host memory from the "
+                              "datasheet profile",
                               device=m.device, date=datetime.date.today().isoformat(), tool_version=TOOL_VERSION))
     if base is not None:
+        # Host capacity belongs to the serving host, not to the machine that was profiled.
+        fields["host_pinned_bytes"] = base.host_pinned_bytes
         return dataclasses.replace(base, **fields)
     return HardwareProfile(**fields)
 

@@ -23,6 +23,7 @@ def test_measurements_become_a_measured_profile_that_round_trips(tmp_path):
     assert hw.provenance.kind == "measured" and hw.provenance.device == "NVIDIA H200"
     assert hw.codec.decode_gbps == 1430.0 and hw.h2d_seconds(1 << 30) == pytest.approx((1 << 30) / 55e9)
     assert hw.step_overhead_s == base.step_overhead_s  # not measured: kept from the datasheet
+    assert hw.host_pinned_bytes == base.host_pinned_bytes  # the serving host's, not the profiled VM's
     path = tmp_path / "h200-measured.json"
     dump_json(hw, path)
     assert load_json(HardwareProfile, path) == hw
