@@ -76,7 +76,7 @@ def _row(label: str, result) -> str:
 def _cmd_simulate(args: argparse.Namespace) -> None:
     import planner
     import profiles
-    from simulator.compare import SYSTEMS, simulate_systems, verified_optimize
+    from simulator.compare import SYSTEMS, baseline_config, simulate_systems, verified_optimize
     from simulator.plots import LABELS, plot_sweep, plot_timeline, write_timeline
 
     profile = profiles.load(args.model, gpu=args.gpu)
@@ -109,7 +109,8 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
     plan = planner.Plan.load(args.plan) if args.plan else verified_optimize(profile, args.budget, workload,
                                                                           top_k=args.top_k)
     plan.check_matches(profile)
-    with tqdm(total=len(workload) * len(systems), desc="simulating", unit="req") as bar:
+    runnable = [s for s in systems if s == "fluxmoe" or baseline_config(profile, plan, s) is not None]
+    with tqdm(total=len(workload) * len(runnable), desc="simulating", unit="req") as bar:
         results = simulate_systems(profile, plan, workload, systems, progress=bar.update)
     print(f"\n{profile.model.name} on {profile.hardware.name}, budget {plan.budget_bytes / GiB:.1f} GiB\n"
           f"  {'system':<20} {'output tok/s':>14} {'total tok/s':>12} {'TTFT p50':>9} {'TPOT ms':>9} "

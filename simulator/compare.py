@@ -15,15 +15,21 @@ from simulator.workload import Workload
 SYSTEMS = ("fluxmoe", "vllm", "vllm_offload")
 
 
+VLLM_MAX_NUM_SEQS = 1024  # vLLM's default on large GPUs; KV decides admission below it
+
+
 def baseline_config(profile: Profile, plan: Plan, system: str) -> dict | None:
-    """KV, batch cap and offload bytes of a baseline under the plan's budget (None if it cannot run)."""
+    """KV, batch cap and offload bytes of a baseline under the plan's budget (None if it cannot run).
+
+    Baselines run as vLLM would: every byte left after the weights is KV and admission is
+    limited by it (up to vLLM's default max_num_seqs), not by the planner's batch choice."""
     base = plan.baseline(system)
     if base is None or not base.feasible:
         return None
     m = profile.model
     weights_on_gpu = m.total_bytes - base.offload_bytes
     kv = plan.budget_bytes - plan.memory.reserve_bytes - weights_on_gpu
-    return dict(kv_cache_bytes=kv, max_num_seqs=base.prediction.batch_size, offload_bytes=base.offload_bytes)
+    return dict(kv_cache_bytes=kv, max_num_seqs=VLLM_MAX_NUM_SEQS, offload_bytes=base.offload_bytes)
 
 
 def simulate_systems(profile: Profile, plan: Plan, workload: Workload, systems=SYSTEMS,

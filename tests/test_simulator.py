@@ -9,6 +9,7 @@ import planner
 import profiles
 from fluxmoe.errors import ConfigError
 from planner.cost_model import CostModel, StepShape, TierCounts
+from planner.optimize import BATCH_GRID
 from profiles import Profile
 from simulator import Lengths, Workload, simulate, verified_optimize
 from simulator.scheduler import VLLMScheduler
@@ -151,7 +152,7 @@ def test_verified_planner_is_within_3_percent_of_simulating_every_placement():
             slots = max(t.paged for t in tiers)
             weights = sum(t.resident * m.expert_bytes + t.compressed * cost.compressed_expert_bytes for t in tiers)
             kv = budget - m.non_expert_bytes - reserve - weights - (depth + 1) * slots * m.expert_bytes
-            batches = [b for b in planner.optimize.__globals__["BATCH_GRID"] if b <= 64 and b * kv_seq <= kv]
+            batches = [b for b in BATCH_GRID if b <= 64 and b * kv_seq <= kv]
             if not batches:
                 continue
             candidate = planner.optimize(profile, budget, reserve_bytes=reserve, max_num_seqs=64, mip_gap=0)
