@@ -30,7 +30,6 @@ class Sequence:
     first_token_s: float | None = None
     finish_s: float | None = None
     preemptions: int = 0
-    admitted_order: int = 0
 
     @property
     def pending(self) -> int:
@@ -74,7 +73,6 @@ class VLLMScheduler:
         self.running: list[Sequence] = []
         self.used = 0
         self.preemptions = 0
-        self._admissions = 0
         self.preemption_log: list[tuple[int, int]] = []  # (free KV bytes, bytes needed) at each preemption
 
     def kv_bytes(self, context_tokens: int) -> int:
@@ -135,9 +133,7 @@ class VLLMScheduler:
             if not self._grow(seq, tokens):
                 break
             self.waiting.popleft()
-            self._admissions += 1
-            seq.admitted_order = self._admissions
-            self.running.append(seq)
+            self.running.append(seq)  # running stays in admission order
             step.work.append((seq, tokens))
             budget -= tokens
         return step
