@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import planner
-from planner.optimize import BATCH_GRID
+from planner.search import BATCH_GRID
 from fluxmoe.errors import ConfigError
 from planner.plan import Plan, SimulatedFigures
 from profiles.registry import Profile

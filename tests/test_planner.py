@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import planner
 from fluxmoe.errors import ConfigError, InfeasibleError
 from planner.cost_model import CostModel, TierCounts
-from planner.optimize import BATCH_GRID, PREFETCH_DEPTHS
+from planner.search import BATCH_GRID, PREFETCH_DEPTHS
 from profiles import Profile
 from tests.conftest import tiny_gpu, tiny_model
 

@@ -9,7 +9,7 @@ import planner
 import profiles
 from fluxmoe.errors import ConfigError
 from planner.cost_model import CostModel, StepShape, TierCounts
-from planner.optimize import BATCH_GRID
+from planner.search import BATCH_GRID
 from profiles import Profile
 from simulator import Lengths, Workload, simulate, verified_optimize
 from simulator.scheduler import VLLMScheduler

@@ -1,4 +1,4 @@
-"""`optimize(profile, budget)`: the residency plan with the best predicted throughput.
+"""The residency search behind `planner.optimize(profile, budget)`: the best predicted plan.
 
 For each candidate (batch size B, prefetch depth D) a small MILP (PuLP, CBC) chooses how many
 of each MoE layer's experts are resident, compressed or on the host, minimizing the cost
