@@ -70,8 +70,12 @@ class PagedMoEStack:
         self.experts: list[list[PagedTensor]] = [
             [make_expert(flat, tier, self.device) for flat, tier in zip(layer, layer_tiers)]
             for layer, layer_tiers in zip(experts, tiers)]
-        paged = max((sum(e.needs_slot for e in layer) for layer in self.experts), default=0)
-        self.pool = StagingPool(prefetch_depth + 1, paged, self.shape.numel, self.device)
+        self.paged_per_layer = [sum(e.needs_slot for e in layer) for layer in self.experts]
+        self.pool = StagingPool(prefetch_depth + 1, max(self.paged_per_layer, default=0), self.shape.numel,
+                                self.device)
+        # Resident experts never move: their views are made once, here, not every step.
+        self.resident_views = [[self.shape.views(e.flat) if not e.needs_slot else None for e in layer]
+                               for layer in self.experts]
         self.streams = Streams(self.device)
         self.stats = RuntimeStats([LayerStats() for _ in self.experts])
 
@@ -81,6 +85,8 @@ class PagedMoEStack:
         return cls(routers, experts, tiers, hidden, intermediate, top_k, plan.prefetch_depth, device)
 
     def _issue(self, layer: int, timed: bool):
+        if not self.paged_per_layer[layer]:  # nothing to bring in
+            return self.resident_views[layer], [], {}
         s, pool = self.streams, self.pool
         buffer = pool.buffer_of(layer)
         for side in (s.copy, s.decode):
@@ -90,15 +96,16 @@ class PagedMoEStack:
             marks = {"h2d": s.record(s.copy, True), "decode": s.record(s.decode, True)}
         views, events, j = [], [], 0
         h2d_bytes = decode_bytes = 0
-        for expert in self.experts[layer]:
-            slot = None
-            if expert.needs_slot:
-                slot = pool.slot(buffer, j)
-                j += 1
-                if expert.tier == "host":
-                    h2d_bytes += slot.numel() * 2
-                else:
-                    decode_bytes += slot.numel() * 2
+        for expert, resident_view in zip(self.experts[layer], self.resident_views[layer]):
+            if resident_view is not None:
+                views.append(resident_view)
+                continue
+            slot = pool.slot(buffer, j)
+            j += 1
+            if expert.tier == "host":
+                h2d_bytes += slot.numel() * 2
+            else:
+                decode_bytes += slot.numel() * 2
             flat, event = expert.materialize(slot, s)
             views.append(self.shape.views(flat))
             if event is not None:
@@ -109,6 +116,10 @@ class PagedMoEStack:
         return views, events, marks
 
     def forward(self, x: torch.Tensor, stats: bool = False) -> torch.Tensor:
+        if not any(self.paged_per_layer):  # everything resident: nothing to order
+            for router, views in zip(self.routers, self.resident_views):
+                x = moe_layer(x, router, views, self.top_k)
+            return x
         s = self.streams
         if s.cuda:
             s.compute = torch.cuda.current_stream(self.device)  # the caller's (or a graph capture's) stream
@@ -125,9 +136,9 @@ class PagedMoEStack:
             for event in events:
                 s.wait(s.compute, event)
             after = s.record(s.compute, True) if stats else None
-            with s.on(s.compute):
-                x = moe_layer(x, self.routers[layer], views, self.top_k)
-            self.pool.released[self.pool.buffer_of(layer)] = s.record(s.compute)
+            x = moe_layer(x, self.routers[layer], views, self.top_k)  # on the compute (current) stream
+            if self.paged_per_layer[layer]:
+                self.pool.released[self.pool.buffer_of(layer)] = s.record(s.compute)
             waits.append((before, after, marks))
             if layer + self.depth + 1 < L:
                 pending[layer + self.depth + 1] = self._issue(layer + self.depth + 1, stats)
@@ -135,6 +146,10 @@ class PagedMoEStack:
             torch.cuda.synchronize(self.device)  # stats are read after the step, off the hot path
             for layer_stats, (before, after, marks) in zip(self.stats.layers, waits):
                 layer_stats.wait_ms = before.elapsed_time(after)
+                if not marks:  # nothing paged in this layer
+                    layer_stats.h2d_bytes = layer_stats.decode_bytes = 0
+                    layer_stats.h2d_ms = layer_stats.decode_ms = 0.0
+                    continue
                 layer_stats.h2d_bytes, layer_stats.decode_bytes = marks["bytes"]
                 layer_stats.h2d_ms = marks["h2d"].elapsed_time(marks["h2d_end"])
                 layer_stats.decode_ms = marks["decode"].elapsed_time(marks["decode_end"])
