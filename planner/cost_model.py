@@ -110,7 +110,9 @@ class CostModel:
         context = min(step.context_tokens, m.sliding_window) if kind == "sliding" else step.context_tokens
         kv_read = step.sequences * context * m.kv_bytes_per_token_layer.get(kind, 0)
         flops = 4 * m.attention_width * step.tokens * context
-        return max(flops / self._flops_per_s, kv_read / self._bytes_per_s) + self.hw.kernel_overhead_s
+        measured = self.hw.attention_kv_gbps
+        read_s = kv_read / (measured(kv_read) * 1e9) if measured and kv_read else kv_read / self._bytes_per_s
+        return max(flops / self._flops_per_s, read_s) + self.hw.kernel_overhead_s
 
     def layer_compute_s(self, step: StepShape) -> list[float]:
         """Per-layer compute time (attention + dense + routed experts), independent of tiers."""

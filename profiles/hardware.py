@@ -99,6 +99,8 @@ class HardwareProfile:
     offload_tile_tokens: int = 64
     # Measured expert-FFN time against tokens per expert, keyed "hidden x intermediate".
     expert_ffn_s: dict[str, Curve] = field(default_factory=dict)
+    # Measured decode attention: achieved GB/s of KV read against the KV bytes a step reads.
+    attention_kv_gbps: Curve | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:

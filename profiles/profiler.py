@@ -4,14 +4,16 @@ What it measures, each timed with CUDA events (median of repeats, after warm-up)
 - pinned host-to-device and device-to-host bandwidth against transfer size;
 - device-to-device copy bandwidth (the HBM rate, read + write) and a large bf16 matmul;
 - the FXMC codec: decode rate (bf16 output bytes/s) and size ratio on trained-like weights;
+- decode attention (SDPA, grouped-query) over a grid of batch x context, as the GB/s of KV
+  it reads against the KV bytes a step reads (what drives decode attention in every model);
 - the expert FFN (gate, up, SiLU, down) against tokens per expert, for every shipped model's
   expert shape: many experts at once through batched matmuls, as a fused-MoE kernel runs
   them, divided by their number (a lone expert in eager torch measures launch overhead).
 `build_profile` turns those measurements into a profile (pure, tested on the CPU);
 `python -m profiles.profiler --gpu-name h200` runs it all on a GPU and writes
 profiles/gpus/<name>-measured.json, which `profiles.load` then prefers over the datasheet.
-Attention time and the engine's per-step overhead are not measured here (they stay
-roofline and datasheet values; see the profile's provenance).
+Prefill attention (FLOP-bound, roofline) and the engine's per-step overhead are not measured
+here; see the profile's provenance.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Measurements:
     codec_decode_gbps: float
     codec_ratio: float
     expert_ffn_s: dict[str, dict[int, float]] = field(default_factory=dict)  # "h x i" -> tokens -> s
+    attention_kv_gbps: dict[int, float] = field(default_factory=dict)  # KV bytes read -> GB/s
 
 
 def build_profile(name: str, m: Measurements, base: HardwareProfile | None = None) -> HardwareProfile:
@@ -59,9 +62,10 @@ def build_profile(name: str, m: Measurements, base: HardwareProfile | None = Non
         codec=CodecRates(m.codec_decode_gbps, m.codec_ratio), host_pinned_bytes=m.host_memory_bytes,
         # Achieved rates were measured, so no further discount on them.
         gemm_efficiency=1.0, memory_efficiency=1.0, expert_ffn_s=ffn,
+        attention_kv_gbps=curve(m.attention_kv_gbps) if m.attention_kv_gbps else None,
         provenance=Provenance("measured", "fluxmoe profiler: PCIe curves, D2D copy, bf16 matmul, codec, expert "
-                              "FFN tables measured; attention is roofline; step overhead and host memory from the "
-                              "datasheet profile",
+                              "FFN tables and decode-attention KV bandwidth measured; prefill attention is roofline; "
+                              "step overhead and host memory from the datasheet profile",
                               device=m.device, date=datetime.date.today().isoformat(), tool_version=TOOL_VERSION))
     if base is not None:
         # Host capacity belongs to the serving host, not to the machine that was profiled.
@@ -136,10 +140,23 @@ def measure(expert_shapes: list[tuple[int, int, int]]) -> Measurements:  # pragm
             del x
         ffn[f"{h}x{i}"] = points
         del w13, w2
+    attention: dict[int, float] = {}
+    heads, kv_heads, head_dim = 32, 8, 128  # Mixtral's; the curve is in KV bytes, so it transfers
+    for batch in tqdm((1, 8, 32, 128), desc="decode attention"):
+        for context in (256, 1024, 4096, 16384):
+            if batch * context * kv_heads * head_dim * 2 * 2 > 8 << 30:
+                continue
+            q = torch.randn(batch, heads, 1, head_dim, device=dev, dtype=torch.bfloat16)
+            k = torch.randn(batch, kv_heads, context, head_dim, device=dev, dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+            kv_bytes = 2 * k.numel() * 2
+            attention[kv_bytes] = kv_bytes / ms(sdpa) / 1e6
+            del q, k, v
     props = torch.cuda.get_device_properties(0)
     host_bytes = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8)
     return Measurements(props.name, props.total_memory, host_bytes, h2d, d2h, copy_gbps, matmul_tflops, codec_gbps,
-                        codec_ratio, ffn)
+                        codec_ratio, ffn, attention)
 
 
 def shipped_expert_shapes() -> list[tuple[int, int, int]]:

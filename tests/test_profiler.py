@@ -14,7 +14,8 @@ def fake_measurements() -> Measurements:
         device="NVIDIA H200", gpu_memory_bytes=150_107_586_560, host_memory_bytes=100 * 2**30,
         h2d_gbps={1 << 16: 10.0, 1 << 24: 52.0, 1 << 30: 55.0}, d2h_gbps={1 << 16: 9.0, 1 << 30: 54.0},
         copy_gbps=4200.0, matmul_tflops=780.0, codec_decode_gbps=1430.0, codec_ratio=0.68,
-        expert_ffn_s={"4096x14336": {1: 1e-4, 64: 1.2e-4, 4096: 2e-3}})
+        expert_ffn_s={"4096x14336": {1: 1e-4, 64: 1.2e-4, 4096: 2e-3}},
+        attention_kv_gbps={1 << 20: 300.0, 1 << 30: 3000.0})
 
 
 def test_measurements_become_a_measured_profile_that_round_trips(tmp_path):
@@ -39,3 +40,13 @@ def test_cost_model_uses_the_measured_expert_table():
 def test_every_shipped_expert_shape_is_profiled():
     shapes = {(h, i): e for h, i, e in shipped_expert_shapes()}
     assert shapes[(4096, 14336)] == 8 and shapes[(2048, 512)] == 512 and shapes[(2880, 2880)] == 128
+
+
+def test_cost_model_reads_decode_attention_from_the_measured_curve():
+    hw = build_profile("h200", fake_measurements(), profiles.load_gpu("h200", measured=False))
+    cost = CostModel(profiles.Profile(profiles.load_model("mixtral-8x7b"), hw))
+    from planner.cost_model import StepShape
+
+    step = StepShape(tokens=1, sequences=1, context_tokens=64)  # 64 tokens x 4 KiB = 256 KiB of KV per layer
+    kv = 64 * 2 * 8 * 128 * 2
+    assert cost._attention_s("full", step) == pytest.approx(kv / 300e9 + hw.kernel_overhead_s, rel=1e-6)
