@@ -38,6 +38,13 @@ def random_stack(layers: int, hidden: int, intermediate: int, experts: int, devi
     return routers, flat
 
 
+def random_stack_for(spec, layers: int | None = None, device: torch.device | str = "cpu", seed: int = 0):
+    """A stack with the expert shape of a ModelSpec (its first `layers` MoE layers)."""
+    n = spec.num_moe_layers if layers is None else layers
+    return random_stack(n, spec.hidden_size, spec.expert_intermediate_size, spec.num_experts, torch.device(device),
+                        seed)
+
+
 def reference_forward(x: torch.Tensor, routers, experts, hidden: int, intermediate: int, top_k: int) -> torch.Tensor:
     """The stack with every expert resident, in plain torch."""
     from executor.tiers import ExpertShape

@@ -50,17 +50,26 @@ def test_offline_fixed_batch_throughput_by_hand(mixtral_h200):
     assert result.output_tokens_per_s == pytest.approx(n * output / total, rel=1e-9)
 
 
-@pytest.mark.parametrize("budget,regime", [("46GiB", "link-bound"), ("80GiB", "no host experts")])
-def test_steady_decode_steps_match_the_cost_model(mixtral_h200, budget, regime):
+def _plan_in_regime(profile, regime):
+    """The plan at the first budget (from 40 GiB up) whose steps are in `regime`."""
+    cost = CostModel(profile)
+    for gib in range(40, 131, 2):
+        plan = planner.optimize(profile, f"{gib}GiB")
+        t = cost.step_time(plan.tier_counts(), StepShape(32, 32, 40), plan.prefetch_depth)
+        paged = any(lp.compressed or lp.host for lp in plan.layers)
+        if regime == "link-bound" and t.link_s > 10 * t.gpu_s:
+            return plan
+        if regime == "no host experts" and paged and t.link_s == 0:
+            return plan
+    raise AssertionError(f"no budget gives a {regime} plan")
+
+
+@pytest.mark.parametrize("regime", ["link-bound", "no host experts"])
+def test_steady_decode_steps_match_the_cost_model(mixtral_h200, regime):
     """Where the closed form is exact the event-by-event pipeline reproduces it: link-bound
     steps take sum(transfers), steps with nothing on the host sum(compute + decode). (In
     between, with a few host experts per layer, the closed form is an approximation.)"""
-    plan = planner.optimize(mixtral_h200, budget)
-    shape_check = CostModel(mixtral_h200).step_time(plan.tier_counts(), StepShape(32, 32, 40), plan.prefetch_depth)
-    if regime == "link-bound":
-        assert shape_check.link_s > 10 * shape_check.gpu_s
-    else:
-        assert shape_check.link_s == 0
+    plan = _plan_in_regime(mixtral_h200, regime)
     n = 32
     wl = Workload.synthetic(n, 16, 60)
     result = simulate(mixtral_h200, wl, plan=plan, max_num_batched_tokens=8192)
