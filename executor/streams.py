@@ -25,9 +25,6 @@ class Streams:
         else:
             self.compute = self.copy = self.decode = None
 
-    def event(self, timing: bool = False):
-        return torch.cuda.Event(enable_timing=timing) if self.cuda else None
-
     def record(self, stream, timing: bool = False):
         """An event recorded on `stream` now (None on the CPU)."""
         if not self.cuda:

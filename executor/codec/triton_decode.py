@@ -188,11 +188,6 @@ def build_luts(k1: int, k2: int, table1: tuple[int, ...], table2: tuple[int, ...
     return lut1, lut2, lut3
 
 
-@contextlib.contextmanager
-def _nothing():
-    yield
-
-
 class DeviceDecoder:
     """An encoded tensor made ready for repeated GPU decodes: everything allocated up front."""
 
@@ -219,7 +214,7 @@ class DeviceDecoder:
         if h.numel == 0:
             return out
         s = self.starts
-        with torch.cuda.stream(stream or torch.cuda.current_stream(out.device)) if not INTERPRETED else _nothing():
+        with torch.cuda.stream(stream or torch.cuda.current_stream(out.device)) if not INTERPRETED else contextlib.nullcontext():
             _fxmc_decode[(h.num_blocks,)](
                 self.enc.payload, self.words, self.lut1, self.lut2, self.lut3, out.view(-1).view(torch.int16),
                 s["signmant"] // 4, s["primary"], s["secondary"] // 4, s["raw"] // 4, self.words.numel(),
