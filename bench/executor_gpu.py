@@ -36,9 +36,9 @@ def ms(fn, rep=1000) -> float:
     return triton.testing.do_bench(fn, warmup=100, rep=rep, return_mode="median")
 
 
-def host_tier_share(experts) -> dict:
+def host_tier_share(stacks) -> dict:
     """Pinned H2D of one layer's experts alone, then beside a stream of expert GEMMs."""
-    host = torch.cat([e.cpu() for e in experts[0]]).pin_memory()
+    host = torch.cat([t.reshape(-1).cpu() for t in stacks[0]]).pin_memory()
     dst = torch.empty_like(host, device=dev)
     copy = torch.cuda.Stream()
 
@@ -48,7 +48,7 @@ def host_tier_share(experts) -> dict:
         torch.cuda.current_stream().wait_stream(copy)
 
     alone = ms(h2d, rep=500)
-    w13, w2 = experts[1][0][:2 * I * H].view(2 * I, H), experts[1][0][2 * I * H:].view(H, I)
+    w13, w2 = stacks[1][0][0], stacks[1][1][0]
     x = torch.randn(256, H, device=dev, dtype=torch.bfloat16)
     gemm = lambda: (torch.nn.functional.silu((x @ w13.T)[:, :I]) @ w2.T)  # noqa: E731
     gemm_ms = ms(gemm, rep=200)
@@ -98,13 +98,13 @@ def stack_spec() -> ModelSpec:
 
 def main() -> None:
     torch.manual_seed(0)
-    routers, experts = random_stack(LAYERS, H, I, E, dev)
+    routers, stacks = random_stack(LAYERS, H, I, E, dev)
     x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
-    reference = reference_forward(x, routers, experts, H, I, K)
-    plain = lambda inp: reference_forward(inp, routers, experts, H, I, K)  # noqa: E731
-    results = {"host_tier": host_tier_share(experts)}
+    reference = reference_forward(x, routers, stacks, K)
+    plain = lambda inp: reference_forward(inp, routers, stacks, K)  # noqa: E731
+    results = {"host_tier": host_tier_share(stacks)}
 
-    resident = PagedMoEStack(routers, experts, [["resident"] * E] * LAYERS, H, I, K, 1, dev)
+    resident = PagedMoEStack(routers, stacks, [["resident"] * E] * LAYERS, K, 1, dev)
     assert torch.equal(resident.forward(x), reference)
     t_plain, t_paged = ms(lambda: plain(x)), ms(lambda: resident.forward(x))
     t_plain_again = ms(lambda: plain(x))
@@ -121,7 +121,7 @@ def main() -> None:
              "mixed": ["resident"] * 4 + ["compressed"] * 2 + ["host"] * 2}
     results["cases"] = {}
     for name, tiers in cases.items():
-        paged = PagedMoEStack(routers, experts, [tiers] * LAYERS, H, I, K, 1, dev)
+        paged = PagedMoEStack(routers, stacks, [tiers] * LAYERS, K, 1, dev)
         paged.forward(x)  # compile the decoder before the step whose stats we keep
         out = paged.forward(x, stats=True)
         assert torch.equal(out, reference), name

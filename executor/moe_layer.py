@@ -4,17 +4,20 @@ Every expert runs on all tokens of the step, weighted by its gate (zero where th
 did not pick it): shapes stay static, so a decode step can be captured in a CUDA graph, and
 at decode batch sizes the cost is the weight read either way. The same function serves the
 plain-torch reference and the paged executor, so their difference is the paging alone.
+Experts come stacked as vLLM stacks them: w13 [E, 2I, H] (gate then up), w2 [E, H, I].
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 
-def moe_layer(x: torch.Tensor, router: torch.Tensor, experts: list[tuple[torch.Tensor, torch.Tensor]],
+def moe_layer(x: torch.Tensor, router: torch.Tensor, experts: Sequence[tuple[torch.Tensor, torch.Tensor]],
               top_k: int) -> torch.Tensor:
-    """x [T, h]; router [E, h]; experts: (w13 [2i, h], w2 [h, i]) per expert. Returns [T, h]."""
+    """x [T, h]; router [E, h]; experts: (w13 [2i, h], w2 [h, i]) per expert id. Returns [T, h]."""
     probs = F.softmax((x @ router.T).float(), dim=-1)  # [T, E]
     weights, ids = probs.topk(top_k, dim=-1)  # [T, k]
     gates = torch.zeros_like(probs).scatter(1, ids, weights / weights.sum(-1, keepdim=True)).to(x.dtype)  # [T, E]
@@ -28,14 +31,17 @@ def moe_layer(x: torch.Tensor, router: torch.Tensor, experts: list[tuple[torch.T
 
 
 def random_stack(layers: int, hidden: int, intermediate: int, experts: int, device: torch.device,
-                 seed: int = 0) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
-    """Routers [E, h] and flat bf16 experts (3*h*i each) with trained-like scales."""
+                 seed: int = 0) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Routers [E, h] and per layer stacked bf16 experts (w13, w2) with trained-like scales."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    routers = [torch.randn(experts, hidden, generator=gen, device=device, dtype=torch.bfloat16) * 0.02
-               for _ in range(layers)]
-    flat = [[(torch.randn(3 * hidden * intermediate, generator=gen, device=device) * 0.02).to(torch.bfloat16)
-             for _ in range(experts)] for _ in range(layers)]
-    return routers, flat
+
+    def weights(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device=device) * 0.02).to(torch.bfloat16)
+
+    routers = [weights(experts, hidden) for _ in range(layers)]
+    stacks = [(weights(experts, 2 * intermediate, hidden), weights(experts, hidden, intermediate))
+              for _ in range(layers)]
+    return routers, stacks
 
 
 def random_stack_for(spec, layers: int | None = None, device: torch.device | str = "cpu", seed: int = 0):
@@ -45,11 +51,8 @@ def random_stack_for(spec, layers: int | None = None, device: torch.device | str
                         seed)
 
 
-def reference_forward(x: torch.Tensor, routers, experts, hidden: int, intermediate: int, top_k: int) -> torch.Tensor:
+def reference_forward(x: torch.Tensor, routers, stacks, top_k: int) -> torch.Tensor:
     """The stack with every expert resident, in plain torch."""
-    from executor.tiers import ExpertShape
-
-    shape = ExpertShape(hidden, intermediate)
-    for router, layer in zip(routers, experts):
-        x = moe_layer(x, router, [shape.views(flat) for flat in layer], top_k)
+    for router, (w13, w2) in zip(routers, stacks):
+        x = moe_layer(x, router, list(zip(w13, w2)), top_k)
     return x

@@ -1,33 +1,39 @@
-"""The staging pool: fixed slots carved once at start-up, reused layer after layer.
+"""The staging pool: stacked expert slots carved once at start-up, reused layer after layer.
 
-Slots are grouped in `depth + 1` buffers of `slots_per_buffer` experts each; layer l uses
-buffer l % (depth + 1). Before a buffer is written for layer l, the side stream waits on the
-event that layer l - depth - 1 finished computing with it: reuse is ordered on the GPU, and
-nothing is allocated on the hot path.
+`depth + 1` buffers, each `slots` experts deep and shaped like vLLM's stacked weights
+(`w13 [slots, 2I/tp, H]`, `w2 [slots, H, I/tp]`), so a fused-MoE kernel reads a buffer as it
+reads a layer's own weights. Layer l uses buffer l % (depth + 1); before a buffer is
+rewritten for layer l, the side streams wait for the event with which layer l - depth - 1
+released it. Nothing is allocated on the hot path.
 """
 
 from __future__ import annotations
 
 import torch
 
+from executor.tiers import ExpertLayout
+
 
 class StagingPool:
-    def __init__(self, buffers: int, slots_per_buffer: int, expert_numel: int, device: torch.device):
-        self.buffers, self.slots_per_buffer = buffers, slots_per_buffer
-        self.storage = torch.empty(max(1, buffers * slots_per_buffer) * expert_numel, dtype=torch.bfloat16,
-                                   device=device)  # one allocation, at start-up
-        self.expert_numel = expert_numel
+    def __init__(self, buffers: int, slots: int, layout: ExpertLayout, device: torch.device):
+        if buffers < 1 or slots < 0:
+            raise ValueError(f"staging pool needs >= 1 buffer and >= 0 slots, got {buffers}, {slots}")
+        self.buffers, self.slots, self.layout = buffers, slots, layout
+        self.w13 = torch.empty(buffers, slots, *layout.w13_shape, dtype=torch.bfloat16, device=device)
+        self.w2 = torch.empty(buffers, slots, *layout.w2_shape, dtype=torch.bfloat16, device=device)
         self.released: list = [None] * buffers  # per buffer: event after which it may be rewritten
+        self.holder: list[int | None] = [None] * buffers  # the layer whose experts a buffer holds now
 
     @property
     def nbytes(self) -> int:
-        return self.storage.numel() * 2
+        return (self.w13.numel() + self.w2.numel()) * 2
 
     def buffer_of(self, layer_index: int) -> int:
         return layer_index % self.buffers
 
-    def slot(self, buffer: int, j: int) -> torch.Tensor:
-        if not 0 <= j < self.slots_per_buffer:
-            raise IndexError(f"staging slot {j} out of {self.slots_per_buffer} per buffer")
-        start = (buffer * self.slots_per_buffer + j) * self.expert_numel
-        return self.storage[start:start + self.expert_numel]
+    def buffer(self, b: int, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `n` slots (all by default) of buffer `b` as stacked (w13, w2)."""
+        n = self.slots if n is None else n
+        if not 0 <= n <= self.slots:
+            raise IndexError(f"{n} staging slots asked of a buffer of {self.slots}")
+        return self.w13[b, :n], self.w2[b, :n]

@@ -1,10 +1,14 @@
-"""Where an expert's weights live: resident bf16 on the GPU, compressed on the GPU, or pinned host.
+"""Where one MoE layer's experts live, in the stacked layout vLLM's fused-MoE kernels read.
 
-An expert is one flat bf16 vector: its fused gate/up matrix [2i, h] then its down matrix
-[h, i]. `PagedTensor` is the handle for one expert: `materialize(slot, ...)` lands the weights
-in a staging slot (H2D copy on the copy stream, or GPU decode on the decode stream) and
-returns the view plus the event that says it is there; resident experts return their own
-storage and no event.
+vLLM keeps a layer's experts as `w13_weight[E, 2I/tp, H]` (gate and up projections fused) and
+`w2_weight[E, H, I/tp]`. `LayerTiers` keeps the same two stacks per tier:
+- resident: bf16 stacks on the GPU, never moved;
+- host: pinned host stacks, copied over PCIe into the layer's staging slots (one copy per
+  matrix for the whole layer);
+- compressed: FXMC-encoded stacks on the GPU (chunks of at most `CODEC_CHUNK_NUMEL` elements,
+  so kernel offsets stay in int32), decoded into the staging slots.
+Staged experts take slots in the order host first, then compressed, so each tier lands in
+one contiguous run of slots.
 """
 
 from __future__ import annotations
@@ -13,107 +17,137 @@ from dataclasses import dataclass
 
 import torch
 
-from executor.streams import Streams
+from fluxmoe.errors import ConfigError
+from fluxmoe.names import Tier, parse_tier
+
+CODEC_CHUNK_NUMEL = 1 << 30
 
 
 @dataclass(frozen=True)
-class ExpertShape:
+class ExpertLayout:
+    """The per-expert shapes of one rank's shard: w13 [2I/tp, H], w2 [H, I/tp]."""
+
     hidden: int
     intermediate: int
+    tensor_parallel: int = 1
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel < 1 or self.intermediate % self.tensor_parallel:
+            raise ConfigError(f"tensor_parallel: must divide the expert intermediate size {self.intermediate}, "
+                              f"got {self.tensor_parallel!r}")
 
     @property
-    def numel(self) -> int:
-        return 3 * self.hidden * self.intermediate
-
-    def views(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w13 [2i, h], w2 [h, i]) views of a flat expert."""
-        h, i = self.hidden, self.intermediate
-        return flat[:2 * i * h].view(2 * i, h), flat[2 * i * h:].view(h, i)
-
-
-class PagedTensor:
-    """One expert's weights in one tier."""
-
-    tier = "resident"
-
-    def __init__(self, flat: torch.Tensor):
-        self.flat = flat  # [numel] bf16 on the GPU
+    def shard(self) -> int:
+        return self.intermediate // self.tensor_parallel
 
     @property
-    def nbytes(self) -> int:
-        return self.flat.numel() * 2
+    def w13_shape(self) -> tuple[int, int]:
+        return 2 * self.shard, self.hidden
 
     @property
-    def needs_slot(self) -> bool:
-        return False
-
-    def materialize(self, slot: torch.Tensor | None, streams: Streams):
-        """The weights as a flat bf16 GPU tensor, and the event to wait for (None: ready now)."""
-        return self.flat, None
-
-
-class HostExpert(PagedTensor):
-    """Pinned host memory, copied over PCIe into a staging slot."""
-
-    tier = "host"
-
-    def __init__(self, flat: torch.Tensor):
-        pinned = flat.detach().to("cpu")
-        if torch.cuda.is_available():
-            pinned = pinned.pin_memory()
-        super().__init__(pinned)
+    def w2_shape(self) -> tuple[int, int]:
+        return self.hidden, self.shard
 
     @property
-    def needs_slot(self) -> bool:
-        return True
+    def expert_numel(self) -> int:
+        return 3 * self.shard * self.hidden
 
-    def materialize(self, slot, streams):
-        with streams.on(streams.copy):
-            slot.copy_(self.flat, non_blocking=True)
-        return slot, streams.record(streams.copy)
+    def check(self, w13: torch.Tensor, w2: torch.Tensor, what: str) -> None:
+        if tuple(w13.shape[1:]) != self.w13_shape or tuple(w2.shape[1:]) != self.w2_shape or len(w13) != len(w2):
+            raise ConfigError(f"{what}: expected w13 [E, {self.w13_shape[0]}, {self.w13_shape[1]}] and w2 "
+                              f"[E, {self.w2_shape[0]}, {self.w2_shape[1]}], got {tuple(w13.shape)} and "
+                              f"{tuple(w2.shape)}")
+        if w13.dtype != torch.bfloat16 or w2.dtype != torch.bfloat16:
+            raise ConfigError(f"{what}: expert weights must be bf16, got {w13.dtype} and {w2.dtype}")
 
 
-class CompressedExpert(PagedTensor):
-    """FXMC-compressed on the GPU, decoded into a staging slot."""
+class _CompressedStack:
+    """One stacked matrix of a layer's compressed experts, FXMC-encoded in chunks of experts."""
 
-    tier = "compressed"
-
-    def __init__(self, flat: torch.Tensor, device: torch.device):
+    def __init__(self, stack: torch.Tensor, device: torch.device):
         from executor.codec import encode
 
-        self.encoded = encode(flat.to(device))
-        self.device = device
-        self._decoder = None
-        if device.type == "cuda":
-            from executor.codec.triton_decode import DeviceDecoder
+        per_expert = stack[0].numel() if len(stack) else 1
+        step = max(1, CODEC_CHUNK_NUMEL // per_expert)
+        self.chunks = []  # (first expert, experts, encoded, GPU decoder or None)
+        for first in range(0, len(stack), step):
+            part = stack[first:first + step].to(device)
+            encoded = encode(part)
+            decoder = None
+            if device.type == "cuda":
+                from executor.codec.triton_decode import DeviceDecoder
 
-            self._decoder = DeviceDecoder(self.encoded)  # lookup tables built once, not per call
-        super().__init__(flat)
-        self.flat = None  # only the compressed bytes stay
+                decoder = DeviceDecoder(encoded)  # lookup tables built once, not per call
+            self.chunks.append((first, len(part), encoded, decoder))
 
     @property
     def nbytes(self) -> int:
-        return self.encoded.nbytes
+        return sum(enc.nbytes for _, _, enc, _ in self.chunks)
+
+    def decode_into(self, out: torch.Tensor, stream) -> None:
+        """Decode every chunk into `out` (the staging slots of these experts, contiguous)."""
+        for first, n, encoded, decoder in self.chunks:
+            target = out[first:first + n]
+            if decoder is None:  # CPU: the reference decoder
+                from executor.codec import decode
+
+                target.copy_(decode(encoded))
+            else:
+                decoder.decode_into(target, stream)
+
+
+class LayerTiers:
+    """One MoE layer's experts split into the three tiers as a plan says."""
+
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, tiers: list[Tier | str], layout: ExpertLayout,
+                 device: torch.device, what: str = "layer"):
+        layout.check(w13, w2, what)
+        if len(tiers) != len(w13):
+            raise ConfigError(f"{what}: {len(w13)} experts but {len(tiers)} tiers")
+        tiers = [parse_tier(t, f"{what} tier") for t in tiers]
+        self.layout, self.num_experts = layout, len(w13)
+        self.resident_ids = [e for e, t in enumerate(tiers) if t is Tier.RESIDENT]
+        self.host_ids = [e for e, t in enumerate(tiers) if t is Tier.HOST]
+        self.compressed_ids = [e for e, t in enumerate(tiers) if t is Tier.COMPRESSED]
+        pin = device.type == "cuda"
+
+        def take(ids: list[int], where: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+            index = torch.tensor(ids, dtype=torch.long, device=w13.device)
+            return w13.index_select(0, index).to(where), w2.index_select(0, index).to(where)
+
+        self.resident = take(self.resident_ids, device)
+        host = take(self.host_ids, torch.device("cpu"))
+        self.host = tuple(t.pin_memory() for t in host) if pin and self.host_ids else host
+        compressed = take(self.compressed_ids, w13.device) if self.compressed_ids else None
+        self.compressed = tuple(_CompressedStack(t, device) for t in compressed) if compressed else None
 
     @property
-    def needs_slot(self) -> bool:
-        return True
+    def staged_ids(self) -> list[int]:
+        """Experts that need a staging slot, in slot order (host first, then compressed)."""
+        return self.host_ids + self.compressed_ids
 
-    def materialize(self, slot, streams):
-        if self._decoder is None:  # CPU: the reference decoder
-            from executor.codec import decode
+    def tier_of(self, expert: int) -> Tier:
+        if expert in self.resident_ids:
+            return Tier.RESIDENT
+        return Tier.HOST if expert in self.host_ids else Tier.COMPRESSED
 
-            slot.copy_(decode(self.encoded).view(-1))
-            return slot, None
-        self._decoder.decode_into(slot, streams.decode)
-        return slot, streams.record(streams.decode)
+    @property
+    def gpu_bytes(self) -> dict[Tier, int]:
+        return {Tier.RESIDENT: sum(t.numel() * 2 for t in self.resident),
+                Tier.COMPRESSED: sum(c.nbytes for c in self.compressed) if self.compressed else 0}
 
+    @property
+    def host_bytes(self) -> int:
+        return sum(t.numel() * 2 for t in self.host)
 
-def make_expert(flat: torch.Tensor, tier: str, device: torch.device) -> PagedTensor:
-    if tier == "resident":
-        return PagedTensor(flat.to(device))
-    if tier == "host":
-        return HostExpert(flat)
-    if tier == "compressed":
-        return CompressedExpert(flat, device)
-    raise ValueError(f"unknown tier {tier!r}")
+    def copy_host_into(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """Host experts into the first slots of a buffer (run on the copy stream)."""
+        n = len(self.host_ids)
+        w13[:n].copy_(self.host[0], non_blocking=True)
+        w2[:n].copy_(self.host[1], non_blocking=True)
+
+    def decode_compressed_into(self, w13: torch.Tensor, w2: torch.Tensor, stream) -> None:
+        """Compressed experts into the slots after the host ones (run on the decode stream)."""
+        start, n = len(self.host_ids), len(self.compressed_ids)
+        self.compressed[0].decode_into(w13[start:start + n], stream)
+        self.compressed[1].decode_into(w2[start:start + n], stream)

@@ -24,6 +24,10 @@ from dataclasses import dataclass
 
 from profiles.registry import Profile
 
+# Batch sizes (concurrent sequences) the planner considers.
+BATCH_GRID = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512,
+              640, 768, 896, 1024, 1280, 1536, 2048)
+
 
 @dataclass(frozen=True)
 class StepShape:

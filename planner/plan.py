@@ -13,25 +13,65 @@ from pathlib import Path
 from typing import Literal
 
 from fluxmoe.errors import ConfigError
+from fluxmoe.names import Tier
 from fluxmoe.serde import dump_json, load_json
 
-PLAN_SCHEMA_VERSION = 1
-Tier = Literal["resident", "compressed", "host"]
+PLAN_SCHEMA_VERSION = 2
 
 
 @dataclass
 class LayerPlan:
-    """Expert ids of one MoE layer in each tier."""
+    """Expert ids of one MoE layer (`layer` is the model's layer index) in each tier.
+
+    `expert_order` lists the layer's experts hottest first by expected activation frequency
+    (uniform, i.e. by id, until measured), so residency can favour hot experts."""
 
     layer: int
     resident: list[int]
     compressed: list[int]
     host: list[int]
+    expert_order: list[int] = field(default_factory=list)
 
     def tier_of(self, expert: int) -> Tier:
         if expert in self.resident:
-            return "resident"
-        return "compressed" if expert in self.compressed else "host"
+            return Tier.RESIDENT
+        return Tier.COMPRESSED if expert in self.compressed else Tier.HOST
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.resident) + len(self.compressed) + len(self.host)
+
+    @property
+    def paged(self) -> int:
+        return len(self.compressed) + len(self.host)
+
+    def tiers(self) -> list[Tier]:
+        """The tier of each expert id, in id order."""
+        return [self.tier_of(e) for e in range(self.num_experts)]
+
+
+@dataclass
+class PlanInputs:
+    """What a plan was made from beyond model, GPU, budget and workload: enough to re-derive it."""
+
+    reserve_bytes: int
+    max_num_seqs: int
+    prefetch_depths: list[int]
+    mip_gap: float
+    milp_node_limit: int
+    versions: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def record(cls, **settings) -> "PlanInputs":
+        from importlib import metadata
+
+        versions = {}
+        for package in ("fluxmoe", "pulp"):
+            try:
+                versions[package] = metadata.version(package)
+            except metadata.PackageNotFoundError:
+                versions[package] = "unknown"
+        return cls(**settings, versions=versions)
 
 
 @dataclass
@@ -86,6 +126,8 @@ class BaselinePrediction:
     feasible: bool
     prediction: Prediction | None = None
     offload_bytes: int = 0
+    kv_cache_bytes: int = 0
+    max_num_seqs: int = 0
     note: str = ""
 
 
@@ -100,6 +142,9 @@ class SimulatedFigures:
     tpot_p50_s: float
     preemptions: int
     candidates_simulated: int
+    pcie_busy: float = 0.0  # shares of the makespan
+    gpu_busy: float = 0.0
+    stall_s: float = 0.0
 
 
 @dataclass
@@ -127,41 +172,96 @@ class Plan:
     candidates_solved: int = 0
     tpot_limit_s: float | None = None
     simulated: SimulatedFigures | None = None
+    tensor_parallel: int = 1
+    expert_parallel: int = 1
+    weight_dtype: str = "bfloat16"
+    inputs: PlanInputs | None = None
     schema_version: int = PLAN_SCHEMA_VERSION
 
     def __post_init__(self) -> None:
         if self.schema_version != PLAN_SCHEMA_VERSION:
-            raise ConfigError(f"field 'schema_version': expected {PLAN_SCHEMA_VERSION}, got {self.schema_version!r}")
-        for name in ("budget_bytes", "max_num_seqs"):
+            raise ConfigError(f"field 'schema_version': expected {PLAN_SCHEMA_VERSION}, got {self.schema_version!r} "
+                              f"(make the plan again with this version of fluxmoe)")
+        for name in ("budget_bytes", "max_num_seqs", "tensor_parallel", "expert_parallel"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"field '{name}': must be > 0, got {getattr(self, name)!r}")
-        if self.prefetch_depth < 0 or self.staging_slots < 0 or self.kv_cache_bytes < 0:
-            raise ConfigError(f"fields 'prefetch_depth', 'staging_slots', 'kv_cache_bytes': must be >= 0, got "
-                              f"{self.prefetch_depth!r}, {self.staging_slots!r}, {self.kv_cache_bytes!r}")
+        if self.tensor_parallel != 1 or self.expert_parallel != 1:
+            raise ConfigError(f"fields 'tensor_parallel', 'expert_parallel': only 1 is supported so far, got "
+                              f"{self.tensor_parallel!r}, {self.expert_parallel!r}")
+        if self.weight_dtype != "bfloat16":
+            raise ConfigError(f"field 'weight_dtype': only 'bfloat16' is supported, got {self.weight_dtype!r}")
+        for name in ("prefetch_depth", "staging_slots", "kv_cache_bytes", "host_budget_bytes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"field '{name}': must be >= 0, got {getattr(self, name)!r}")
+        if self.kv_cache_bytes > self.budget_bytes:
+            raise ConfigError(f"field 'kv_cache_bytes': {self.kv_cache_bytes} exceeds the budget of "
+                              f"{self.budget_bytes} bytes")
+        if self.memory.gpu_total_bytes > self.budget_bytes + 1:
+            raise ConfigError(f"field 'memory': its parts add up to {self.memory.gpu_total_bytes} bytes, more than "
+                              f"the budget of {self.budget_bytes}")
+        if self.staging_slots % (self.prefetch_depth + 1):
+            raise ConfigError(f"field 'staging_slots': {self.staging_slots} is not a whole number of slots per "
+                              f"each of the {self.prefetch_depth + 1} buffers (prefetch_depth + 1)")
+        most = max((lp.paged for lp in self.layers), default=0)
+        if self.slots_per_buffer < most:
+            raise ConfigError(f"field 'staging_slots': {self.staging_slots} ({self.slots_per_buffer} per buffer) "
+                              f"cannot stage the {most} paged experts of the most paged layer")
+        seen = set()
         for i, lp in enumerate(self.layers):
             ids = lp.resident + lp.compressed + lp.host
             if len(ids) != len(set(ids)):
                 raise ConfigError(f"field 'layers[{i}]': an expert is in two tiers: {sorted(ids)!r}")
+            if lp.expert_order and sorted(lp.expert_order) != sorted(ids):
+                raise ConfigError(f"field 'layers[{i}].expert_order': must list the layer's experts once each")
+            if lp.layer in seen:
+                raise ConfigError(f"field 'layers[{i}].layer': layer {lp.layer} appears twice")
+            seen.add(lp.layer)
+
+    @property
+    def slots_per_buffer(self) -> int:
+        """Staging slots in each of the pool's prefetch_depth + 1 buffers."""
+        return self.staging_slots // (self.prefetch_depth + 1)
+
+    def layer(self, index: int) -> LayerPlan:
+        """The plan of model layer `index` (a MoE layer)."""
+        for lp in self.layers:
+            if lp.layer == index:
+                return lp
+        raise ConfigError(f"plan has no MoE layer {index}; it plans layers {[lp.layer for lp in self.layers]}")
 
     # counts per tier, in MoE-layer order
     def tier_counts(self):
+        """TierCounts per MoE layer, in model layer order."""
         from planner.cost_model import TierCounts
 
-        return [TierCounts(len(lp.resident), len(lp.compressed), len(lp.host)) for lp in self.layers]
+        return [TierCounts(len(lp.resident), len(lp.compressed), len(lp.host))
+                for lp in sorted(self.layers, key=lambda lp: lp.layer)]
 
     def baseline(self, name: str) -> BaselinePrediction | None:
         return next((b for b in self.baselines if b.name == name), None)
 
-    def check_matches(self, profile) -> None:
-        """Refuse a plan made for another model (shapes differ) than `profile`."""
+    def check_matches(self, profile, check_hardware: bool = True) -> None:
+        """Refuse a plan made for another model or GPU than `profile`, or one it cannot hold."""
         if self.model_hash != profile.model.content_hash():
             raise ConfigError(f"plan was made for model {self.model!r} (hash {self.model_hash}), "
                               f"not {profile.model.name!r} (hash {profile.model.content_hash()})")
-        experts = profile.model.num_experts
-        if len(self.layers) != profile.model.num_moe_layers or any(
+        hw = profile.hardware
+        if check_hardware and self.hardware_hash != hw.content_hash():
+            raise ConfigError(f"plan was made for GPU profile {self.gpu!r} (hash {self.hardware_hash}), not "
+                              f"{hw.name!r} (hash {hw.content_hash()}); plan again for this GPU")
+        if self.budget_bytes > hw.gpu_memory_bytes:
+            raise ConfigError(f"plan's budget of {self.budget_bytes} bytes exceeds the {hw.gpu_memory_bytes} of "
+                              f"GPU {hw.name!r}")
+        experts, model = profile.model.num_experts, profile.model
+        if sorted(lp.layer for lp in self.layers) != sorted(model.moe_layers) or any(
                 sorted(lp.resident + lp.compressed + lp.host) != list(range(experts)) for lp in self.layers):
             raise ConfigError(f"plan's layers do not place each of the {experts} experts of each of the "
-                              f"{profile.model.num_moe_layers} MoE layers exactly once")
+                              f"{model.num_moe_layers} MoE layers (model layers {model.moe_layers[0]}.."
+                              f"{model.moe_layers[-1]}) exactly once")
+        one = model.kv_bytes_per_sequence(1)
+        if self.kv_cache_bytes < one:
+            raise ConfigError(f"field 'kv_cache_bytes': {self.kv_cache_bytes} bytes cannot hold even one sequence "
+                              f"({one} bytes)")
 
     def save(self, path: str | Path) -> None:
         dump_json(self, path)

@@ -18,17 +18,20 @@ from dataclasses import dataclass
 import pulp
 
 from fluxmoe.errors import ConfigError, InfeasibleError
-from fluxmoe.units import GiB, format_bytes, parse_bytes
-from planner.cost_model import CostModel, StepShape, TierCounts
-from planner.plan import (BaselinePrediction, LayerPlan, MemoryBreakdown, Plan, Prediction,
+from fluxmoe.names import System
+from fluxmoe.units import format_bytes, parse_bytes
+from planner.cost_model import BATCH_GRID, CostModel, StepShape, TierCounts
+from planner.memory import DEFAULT_RESERVE_BYTES, VLLM_MAX_NUM_SEQS, MemoryModel
+from planner.plan import (BaselinePrediction, LayerPlan, MemoryBreakdown, Plan, PlanInputs, Prediction,
                           WorkloadShape)
 from profiles.registry import Profile
 
-BATCH_GRID = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512,
-              640, 768, 896, 1024, 1280, 1536, 2048)
 PREFETCH_DEPTHS = (0, 1, 2, 3)
-DEFAULT_RESERVE_BYTES = 1 * GiB
 SLOT_ENUMERATION_MAX_EXPERTS = 16
+# The MILP stops on a node count, never on the clock alone, so a plan does not depend on how
+# busy the machine is; the wall-clock guard is a safety net whose hit the plan reports.
+MILP_NODE_LIMIT = 2000
+MILP_SAFETY_TIME_LIMIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -49,26 +52,26 @@ class _Problem:
     def __init__(self, profile: Profile, budget_bytes: int, host_budget_bytes: int, workload: WorkloadShape,
                  reserve_bytes: int, tpot_limit_s: float | None, max_num_seqs: int, mip_gap: float = 0.01):
         self.profile, self.model, self.cost = profile, profile.model, CostModel(profile)
+        self.mem = MemoryModel.of(profile, reserve_bytes)
         self.budget, self.host_budget, self.workload = budget_bytes, host_budget_bytes, workload
         self.reserve, self.tpot_limit_s, self.max_num_seqs = reserve_bytes, tpot_limit_s, max_num_seqs
-        self.kv_per_seq = self.model.kv_bytes_per_sequence(workload.prompt_tokens + workload.output_tokens)
-        self.fixed_gpu_bytes = self.model.non_expert_bytes + reserve_bytes
-        self.gap, self.time_limit_s = mip_gap, 1.0
+        self.kv_per_seq = self.mem.kv_per_sequence(workload.prompt_tokens + workload.output_tokens)
+        self.gap = mip_gap
+        self.safety_hits = 0
 
     def step(self, batch: int) -> StepShape:
         return StepShape.steady_decode(batch, self.workload.prompt_tokens, self.workload.output_tokens)
 
     def expert_memory_lower_bound(self, depth: int) -> float:
         """No placement at this depth needs less GPU memory for experts than this."""
-        m = self.model
-        return min(m.total_experts, (depth + 1) * m.num_experts) * m.expert_bytes
+        return self.mem.least_expert_bytes(depth)
 
     def _build(self, batch: int, depth: int, integer: bool, minimize_memory: bool, slots_fixed: int | None = None):
         """The placement model for one (batch, depth): variables per MoE layer, epigraph for time."""
         m, cost = self.model, self.cost
         step = self.step(batch)
         compute = cost.layer_compute_s(step)
-        eb, ceb, E = m.expert_bytes, cost.compressed_expert_bytes, m.num_experts
+        eb, ceb, E = self.mem.expert_bytes, self.mem.compressed_expert_bytes, m.num_experts
         cat = "Integer" if integer else "Continuous"
         prob = pulp.LpProblem("placement", pulp.LpMinimize)
         r = {l: pulp.LpVariable(f"r{l}", 0, E, cat=cat) for l in m.moe_layers}
@@ -90,7 +93,8 @@ class _Problem:
             stalls.append(stall)
         prob += step_time >= pulp.lpSum(gpu.values()) + pulp.lpSum(stalls)
         prob += step_time >= pulp.lpSum(cost.transfer_s_per_expert * h[l] for l in m.moe_layers)
-        memory = (self.fixed_gpu_bytes + batch * self.kv_per_seq
+        # MemoryModel.placement_bytes, linear in the variables, plus the KV of `batch` sequences.
+        memory = (self.mem.fixed_bytes + batch * self.kv_per_seq
                   + pulp.lpSum(eb * r[l] + ceb * c[l] for l in m.moe_layers) + (depth + 1) * eb * slots)
         prob += pulp.lpSum(eb * h[l] for l in m.moe_layers) <= self.host_budget
         if minimize_memory:
@@ -100,7 +104,11 @@ class _Problem:
             if self.tpot_limit_s is not None:
                 prob += step_time + cost.fixed_s(step) <= self.tpot_limit_s
             prob += step_time
-        prob.solve(pulp.PULP_CBC_CMD(msg=False, gapRel=self.gap, threads=1, timeLimit=self.time_limit_s))
+        started = time.perf_counter()
+        prob.solve(pulp.PULP_CBC_CMD(msg=False, gapRel=self.gap, threads=1, maxNodes=MILP_NODE_LIMIT,
+                                     timeLimit=MILP_SAFETY_TIME_LIMIT_S))
+        if time.perf_counter() - started >= MILP_SAFETY_TIME_LIMIT_S:
+            self.safety_hits += 1
         if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
             return None
         values = [(r[l].value(), c[l].value(), h[l].value()) for l in m.moe_layers]
@@ -108,14 +116,10 @@ class _Problem:
 
     def memory_bytes(self, tiers: list[TierCounts], depth: int, batch: int) -> float:
         """GPU bytes a placement needs: fixed part, KV for `batch`, experts, staging."""
-        m = self.model
-        slots = max(t.paged for t in tiers)
-        return (self.fixed_gpu_bytes + batch * self.kv_per_seq + (depth + 1) * slots * m.expert_bytes
-                + sum(t.resident * m.expert_bytes + t.compressed * self.cost.compressed_expert_bytes for t in tiers))
+        return self.mem.placement_bytes(tiers, depth) + batch * self.kv_per_seq
 
     def _fits(self, tiers: list[TierCounts], depth: int, batch: int) -> bool:
-        host = sum(t.host for t in tiers) * self.model.expert_bytes
-        return self.memory_bytes(tiers, depth, batch) <= self.budget and host <= self.host_budget
+        return self.mem.fits(self.budget, self.host_budget, tiers, depth, batch * self.kv_per_seq)
 
     def _roundings(self, values: list[tuple[float, float, float]]) -> list[list[TierCounts]]:
         """Integer placements near the LP's: per-layer host ceilings, and roundings that keep
@@ -184,7 +188,7 @@ class _Problem:
         prob, values, _ = solved
         tiers = [TierCounts(*(round(v) for v in x)) for x in values]
         if prob.sol_status == pulp.LpSolutionIntegerFeasible:
-            status = f"MILP stopped at its {self.time_limit_s:g} s limit"
+            status = f"MILP stopped at its limit of {MILP_NODE_LIMIT} nodes"
         else:
             status = "MILP optimal" if self.gap == 0 else f"MILP optimal within {self.gap:.0%}"
         return Candidate(batch, depth, tiers, self.cost.step_time(tiers, step, depth).total_s,
@@ -192,7 +196,7 @@ class _Problem:
 
     def smallest_budget(self, depth: int) -> int:
         """The least GPU memory any plan needs: one sequence at the shallowest depth, least memory."""
-        all_resident = self.fixed_gpu_bytes + self.kv_per_seq + self.model.total_experts * self.model.expert_bytes
+        all_resident = self.mem.fixed_bytes + self.kv_per_seq + self.mem.all_experts_bytes
         solved = self._build(1, depth, integer=True, minimize_memory=True)
         if solved is None:
             return all_resident
@@ -201,7 +205,7 @@ class _Problem:
 
 
 def _resident_fits(p: _Problem, batch: int) -> bool:
-    return p.fixed_gpu_bytes + batch * p.kv_per_seq + p.model.total_experts * p.model.expert_bytes <= p.budget
+    return p.mem.resident_kv(p.budget) >= batch * p.kv_per_seq
 
 
 def _prediction(p: _Problem, batch: int, tiers: list[TierCounts] | None, depth: int,
@@ -216,10 +220,13 @@ def _prediction(p: _Problem, batch: int, tiers: list[TierCounts] | None, depth: 
                       t.gpu_s, t.link_s, t.stall_s)
 
 
-def _best_over_batches(p: _Problem, predict, feasible) -> Prediction | None:
+def _best_over_batches(p: _Problem, predict, feasible, kv_for) -> Prediction | None:
+    """A baseline at the batch vLLM would run: the most sequences its KV holds, up to vLLM's
+    max_num_seqs (and the grid below it, where a latency limit binds)."""
+    cap = min(VLLM_MAX_NUM_SEQS, max(0, kv_for() // p.kv_per_seq)) if kv_for else VLLM_MAX_NUM_SEQS
     best = None
-    for batch in BATCH_GRID:
-        if batch > p.max_num_seqs or not feasible(batch):
+    for batch in sorted({b for b in BATCH_GRID if b <= VLLM_MAX_NUM_SEQS} | ({cap} if cap >= 1 else set())):
+        if not feasible(batch):
             continue
         pred = predict(batch)
         if p.tpot_limit_s is not None and pred.step_time_s > p.tpot_limit_s:
@@ -230,21 +237,30 @@ def _best_over_batches(p: _Problem, predict, feasible) -> Prediction | None:
 
 
 def baselines(p: _Problem) -> list[BaselinePrediction]:
-    """Plain vLLM (everything resident) and vLLM with CPU weight offload, each at its best batch."""
-    m = p.model
+    """Plain vLLM (everything resident) and vLLM with CPU weight offload, each at its best batch.
+
+    They depend on the model, GPU, budget, reserve, host budget, workload and latency limit
+    only, never on FluxMoE's own options (its batch cap, depths, candidates)."""
+    m, mem = p.model, p.mem
     plain = _best_over_batches(p, lambda b: _prediction(p, b, [TierCounts(m.num_experts, 0, 0)] * m.num_moe_layers, 1),
-                               lambda b: _resident_fits(p, b))
-    out = [BaselinePrediction("vllm", plain is not None, plain,
+                               lambda b: _resident_fits(p, b), lambda: mem.resident_kv(p.budget))
+    footprint = mem.baseline(System.VLLM, p.budget)
+    out = [BaselinePrediction(System.VLLM.value, plain is not None, plain,
+                              kv_cache_bytes=footprint.kv_cache_bytes if plain else 0,
+                              max_num_seqs=footprint.max_num_seqs,
                               note="" if plain else "the model's weights and one sequence's KV exceed the budget")]
 
-    def offload(b: int) -> float:
-        return max(0.0, p.fixed_gpu_bytes + b * p.kv_per_seq + m.total_bytes - m.non_expert_bytes - p.budget)
+    def offload(b: int) -> int:
+        return mem.offload_for_kv(p.budget, b * p.kv_per_seq)
 
     offloaded = _best_over_batches(
         p, lambda b: _prediction(p, b, None, 0, offload(b)),
-        lambda b: offload(b) <= min(p.host_budget, m.total_experts * m.expert_bytes))
-    out.append(BaselinePrediction("vllm_offload", offloaded is not None, offloaded,
-                                  offload_bytes=round(offload(offloaded.batch_size)) if offloaded else 0,
+        lambda b: offload(b) <= min(p.host_budget, mem.all_experts_bytes), None)
+    footprint = mem.baseline(System.VLLM_OFFLOAD, p.budget, offload(offloaded.batch_size) if offloaded else 0)
+    out.append(BaselinePrediction(System.VLLM_OFFLOAD.value, offloaded is not None, offloaded,
+                                  offload_bytes=footprint.offload_bytes,
+                                  kv_cache_bytes=footprint.kv_cache_bytes if offloaded else 0,
+                                  max_num_seqs=footprint.max_num_seqs,
                                   note="" if offloaded else "nothing fits even with offload"))
     return out
 
@@ -297,7 +313,7 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
         step = p.step(batch)
         for depth in sorted(prefetch_depths):
             # Bytes paging must free: the overshoot of all-resident (staging is charged in the bound).
-            need = max(0, p.fixed_gpu_bytes + batch * p.kv_per_seq + m.total_experts * m.expert_bytes - budget_bytes)
+            need = p.mem.offload_for_kv(budget_bytes, batch * p.kv_per_seq)
             fastest = p.cost.paging_lower_bound_s(step, need, host_bytes, (depth + 1) / m.num_moe_layers)
             if fastest < math.inf:
                 order.append((batch / fastest, batch, depth))
@@ -317,7 +333,7 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
         if kept and bound <= threshold() * (1 + 1e-12):
             break
         kv = batch * p.kv_per_seq
-        if p.fixed_gpu_bytes + kv + p.expert_memory_lower_bound(depth) > budget_bytes:
+        if p.mem.fixed_bytes + kv + p.expert_memory_lower_bound(depth) > budget_bytes:
             continue
         if _resident_fits(p, batch):
             if batch in seen_resident:  # depth does not matter when nothing is paged
@@ -343,27 +359,31 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
             f"{format_bytes(m.non_expert_bytes)} + staging pool + one sequence's KV "
             f"{format_bytes(p.kv_per_seq)} + reserve {format_bytes(reserve)})")
     elapsed = time.perf_counter() - started
-    return [_make_plan(p, c, objective, limit, solved, elapsed) for c in kept]
+    inputs = PlanInputs.record(reserve_bytes=reserve, max_num_seqs=max_num_seqs, prefetch_depths=list(prefetch_depths),
+                               mip_gap=mip_gap, milp_node_limit=MILP_NODE_LIMIT)
+    return [_make_plan(p, c, objective, limit, solved, elapsed, inputs) for c in kept]
 
 
 def _make_plan(p: _Problem, best: Candidate, objective: str, limit: float | None, solved: int,
-               elapsed: float) -> Plan:
-    m = p.model
+               elapsed: float, inputs: PlanInputs) -> Plan:
+    m, mem = p.model, p.mem
     layers = []
     for layer, t in zip(m.moe_layers, best.tiers):
-        ids = list(range(m.num_experts))
+        ids = list(range(m.num_experts))  # uniform routing: any order is as hot as another
         layers.append(LayerPlan(layer, ids[:t.resident], ids[t.resident:t.resident + t.compressed],
-                                ids[t.resident + t.compressed:]))
-    staging = (best.depth + 1) * best.staging_slots * m.expert_bytes if best.staging_slots else 0
+                                ids[t.resident + t.compressed:], expert_order=ids))
+    staging = mem.staging_bytes(best.depth, best.staging_slots)
     resident = sum(t.resident for t in best.tiers) * m.expert_bytes
-    compressed = math.ceil(sum(t.compressed for t in best.tiers) * p.cost.compressed_expert_bytes)
-    host = sum(t.host for t in best.tiers) * m.expert_bytes
-    kv = p.budget - p.fixed_gpu_bytes - resident - compressed - staging
-    memory = MemoryBreakdown(m.non_expert_bytes, resident, compressed, staging, kv, p.reserve, host)
+    compressed = math.ceil(sum(t.compressed for t in best.tiers) * mem.compressed_expert_bytes)
+    kv = p.budget - mem.fixed_bytes - resident - compressed - staging
+    memory = MemoryBreakdown(m.non_expert_bytes, resident, compressed, staging, kv, p.reserve, mem.host_bytes(best.tiers))
+    status = best.status + (f"; the {MILP_SAFETY_TIME_LIMIT_S:g} s safety time limit was hit {p.safety_hits} time(s)"
+                            if p.safety_hits else "")
     return Plan(model=m.name, model_hash=m.content_hash(), gpu=p.profile.hardware.name,
                 hardware_hash=p.profile.hardware.content_hash(), budget_bytes=p.budget,
                 host_budget_bytes=p.host_budget, objective=objective, workload=p.workload, layers=layers,
-                prefetch_depth=best.depth, staging_slots=(best.depth + 1) * best.staging_slots if best.staging_slots else 0,
+                prefetch_depth=best.depth, staging_slots=(best.depth + 1) * best.staging_slots,
                 max_num_seqs=best.batch, kv_cache_bytes=kv, memory=memory,
                 predicted=_prediction(p, best.batch, best.tiers, best.depth), baselines=baselines(p),
-                solver_status=best.status, solve_time_s=elapsed, candidates_solved=solved, tpot_limit_s=limit)
+                solver_status=status, solve_time_s=elapsed, candidates_solved=solved, tpot_limit_s=limit,
+                inputs=inputs)

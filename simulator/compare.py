@@ -5,42 +5,37 @@ from __future__ import annotations
 from dataclasses import replace
 
 import planner
-from planner.search import BATCH_GRID
 from fluxmoe.errors import ConfigError
+from fluxmoe.names import System
+from planner.cost_model import BATCH_GRID
 from planner.plan import Plan, SimulatedFigures
 from profiles.registry import Profile
 from simulator.engine import SimulationResult, simulate
 from simulator.workload import Workload
 
-SYSTEMS = ("fluxmoe", "vllm", "vllm_offload")
+SYSTEMS = tuple(System)
 
 
-VLLM_MAX_NUM_SEQS = 1024  # vLLM's default on large GPUs; KV decides admission below it
-
-
-def baseline_config(profile: Profile, plan: Plan, system: str) -> dict | None:
+def baseline_config(plan: Plan, system: System | str) -> dict | None:
     """KV, batch cap and offload bytes of a baseline under the plan's budget (None if it cannot run).
 
-    Baselines run as vLLM would: every byte left after the weights is KV and admission is
-    limited by it (up to vLLM's default max_num_seqs), not by the planner's batch choice."""
-    base = plan.baseline(system)
+    The planner worked these out with the one memory model (planner/memory.py): every byte
+    left after the baseline's weights is KV, and vLLM admits by KV up to its max_num_seqs."""
+    base = plan.baseline(System(system).value)
     if base is None or not base.feasible:
         return None
-    m = profile.model
-    weights_on_gpu = m.total_bytes - base.offload_bytes
-    kv = plan.budget_bytes - plan.memory.reserve_bytes - weights_on_gpu
-    return dict(kv_cache_bytes=kv, max_num_seqs=VLLM_MAX_NUM_SEQS, offload_bytes=base.offload_bytes)
+    return dict(kv_cache_bytes=base.kv_cache_bytes, max_num_seqs=base.max_num_seqs, offload_bytes=base.offload_bytes)
 
 
 def simulate_systems(profile: Profile, plan: Plan, workload: Workload, systems=SYSTEMS,
-                     **options) -> dict[str, SimulationResult | None]:
+                     **options) -> dict[System, SimulationResult | None]:
     """Each system's simulated result on `workload` (None where it does not fit the budget)."""
-    results: dict[str, SimulationResult | None] = {}
-    for system in systems:
-        if system == "fluxmoe":
+    results: dict[System, SimulationResult | None] = {}
+    for system in map(System, systems):
+        if system is System.FLUXMOE:
             results[system] = simulate(profile, workload, plan=plan, **options)
             continue
-        config = baseline_config(profile, plan, system)
+        config = baseline_config(plan, system)
         if config is None:
             results[system] = None
             continue
@@ -51,13 +46,15 @@ def simulate_systems(profile: Profile, plan: Plan, workload: Workload, systems=S
     return results
 
 
-def verified_optimize(profile: Profile, budget: int | str, workload: Workload, *, top_k: int = 4,
+def verified_optimize(profile: Profile, budget: int | str, workload: Workload, *, top_k: int = 3,
                       **options) -> Plan:
     """The planner's `top_k` best candidates, each simulated on `workload`; the best simulated wins.
 
-    The returned plan carries its simulated figures in `plan.simulated`. Batch sizes stop at the
-    first candidate that holds every request at once: more is memory spent for nothing.
-    """
+    This is the plan `fluxmoe plan` and `fluxmoe simulate` pick by default. The returned plan
+    carries its simulated figures in `plan.simulated`. Batch sizes stop at the first candidate
+    that holds every request at once: more is memory spent for nothing. Candidates are
+    simulated in the planner's order and ties keep the earlier one, so the pick is
+    deterministic."""
     options.setdefault("workload", workload.shape())
     options.setdefault("max_num_seqs", next((b for b in BATCH_GRID if b >= len(workload)), BATCH_GRID[-1]))
     best: tuple[float, Plan, SimulationResult] | None = None
@@ -68,5 +65,6 @@ def verified_optimize(profile: Profile, budget: int | str, workload: Workload, *
             best = (result.output_tokens_per_s, plan, result)
     _, plan, result = best
     figures = SimulatedFigures(workload.name, result.output_tokens_per_s, result.tokens_per_s, result.ttft_s.p50,
-                               result.tpot_s.p50, result.preemptions, len(candidates))
+                               result.tpot_s.p50, result.preemptions, len(candidates),
+                               pcie_busy=result.pcie_busy, gpu_busy=result.gpu_busy, stall_s=result.stall_s)
     return replace(plan, simulated=figures)

@@ -14,6 +14,7 @@ import numpy as np
 import simpy
 
 from fluxmoe.errors import ConfigError
+from fluxmoe.names import System
 from planner.cost_model import CostModel, StepShape
 from planner.plan import Plan
 from profiles.registry import Profile
@@ -76,14 +77,12 @@ class SimulationResult:
                 f"preemptions {self.preemptions}")
 
 
-def _execution_for(env: simpy.Environment, cost: CostModel, plan: Plan | None, system: str, offload_bytes: float):
-    if system == "fluxmoe":
+def _execution_for(env: simpy.Environment, cost: CostModel, plan: Plan | None, system: System, offload_bytes: float):
+    if system is System.FLUXMOE:
         return PagedExecution(env, cost, plan.tier_counts(), plan.prefetch_depth)
-    if system == "vllm":
+    if system is System.VLLM:
         return ResidentExecution(env, cost)
-    if system == "vllm_offload":
-        return OffloadExecution(env, cost, offload_bytes)
-    raise ConfigError(f"system: expected 'fluxmoe', 'vllm' or 'vllm_offload', got {system!r}")
+    return OffloadExecution(env, cost, offload_bytes)
 
 
 def simulate(profile: Profile, workload: Workload, *, plan: Plan | None = None, system: str = "fluxmoe",
@@ -93,7 +92,11 @@ def simulate(profile: Profile, workload: Workload, *, plan: Plan | None = None, 
     """Serve `workload` with a FluxMoE `plan` (system 'fluxmoe') or a baseline ('vllm',
     'vllm_offload', which need kv_cache_bytes and max_num_seqs). `progress(n)` is called as
     requests finish."""
-    if system == "fluxmoe":
+    try:
+        system = System(system)
+    except ValueError:
+        raise ConfigError(f"system: expected one of {', '.join(s.value for s in System)}, got {system!r}") from None
+    if system is System.FLUXMOE:
         if plan is None:
             raise ConfigError("system 'fluxmoe' needs a plan")
         plan.check_matches(profile)

@@ -1,16 +1,22 @@
-"""The paging executor's logic on the CPU: placement, slot reuse, bit-exact materialization."""
+"""The paging executor's logic on the CPU: placement, slot reuse, ordering, bit-exact results."""
 
 import pytest
 import torch
 
 import planner
 from executor.moe_layer import random_stack, reference_forward
+from executor.pager import ExpertPager
 from executor.paged_stack import PagedMoEStack
 from executor.staging import StagingPool
+from executor.tiers import ExpertLayout, LayerTiers
+from fluxmoe.errors import ConfigError
+from profiles import Profile
 from tests.conftest import tiny_gpu, tiny_model
 
-H, I, E, K, LAYERS = 32, 48, 4, 2, 3
+H, I, E, K, LAYERS = 32, 48, 4, 2, 4
 CPU = torch.device("cpu")
+MIXED = [["resident", "compressed", "host", "host"], ["host"] * E, ["compressed"] * E,
+         ["host", "resident", "resident", "compressed"]]
 
 
 @pytest.fixture(scope="module")
@@ -18,47 +24,146 @@ def stack():
     return random_stack(LAYERS, H, I, E, CPU, seed=1)
 
 
+@pytest.mark.parametrize("cpu_order", ["lazy", "eager"])
 @pytest.mark.parametrize("tiers,depth", [
     ([["resident"] * E] * LAYERS, 0),
+    ([["host"] * E] * LAYERS, 0),
     ([["host"] * E] * LAYERS, 1),
     ([["compressed"] * E] * LAYERS, 2),
-    ([["resident", "compressed", "host", "host"], ["host", "host", "host", "host"], ["compressed"] * E], 1),
+    (MIXED, 0), (MIXED, 1), (MIXED, 2),
 ])
-def test_paged_forward_equals_plain_torch_bit_for_bit(stack, tiers, depth):
-    routers, experts = stack
+def test_paged_forward_equals_plain_torch_bit_for_bit(stack, tiers, depth, cpu_order):
+    routers, stacks = stack
     x = torch.randn(5, H, dtype=torch.bfloat16)
-    paged = PagedMoEStack(routers, experts, tiers, H, I, K, depth, CPU)
-    expected = reference_forward(x, routers, experts, H, I, K)
+    paged = PagedMoEStack(routers, stacks, tiers, K, depth, CPU, cpu_order=cpu_order)
+    expected = reference_forward(x, routers, stacks, K)
     assert torch.equal(paged.forward(x), expected)
-    assert torch.equal(paged.forward(x), expected)  # slots reused on a second step
+    assert torch.equal(paged.forward(x), expected)  # buffers reused within and across steps
 
 
-def test_experts_are_placed_as_the_plan_says(stack):
-    routers, experts = stack
-    from profiles import Profile
-
-    model = tiny_model(LAYERS, E)
-    plan = planner.optimize(Profile(model, tiny_gpu(1.0)), 700 * 1024, reserve_bytes=16 << 10, max_num_seqs=8)
-    assert {lp.tier_of(i) for lp in plan.layers for i in range(E)} == {"resident", "compressed", "host"}
-    paged = PagedMoEStack.from_plan(plan, routers, experts, H, I, K, CPU)
-    for lp, layer in zip(plan.layers, paged.experts):
-        assert [e.tier for e in layer] == [lp.tier_of(i) for i in range(E)]
-    most_paged = max(len(lp.compressed) + len(lp.host) for lp in plan.layers)
-    assert paged.pool.buffers == plan.prefetch_depth + 1 and paged.pool.slots_per_buffer == most_paged
+def test_a_layer_that_skips_its_wait_reads_stale_slots(stack, monkeypatch):
+    """Lazy CPU order: side-stream work runs only when waited on, so a missing wait fails on CPU."""
+    routers, stacks = stack
+    x = torch.randn(5, H, dtype=torch.bfloat16)
+    paged = PagedMoEStack(routers, stacks, MIXED, K, 1, CPU, cpu_order="lazy")
+    paged.pager.pool.w13.zero_()
+    paged.pager.pool.w2.zero_()
+    monkeypatch.setattr(paged.pager.streams, "wait", lambda stream, event: None)
+    assert not torch.equal(paged.forward(x), reference_forward(x, routers, stacks, K))
 
 
-def test_staging_buffers_rotate_by_layer_and_slots_do_not_overlap():
-    pool = StagingPool(buffers=3, slots_per_buffer=2, expert_numel=10, device=CPU)
+def test_a_buffer_is_not_rewritten_before_its_layer_releases_it(stack):
+    routers, stacks = stack
+    pager = PagedMoEStack(routers, stacks, [["host"] * E] * LAYERS, K, 1, CPU).pager
+    pager.before_layer(0)  # issues layers 0 and 1 (buffers 0 and 1)
+    with pytest.raises(RuntimeError, match="still held by layer 0"):
+        pager.prefetch(2)  # buffer 0 again, before layer 0 released it
+    pager.after_layer(0)
+    pager.before_layer(1)
+    assert 2 in pager._pending
+
+
+def test_eager_order_exposes_a_rewrite_that_ignores_the_release(stack, monkeypatch):
+    """Eager CPU order: side work runs at launch, so issuing into a buffer whose layer has not
+    run yet corrupts that layer's result."""
+    routers, stacks = stack
+    x = torch.randn(5, H, dtype=torch.bfloat16)
+    paged = PagedMoEStack(routers, stacks, [["host"] * E] * LAYERS, K, 0, CPU, cpu_order="eager")
+    pager = paged.pager
+    real_before = pager.before_layer
+
+    def greedy_before(layer, stats=False):  # issue the next layer too early, skipping the holder check
+        weights = real_before(layer, stats)
+        if layer + 1 < LAYERS:
+            pager.pool.holder[pager.pool.buffer_of(layer + 1)] = None
+            pager.prefetch(layer + 1)
+        return weights
+
+    monkeypatch.setattr(pager, "before_layer", greedy_before)
+    monkeypatch.setattr(pager, "after_layer", lambda layer: pager.pool.holder.__setitem__(0, None))
+    assert not torch.equal(paged.forward(x), reference_forward(x, routers, stacks, K))
+
+
+def test_staged_experts_sit_in_vllm_layout_with_their_expert_ids(stack):
+    routers, stacks = stack
+    pager = PagedMoEStack(routers, stacks, MIXED, K, 1, CPU).pager
+    pager.before_layer(0)
+    weights = pager.wait(0)
+    resident, staged = weights.groups
+    assert resident.expert_ids == (0,) and staged.expert_ids == (2, 3, 1)  # host first, then compressed
+    assert staged.w13.shape == (3, 2 * I, H) and staged.w2.shape == (3, H, I)
+    w13, w2 = stacks[0]
+    for row, e in enumerate(staged.expert_ids):
+        assert torch.equal(staged.w13[row], w13[e]) and torch.equal(staged.w2[row], w2[e])
+
+
+def _plan(model_layers=LAYERS):
+    model = tiny_model(model_layers, E)
+    profile = Profile(model, tiny_gpu(1.0))
+    return profile, planner.optimize(profile, 720 * 1024, reserve_bytes=16 << 10, max_num_seqs=8)
+
+
+def test_experts_are_placed_as_the_plan_says_keyed_by_layer_index(stack):
+    routers, stacks = stack
+    profile, plan = _plan()
+    assert {t for lp in plan.layers for t in lp.tiers()} == {"resident", "compressed", "host"}
+    plan.layers.reverse()  # the plan's list order must not matter: layers are keyed by index
+    paged = PagedMoEStack.from_plan(plan, profile, routers, stacks, CPU)
+    assert paged.tiers() == [plan.layer(layer).tiers() for layer in profile.model.moe_layers]
+    assert paged.pool.buffers == plan.prefetch_depth + 1
+    assert paged.pool.slots == plan.slots_per_buffer and paged.pool.slots * paged.pool.buffers == plan.staging_slots
+
+
+def test_a_plan_for_another_model_or_gpu_is_refused(stack):
+    routers, stacks = stack
+    profile, plan = _plan()
+    with pytest.raises(ConfigError, match="made for model"):
+        PagedMoEStack.from_plan(plan, Profile(tiny_model(LAYERS, E, top_k=1), profile.hardware), routers, stacks, CPU)
+    with pytest.raises(ConfigError, match="made for GPU profile"):
+        PagedMoEStack.from_plan(plan, Profile(profile.model, tiny_gpu(2.0)), routers, stacks, CPU)
+    with pytest.raises(ConfigError, match="expected a planner.Plan"):
+        PagedMoEStack.from_plan({"layers": []}, profile, routers, stacks, CPU)
+
+
+def test_a_pool_smaller_than_the_most_paged_layer_is_refused(stack):
+    routers, stacks = stack
+    with pytest.raises(ConfigError, match="cannot hold the 4 paged experts"):
+        PagedMoEStack(routers, stacks, [["host"] * E] * LAYERS, K, 1, CPU, slots=3)
+
+
+def test_expert_weights_of_the_wrong_shape_are_refused(stack):
+    _, stacks = stack
+    with pytest.raises(ConfigError, match="expected w13"):
+        LayerTiers(stacks[0][0][:, :-1], stacks[0][1], ["host"] * E, ExpertLayout(H, I), CPU)
+
+
+def test_tensor_parallel_shards_the_intermediate_dimension():
+    layout = ExpertLayout(H, I, tensor_parallel=2)
+    assert layout.w13_shape == (I, H) and layout.w2_shape == (H, I // 2)
+    with pytest.raises(ConfigError, match="tensor_parallel"):
+        ExpertLayout(H, I, tensor_parallel=5)
+
+
+def test_staging_buffers_rotate_by_layer_and_do_not_overlap():
+    pool = StagingPool(buffers=3, slots=2, layout=ExpertLayout(4, 5), device=CPU)
     assert [pool.buffer_of(layer) for layer in range(7)] == [0, 1, 2, 0, 1, 2, 0]
-    starts = {pool.slot(b, j).data_ptr() for b in range(3) for j in range(2)}
-    assert len(starts) == 6 and pool.storage.numel() == 60
+    starts = {pool.buffer(b)[0].data_ptr() for b in range(3)} | {pool.buffer(b)[1].data_ptr() for b in range(3)}
+    assert len(starts) == 6 and pool.nbytes == 3 * 2 * 3 * 4 * 5 * 2
     with pytest.raises(IndexError):
-        pool.slot(0, 2)
+        pool.buffer(0, 3)
 
 
 def test_compressed_experts_keep_only_compressed_bytes(stack):
-    routers, experts = stack
-    paged = PagedMoEStack(routers, experts, [["compressed"] * E] * LAYERS, H, I, K, 1, CPU)
+    routers, stacks = stack
+    paged = PagedMoEStack(routers, stacks, [["compressed"] * E] * LAYERS, K, 1, CPU)
     used = paged.gpu_bytes
     assert used["resident"] == 0 and 0 < used["compressed"] < LAYERS * E * 3 * H * I * 2
     assert used["staging"] == 2 * E * 3 * H * I * 2
+
+
+def test_a_layer_never_prefetched_is_an_error(stack):
+    routers, stacks = stack
+    pager: ExpertPager = PagedMoEStack(routers, stacks, [["host"] * E] * LAYERS, K, 0, CPU).pager
+    pager.begin_step()
+    with pytest.raises(RuntimeError, match="never prefetched"):
+        pager.wait(1)

@@ -1,4 +1,6 @@
-"""The paging executor for real on a GPU: bit-exact against plain torch, under CUDA graphs too."""
+"""The paging executor for real on a GPU: bit-exact against plain torch, under CUDA graphs too.
+
+Four layers at depths 0-2, so staging buffers are reused within a step and across steps."""
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ from executor.moe_layer import random_stack_for, reference_forward
 from executor.paged_stack import PagedMoEStack
 
 pytestmark = pytest.mark.gpu
+LAYERS = 4
 
 TIER_MIXES = {
     "resident": lambda e: ["resident"] * e,
@@ -19,20 +22,20 @@ TIER_MIXES = {
 
 @pytest.fixture(scope="module")
 def qwen_like():
-    """Qwen3-30B-A3B's expert shape (2048 x 768, 128 experts), two layers."""
+    """Qwen3-30B-A3B's expert shape (2048 x 768, 128 experts), four layers."""
     spec = profiles.load_model("qwen3-30b-a3b")
-    routers, experts = random_stack_for(spec, layers=2, device="cuda")
-    return spec, routers, experts
+    routers, stacks = random_stack_for(spec, layers=LAYERS, device="cuda")
+    return spec, routers, stacks
 
 
 @pytest.mark.parametrize("mix", list(TIER_MIXES))
-@pytest.mark.parametrize("depth", [0, 1])
+@pytest.mark.parametrize("depth", [0, 1, 2])
 def test_paged_stack_equals_plain_torch_on_the_gpu(qwen_like, mix, depth):
-    spec, routers, experts = qwen_like
-    h, i, e, k = spec.hidden_size, spec.expert_intermediate_size, spec.num_experts, spec.experts_per_token
-    x = torch.randn(16, h, device="cuda", dtype=torch.bfloat16)
-    stack = PagedMoEStack(routers, experts, [TIER_MIXES[mix](e)] * 2, h, i, k, depth, "cuda")
-    expected = reference_forward(x, routers, experts, h, i, k)
+    spec, routers, stacks = qwen_like
+    e, k = spec.num_experts, spec.experts_per_token
+    x = torch.randn(16, spec.hidden_size, device="cuda", dtype=torch.bfloat16)
+    stack = PagedMoEStack(routers, stacks, [TIER_MIXES[mix](e)] * LAYERS, k, depth, "cuda")
+    expected = reference_forward(x, routers, stacks, k)
     for _ in range(3):  # slots reused across steps, side streams ordered by events only
         assert torch.equal(stack.forward(x), expected)
     out = stack.forward(x, stats=True)
@@ -42,17 +45,20 @@ def test_paged_stack_equals_plain_torch_on_the_gpu(qwen_like, mix, depth):
 
 
 @pytest.mark.parametrize("mix", ["host", "compressed", "mixed"])
-def test_a_decode_step_captures_in_a_cuda_graph(qwen_like, mix):
-    spec, routers, experts = qwen_like
-    h, i, e, k = spec.hidden_size, spec.expert_intermediate_size, spec.num_experts, spec.experts_per_token
-    x = torch.randn(8, h, device="cuda", dtype=torch.bfloat16)
-    stack = PagedMoEStack(routers, experts, [TIER_MIXES[mix](e)] * 2, h, i, k, 1, "cuda")
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_a_decode_step_captures_in_a_cuda_graph(qwen_like, mix, depth):
+    spec, routers, stacks = qwen_like
+    e, k = spec.num_experts, spec.experts_per_token
+    x = torch.randn(8, spec.hidden_size, device="cuda", dtype=torch.bfloat16)
+    stack = PagedMoEStack(routers, stacks, [TIER_MIXES[mix](e)] * LAYERS, k, depth, "cuda")
     stack.forward(x)  # compile kernels outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = stack.forward(x)
-    out.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, reference_forward(x, routers, experts, h, i, k))
+    expected = reference_forward(x, routers, stacks, k)
+    for _ in range(2):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expected)

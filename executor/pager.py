@@ -1,0 +1,234 @@
+"""The expert pager: brings each MoE layer's non-resident experts into the staging pool just
+before the layer runs, driven per layer by whoever owns the layer loop (vLLM or a harness).
+
+Per step and layer l, the owner of the loop calls
+    weights = pager.before_layer(l)   # issue layers l..l+depth, compute waits for layer l
+    ... run the layer's experts from `weights` ...
+    pager.after_layer(l)              # layer l's buffer is free once this point has run
+and `pager.end_step()` after the last layer. Work goes to side streams and is ordered by
+events only, so a step is CUDA-graph capturable. `LayerWeights` gives the layer's experts as
+stacked groups in vLLM's layout (the resident stack, and the staged slots) with the global
+expert id of each row, so a fused-MoE kernel can run on each group with an expert map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from executor.staging import StagingPool
+from executor.streams import CpuOrder, Streams
+from executor.tiers import ExpertLayout, LayerTiers
+from fluxmoe.errors import ConfigError
+from fluxmoe.names import Tier
+
+
+@dataclass(frozen=True)
+class ExpertGroup:
+    """Experts stacked as vLLM stacks them, and the global expert id of each row."""
+
+    w13: torch.Tensor  # [n, 2I/tp, H]
+    w2: torch.Tensor  # [n, H, I/tp]
+    expert_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """Where one layer's experts are while it runs: resident group, then staged group."""
+
+    groups: tuple[ExpertGroup, ...]
+    experts: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # (w13, w2) per global expert id
+
+    @classmethod
+    def of(cls, groups: list[ExpertGroup], num_experts: int) -> "LayerWeights":
+        views: list = [None] * num_experts
+        for g in groups:
+            for row, e in enumerate(g.expert_ids):
+                views[e] = (g.w13[row], g.w2[row])
+        return cls(tuple(g for g in groups if g.expert_ids), tuple(views))
+
+
+@dataclass
+class LayerStats:
+    """What one layer measured in the last step with stats on."""
+
+    wait_ms: float = 0.0  # compute waited for weights
+    h2d_bytes: int = 0
+    h2d_ms: float = 0.0
+    decode_bytes: int = 0  # bf16 output bytes
+    decode_ms: float = 0.0
+
+    @property
+    def h2d_gbps(self) -> float:
+        return self.h2d_bytes / self.h2d_ms / 1e6 if self.h2d_ms else 0.0
+
+    @property
+    def decode_gbps(self) -> float:
+        return self.decode_bytes / self.decode_ms / 1e6 if self.decode_ms else 0.0
+
+
+@dataclass
+class RuntimeStats:
+    """Runtime feedback the planner can read: per layer, waits and achieved bandwidths."""
+
+    layers: list[LayerStats] = field(default_factory=list)
+
+    @property
+    def total_wait_ms(self) -> float:
+        return sum(s.wait_ms for s in self.layers)
+
+    @property
+    def h2d_gbps(self) -> float:
+        ms = sum(s.h2d_ms for s in self.layers)
+        return sum(s.h2d_bytes for s in self.layers) / ms / 1e6 if ms else 0.0
+
+
+class ExpertPager:
+    """Pages the experts of a stack of MoE layers (indexed 0..L-1 in execution order)."""
+
+    def __init__(self, layers: list[LayerTiers], prefetch_depth: int, device: torch.device | str,
+                 slots: int | None = None, cpu_order: CpuOrder = "lazy"):
+        """slots: staging slots per buffer (a plan's staging_slots / (depth + 1)); None sizes
+        the pool to the most paged layer."""
+        if prefetch_depth < 0:
+            raise ConfigError(f"prefetch_depth: must be >= 0, got {prefetch_depth!r}")
+        self.device = torch.device(device)
+        self.layers, self.depth = layers, prefetch_depth
+        layout = layers[0].layout if layers else ExpertLayout(1, 1)
+        most = max((len(t.staged_ids) for t in layers), default=0)
+        slots = most if slots is None else slots
+        if slots < most:
+            raise ConfigError(f"staging slots: {slots} per buffer cannot hold the {most} paged experts of the "
+                              f"most paged layer")
+        self.paged = [bool(t.staged_ids) for t in layers]
+        self.pool = StagingPool(prefetch_depth + 1 if any(self.paged) else 1, slots if any(self.paged) else 0,
+                                layout, self.device)
+        self.streams = Streams(self.device, cpu_order)
+        # Every layer's weights sit in the same places every step: views made once, here.
+        self.weights = [self._layer_weights(i, t) for i, t in enumerate(layers)]
+        self.stats = RuntimeStats([LayerStats() for _ in layers])
+        self._pending: dict[int, tuple[list, dict]] = {}
+        self._waits: list = []
+        self._timed = False
+
+    def _layer_weights(self, index: int, tiers: LayerTiers) -> LayerWeights:
+        groups = [ExpertGroup(*tiers.resident, tuple(tiers.resident_ids))]
+        if tiers.staged_ids:
+            w13, w2 = self.pool.buffer(self.pool.buffer_of(index), len(tiers.staged_ids))
+            groups.append(ExpertGroup(w13, w2, tuple(tiers.staged_ids)))
+        return LayerWeights.of(groups, tiers.num_experts)
+
+    # ------------------------------------------------------------------ per layer
+    def begin_step(self, stats: bool = False) -> None:
+        """Fork the side streams from the compute stream; this also orders slot reuse across steps."""
+        self._timed, self._pending, self._waits = stats and self.streams.cuda, {}, [None] * len(self.layers)
+        if not any(self.paged):
+            return
+        s = self.streams
+        s.follow_caller()
+        start = s.record(s.compute)
+        for side in (s.copy, s.decode):
+            s.wait(side, start)
+        self.pool.released = [None] * self.pool.buffers
+        self.pool.holder = [None] * self.pool.buffers
+
+    def prefetch(self, layer: int) -> None:
+        """Start bringing layer `layer`'s paged experts into its buffer (once per step)."""
+        if not self.paged[layer] or layer in self._pending:
+            return
+        s, pool, tiers = self.streams, self.pool, self.layers[layer]
+        b = pool.buffer_of(layer)
+        if pool.holder[b] is not None:
+            raise RuntimeError(f"layer {layer} needs staging buffer {b}, still held by layer {pool.holder[b]}: "
+                               f"release it first")
+        pool.holder[b] = layer
+        for side in (s.copy, s.decode):
+            s.wait(side, pool.released[b])
+        marks = {"h2d": s.record(s.copy, True), "decode": s.record(s.decode, True)} if self._timed else {}
+        w13, w2 = pool.buffer(b)
+        events = []
+        if tiers.host_ids:
+            events.append(s.launch(s.copy, lambda: tiers.copy_host_into(w13, w2)))
+        if tiers.compressed_ids:
+            events.append(s.launch(s.decode, lambda: tiers.decode_compressed_into(w13, w2, s.decode)))
+        if self._timed:
+            marks["h2d_end"], marks["decode_end"] = s.record(s.copy, True), s.record(s.decode, True)
+            e = self.layout.expert_numel * 2
+            marks["bytes"] = (len(tiers.host_ids) * e, len(tiers.compressed_ids) * e)
+        self._pending[layer] = (events, marks)
+
+    def wait(self, layer: int) -> LayerWeights:
+        """The compute stream waits (on the device) until layer `layer`'s experts are in place."""
+        if self.paged[layer]:
+            if layer not in self._pending:
+                raise RuntimeError(f"layer {layer} was never prefetched this step")
+            s = self.streams
+            events, marks = self._pending[layer]
+            before = s.record(s.compute, True) if self._timed else None
+            for event in events:
+                s.wait(s.compute, event)
+            if self._timed:
+                self._waits[layer] = (before, s.record(s.compute, True), marks)
+        return self.weights[layer]
+
+    def release(self, layer: int) -> None:
+        """Layer `layer` has been issued on the compute stream: its buffer may be reused after it."""
+        if not self.paged[layer]:
+            return
+        b = self.pool.buffer_of(layer)
+        if self.pool.holder[b] != layer:
+            raise RuntimeError(f"layer {layer} releases staging buffer {b}, which it does not hold")
+        self.pool.released[b] = self.streams.record(self.streams.compute)
+        self.pool.holder[b] = None
+        self._pending.pop(layer, None)
+
+    def before_layer(self, layer: int, stats: bool = False) -> LayerWeights:
+        """Issue layers `layer`..`layer + depth` where their buffers are free, then wait for `layer`."""
+        if layer == 0:
+            self.begin_step(stats)
+        for ahead in range(layer, min(layer + self.depth + 1, len(self.layers))):
+            if self.paged[ahead] and ahead not in self._pending and self.pool.holder[self.pool.buffer_of(ahead)] is None:
+                self.prefetch(ahead)
+        return self.wait(layer)
+
+    def after_layer(self, layer: int) -> None:
+        self.release(layer)
+        if layer + self.depth + 1 < len(self.layers):
+            self.prefetch(layer + self.depth + 1)
+
+    def end_step(self) -> None:
+        """After the last layer: read stats if they were asked for (syncs), drop CPU leftovers."""
+        self.streams.drop_pending()
+        if not self._timed:
+            return
+        torch.cuda.synchronize(self.device)  # stats are read after the step, off the hot path
+        for layer_stats, timing in zip(self.stats.layers, self._waits):
+            if timing is None:  # nothing paged in this layer
+                layer_stats.wait_ms = 0.0
+                layer_stats.h2d_bytes = layer_stats.decode_bytes = 0
+                layer_stats.h2d_ms = layer_stats.decode_ms = 0.0
+                continue
+            before, after, marks = timing
+            layer_stats.wait_ms = before.elapsed_time(after)
+            layer_stats.h2d_bytes, layer_stats.decode_bytes = marks["bytes"]
+            layer_stats.h2d_ms = marks["h2d"].elapsed_time(marks["h2d_end"])
+            layer_stats.decode_ms = marks["decode"].elapsed_time(marks["decode_end"])
+
+    # ------------------------------------------------------------------ accounting
+    @property
+    def layout(self) -> ExpertLayout:
+        return self.pool.layout
+
+    @property
+    def gpu_bytes(self) -> dict[str, int]:
+        """GPU memory by use: resident and compressed experts, staging pool."""
+        out = {Tier.RESIDENT.value: 0, Tier.COMPRESSED.value: 0, "staging": self.pool.nbytes}
+        for tiers in self.layers:
+            for tier, n in tiers.gpu_bytes.items():
+                out[tier.value] += n
+        return out
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(t.host_bytes for t in self.layers)

@@ -1,0 +1,106 @@
+"""The one GPU memory model: every byte the planner, the simulator and the vLLM plugin count.
+
+A FluxMoE configuration holds on the GPU: the non-expert weights, its resident experts (bf16),
+its compressed experts (FXMC, `compressed_ratio` of bf16), a staging pool of
+`(depth + 1) x slots` experts, a reserve (activations, CUDA graphs, allocator slack) and the
+KV cache, which gets whatever is left. A baseline (plain vLLM, vLLM + CPU offload) holds its
+weights less what it offloads, the same reserve, and KV for the rest; vLLM admits requests by
+free KV up to its `max_num_seqs`, so that is the baselines' batch limit everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from fluxmoe.names import System
+from fluxmoe.units import GiB
+from planner.cost_model import TierCounts
+
+DEFAULT_RESERVE_BYTES = 1 * GiB
+VLLM_MAX_NUM_SEQS = 1024  # vLLM's default on large GPUs; KV decides admission below it
+
+
+@dataclass(frozen=True)
+class BaselineFootprint:
+    """How a baseline uses a budget: what it offloads, its KV cache and its batch limit."""
+
+    system: System
+    offload_bytes: int
+    kv_cache_bytes: int
+    max_num_seqs: int = VLLM_MAX_NUM_SEQS
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """GPU bytes of one model under one codec ratio and reserve."""
+
+    model: object  # profiles.ModelSpec
+    compressed_ratio: float
+    reserve_bytes: int = DEFAULT_RESERVE_BYTES
+
+    @classmethod
+    def of(cls, profile, reserve_bytes: int = DEFAULT_RESERVE_BYTES) -> "MemoryModel":
+        return cls(profile.model, profile.hardware.codec.compressed_ratio, reserve_bytes)
+
+    # ------------------------------------------------------------------ parts
+    @property
+    def expert_bytes(self) -> int:
+        return self.model.expert_bytes
+
+    @property
+    def compressed_expert_bytes(self) -> float:
+        return self.model.expert_bytes * self.compressed_ratio
+
+    @property
+    def fixed_bytes(self) -> int:
+        """Held whatever the placement: non-expert weights and the reserve."""
+        return self.model.non_expert_bytes + self.reserve_bytes
+
+    @property
+    def all_experts_bytes(self) -> int:
+        return self.model.total_experts * self.model.expert_bytes
+
+    def kv_per_sequence(self, context_tokens: int) -> int:
+        return self.model.kv_bytes_per_sequence(context_tokens)
+
+    def staging_bytes(self, depth: int, slots_per_buffer: int) -> int:
+        return (depth + 1) * slots_per_buffer * self.expert_bytes
+
+    def expert_gpu_bytes(self, tiers: Sequence[TierCounts]) -> float:
+        """Resident and compressed experts (compressed as the codec's mean ratio)."""
+        return sum(t.resident * self.expert_bytes + t.compressed * self.compressed_expert_bytes for t in tiers)
+
+    def host_bytes(self, tiers: Sequence[TierCounts]) -> int:
+        return sum(t.host for t in tiers) * self.expert_bytes
+
+    def placement_bytes(self, tiers: Sequence[TierCounts], depth: int) -> float:
+        """GPU bytes of a placement before KV: fixed part, experts and staging."""
+        slots = max((t.paged for t in tiers), default=0)
+        return self.fixed_bytes + self.expert_gpu_bytes(tiers) + self.staging_bytes(depth, slots)
+
+    def kv_left(self, budget: int, tiers: Sequence[TierCounts], depth: int) -> int:
+        """KV cache bytes a placement leaves in `budget` (negative: it does not fit)."""
+        return math.floor(budget - self.placement_bytes(tiers, depth))
+
+    def fits(self, budget: int, host_budget: int, tiers: Sequence[TierCounts], depth: int, kv_bytes: int) -> bool:
+        return self.kv_left(budget, tiers, depth) >= kv_bytes and self.host_bytes(tiers) <= host_budget
+
+    def least_expert_bytes(self, depth: int) -> int:
+        """No placement at this depth holds fewer expert bytes on the GPU (all on host, staged)."""
+        return min(self.model.total_experts, (depth + 1) * self.model.num_experts) * self.expert_bytes
+
+    # ------------------------------------------------------------------ baselines
+    def resident_kv(self, budget: int) -> int:
+        """Plain vLLM: KV left after every weight and the reserve (negative: it does not fit)."""
+        return budget - self.fixed_bytes - self.all_experts_bytes
+
+    def offload_for_kv(self, budget: int, kv_bytes: int) -> int:
+        """vLLM + CPU offload: expert bytes to offload to leave `kv_bytes` of KV."""
+        return max(0, self.fixed_bytes + self.all_experts_bytes + kv_bytes - budget)
+
+    def baseline(self, system: System, budget: int, offload_bytes: int = 0) -> BaselineFootprint:
+        """A baseline's footprint in `budget`: KV is what its weights leave."""
+        kv = self.resident_kv(budget) + (offload_bytes if system is System.VLLM_OFFLOAD else 0)
+        return BaselineFootprint(System(system), offload_bytes, kv)
