@@ -1,75 +1,359 @@
-"""The `fluxmoe` command: plan, simulate, profile and list what ships.
+"""The `fluxmoe` command: list what ships, plan, simulate, and profile a GPU.
 
-User errors (bad names, files, budgets) print one line to stderr and exit with status 2.
+User errors (bad names, files, budgets, options) print one line to stderr and exit with
+status 2, before any long work starts and without leaving half-written files.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
-from fluxmoe.errors import FluxMoEError
+from fluxmoe.errors import ConfigError, FluxMoEError, InfeasibleError
+from fluxmoe.names import System
+
+DEFAULT_WORKLOAD = "fixed:n=256,prompt=512,output=128"
 
 
+# ---------------------------------------------------------------------- checks before work
+def check_output(path: str | None, option: str, suffixes: tuple[str, ...]) -> Path | None:
+    """An output path that can be written: its folder exists, it is no folder, its suffix fits."""
+    if path is None:
+        return None
+    out = Path(path)
+    if out.is_dir():
+        raise ConfigError(f"{option} {path}: is a folder; give a file name")
+    if not out.parent.is_dir():
+        raise ConfigError(f"{option} {path}: folder {str(out.parent)!r} does not exist")
+    if out.suffix.lower() not in suffixes:
+        raise ConfigError(f"{option} {path}: expected a {' or '.join(suffixes)} file")
+    return out
+
+
+def positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def parse_sweep(spec: str, gpu_memory_bytes: int) -> list[int]:
+    """'budget=20GiB:140GiB:10GiB' -> budgets in bytes, every one checked before any is simulated."""
+    from fluxmoe.units import format_bytes, parse_bytes
+
+    key, _, rng = spec.partition("=")
+    if key != "budget":
+        raise ConfigError(f"--sweep: only 'budget=START:STOP:STEP' is supported, got {spec!r}")
+    parts = rng.split(":")
+    if len(parts) != 3:
+        raise ConfigError(f"--sweep {spec!r}: expected budget=START:STOP:STEP")
+    start, stop, step = (parse_bytes(x, "--sweep") for x in parts)
+    if step <= 0 or stop < start or start <= 0:
+        raise ConfigError(f"--sweep {spec!r}: need START > 0, STEP > 0 and STOP >= START")
+    if stop > gpu_memory_bytes:
+        raise ConfigError(f"--sweep {spec!r}: STOP {format_bytes(stop)} exceeds the GPU's "
+                          f"{format_bytes(gpu_memory_bytes)}")
+    budgets = list(range(start, stop + 1, step))
+    if len(budgets) > 200:
+        raise ConfigError(f"--sweep {spec!r}: {len(budgets)} budgets; at most 200 (take a larger STEP)")
+    return budgets
+
+
+def _workload(args):
+    from simulator.workload import parse_workload
+
+    if args.prompt_tokens is not None or args.output_tokens is not None:
+        if args.workload != DEFAULT_WORKLOAD:
+            raise ConfigError("give --workload or --prompt-tokens/--output-tokens, not both")
+        return parse_workload(f"fixed:n=256,prompt={args.prompt_tokens or 512},output={args.output_tokens or 128}")
+    return parse_workload(args.workload)
+
+
+def _planning_options(args) -> dict:
+    if args.tpot_ms is not None:
+        return dict(host_budget=args.host_budget, objective="throughput_under_latency", tpot_limit_s=args.tpot_ms / 1e3)
+    return dict(host_budget=args.host_budget)
+
+
+def make_plan(args, profile, workload):
+    """The one way both commands pick a plan: simulator-verified unless --no-verify."""
+    import planner
+    from simulator.compare import verified_optimize
+
+    if args.no_verify:
+        return planner.optimize(profile, args.budget, workload=workload.shape(), **_planning_options(args))
+    return verified_optimize(profile, args.budget, workload, top_k=args.top_k, **_planning_options(args))
+
+
+# ---------------------------------------------------------------------- commands
 def _cmd_profiles(args: argparse.Namespace) -> None:
     import profiles
+    from fluxmoe.units import format_bytes
 
-    print("models: " + ", ".join(profiles.list_models()))
-    print("gpus:   " + ", ".join(profiles.list_gpus()))
+    rows = []
+    for name in profiles.list_models():
+        m = profiles.load_model(name)
+        rows.append(dict(name=name, params_b=m.total_params / 1e9, bf16_bytes=m.total_bytes,
+                         experts=f"{m.num_moe_layers} x {m.num_experts}, top-{m.experts_per_token}",
+                         expert_bytes=m.expert_bytes))
+    gpus = []
+    for name in profiles.list_gpus():
+        g = profiles.load_gpu(name)
+        gpus.append(dict(name=name, memory_bytes=g.gpu_memory_bytes, provenance=g.provenance.kind,
+                         measured_on=f"{g.provenance.device} {g.provenance.date}".strip()))
+    if args.json:
+        print(json.dumps({"models": rows, "gpus": gpus}, indent=2))
+        return
+    print(f"models\n  {'name':<22} {'params':>9} {'bf16 size':>11}  {'MoE layers x experts':<24} {'per expert':>11}")
+    for r in rows:
+        print(f"  {r['name']:<22} {r['params_b']:>8.1f}B {format_bytes(r['bf16_bytes']):>11}  {r['experts']:<24} "
+              f"{format_bytes(r['expert_bytes']):>11}")
+    print(f"\ngpus\n  {'name':<22} {'memory':>11}  profile")
+    for g in gpus:
+        kind = f"measured ({g['measured_on']})" if g["provenance"] == "measured" else "datasheet"
+        print(f"  {g['name']:<22} {format_bytes(g['memory_bytes']):>11}  {kind}")
+    print("\n  '<gpu>xN' (e.g. a40x2) is N such GPUs in ideal tensor parallel; a path to a config.json or a "
+          "hardware profile JSON works too.")
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
-    import planner
     import profiles
     from fluxmoe.report import plan_table
 
+    out = check_output(args.out, "--out", (".json",))
     profile = profiles.load(args.model, gpu=args.gpu)
-    plan = planner.optimize(
-        profile, args.budget, workload=planner.WorkloadShape(args.prompt_tokens, args.output_tokens),
-        host_budget=args.host_budget, objective="throughput_under_latency" if args.tpot_ms else "throughput",
-        tpot_limit_s=args.tpot_ms / 1e3 if args.tpot_ms else None)
+    plan = make_plan(args, profile, _workload(args))
+    if out:
+        plan.save(out)
+    if args.json:
+        from fluxmoe.serde import to_dict
+
+        print(json.dumps(to_dict(plan), indent=2))
+        return
     print(plan_table(plan))
-    if args.out:
-        plan.save(args.out)
-        print(f"\nplan written to {args.out}")
+    if out:
+        print(f"\nplan written to {out}")
+
+
+def _result_row(system: System, result, vs: float | None) -> str:
+    if result is None:
+        return f"  {system.label:<20} {'does not fit the budget':>40}"
+    ratio = f"{vs / result.output_tokens_per_s:>9.2f}x" if vs else f"{'':>10}"
+    return (f"  {system.label:<20} {result.output_tokens_per_s:>12,.0f} {result.tokens_per_s:>11,.0f} "
+            f"{result.ttft_s.p50:>10.2f} {result.tpot_s.p50 * 1e3:>10.1f} {result.kv_utilization:>7.0%} "
+            f"{result.preemptions:>8} {result.pcie_busy:>7.0%} {ratio}")
+
+
+def _result_dict(result) -> dict | None:
+    if result is None:
+        return None
+    return dict(output_tokens_per_s=result.output_tokens_per_s, tokens_per_s=result.tokens_per_s,
+                ttft_p50_s=result.ttft_s.p50, ttft_p99_s=result.ttft_s.p99, tpot_p50_s=result.tpot_s.p50,
+                tpot_p99_s=result.tpot_s.p99, kv_utilization=result.kv_utilization, preemptions=result.preemptions,
+                pcie_busy=result.pcie_busy, mean_batch=result.mean_batch, makespan_s=result.makespan_s)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> None:
+    import planner
+    import profiles
+    from fluxmoe.report import plan_table
+    from fluxmoe.serde import to_dict
+    from fluxmoe.units import GiB
+    from simulator.compare import baseline_config, simulate_systems
+
+    given = [name for name, v in (("--budget", args.budget), ("--plan", args.plan), ("--sweep", args.sweep)) if v]
+    if len(given) != 1:
+        raise ConfigError("give exactly one of --budget (make a plan), --plan plan.json (simulate it) or --sweep "
+                          f"(what-if over budgets); got {', '.join(given) or 'none'}")
+    plot = check_output(args.plot, "--plot", (".png",))
+    timeline = check_output(args.timeline, "--timeline", (".csv",))
+    save_plan = check_output(args.save_plan, "--save-plan", (".json",))
+    if args.sweep and (timeline or save_plan):
+        raise ConfigError("--timeline and --save-plan are for one budget, not a --sweep")
+    profile = profiles.load(args.model, gpu=args.gpu)
+    workload = _workload(args)
+    systems = tuple(System) if args.baselines else (System.FLUXMOE,)
+    say = (lambda *a, **k: None) if args.json else print
+    say(f"workload: {workload.name} (mean {workload.mean_prompt_tokens:.0f} in / "
+        f"{workload.mean_output_tokens:.0f} out)")
+    if args.sweep:
+        _sweep(args, profile, workload, systems, plot, say)
+        return
+    if args.plan:
+        plan = planner.Plan.load(args.plan)
+        plan.check_matches(profile)
+    else:
+        plan = make_plan(args, profile, workload)
+    if save_plan:
+        plan.save(save_plan)
+    from tqdm import tqdm
+
+    runnable = [s for s in systems if s is System.FLUXMOE or baseline_config(plan, s) is not None]
+    with tqdm(total=len(workload) * len(runnable), desc="simulating", unit="req", disable=args.json) as bar:
+        results = simulate_systems(profile, plan, workload, systems, progress=bar.update,
+                                   keep_timeline=bool(plot or timeline))
+    ours = results[System.FLUXMOE]
+    if args.json:
+        print(json.dumps({"plan": to_dict(plan), "workload": workload.name,
+                          "results": {s.value: _result_dict(r) for s, r in results.items()}}, indent=2))
+    else:
+        print("\n" + plan_table(plan) + "\n")
+        print(f"simulated: {profile.model.name} on {profile.hardware.name}, budget "
+              f"{plan.budget_bytes / GiB:.2f} GiB, {workload.name}\n"
+              f"  {'system':<20} {'output tok/s':>12} {'total tok/s':>11} {'TTFT p50 s':>10} {'TPOT p50 ms':>10} "
+              f"{'KV used':>7} {'preempt':>8} {'PCIe busy':>7} {'FluxMoE / it':>10}")
+        for system, result in results.items():
+            print(_result_row(system, result, None if system is System.FLUXMOE else ours.output_tokens_per_s))
+    if timeline:
+        from simulator.plots import write_timeline
+
+        write_timeline(ours, timeline)
+        say(f"timeline written to {timeline}")
+    if plot:
+        from simulator.plots import plot_timeline
+
+        kv = {System.FLUXMOE: plan.kv_cache_bytes, **{System(b.name): b.kv_cache_bytes for b in plan.baselines}}
+        plot_timeline([(s, r, kv[s]) for s, r in results.items() if r is not None], plot)
+        say(f"plot written to {plot}")
+    if save_plan:
+        say(f"plan written to {save_plan}")
+
+
+def _sweep(args, profile, workload, systems, plot, say) -> None:
+    from tqdm import tqdm
+
+    from fluxmoe.units import GiB
+    from simulator.compare import simulate_systems
+
+    budgets = parse_sweep(args.sweep, profile.hardware.gpu_memory_bytes)
+    rows = []
+    for budget in tqdm(budgets, desc="sweep", unit="budget", disable=args.json):
+        args.budget = budget
+        row = {"budget_gib": budget / GiB, **{s.value: None for s in systems}, "note": ""}
+        try:
+            plan = make_plan(args, profile, workload)
+            results = simulate_systems(profile, plan, workload, systems, keep_timeline=False)
+            row.update({s.value: (r.output_tokens_per_s if r else None) for s, r in results.items()})
+        except InfeasibleError:
+            row["note"] = "no plan fits"
+        except FluxMoEError as e:  # keep the other budgets' results
+            row["note"] = str(e)
+        rows.append(row)
+    if args.json:
+        print(json.dumps({"workload": workload.name, "output_tokens_per_s": rows}, indent=2))
+    else:
+        print("\noutput tokens/s (simulated)\n  budget GiB " + "".join(f"{s.label:>20}" for s in systems))
+        for r in rows:
+            print(f"  {r['budget_gib']:>10.2f} " + "".join(
+                f"{r[s.value]:>20,.0f}" if r[s.value] else f"{'-':>20}" for s in systems)
+                + (f"   {r['note']}" if r["note"] else ""))
+    if plot:
+        from simulator.plots import plot_sweep
+
+        plot_sweep(rows, plot, f"{profile.model.name} on {profile.hardware.name}: {workload.name}")
+        say(f"\nplot written to {plot}")
+
+
+def _cmd_profile(args: argparse.Namespace) -> None:
+    from profiles.profiler import run
+
+    out = check_output(args.out, "--out", (".json",))
+    print(f"written {run(args.gpu_name, out)}")
+
+
+# ---------------------------------------------------------------------- parser
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _planning_arguments(p: argparse.ArgumentParser) -> None:
+    from simulator.workload import WORKLOAD_HELP
+
+    p.add_argument("--model", required=True, help="shipped model name (see `fluxmoe profiles`) or path to a HF "
+                                                   "config.json")
+    p.add_argument("--gpu", default="h200", help="shipped GPU name, '<gpu>xN' for N in tensor parallel, or a "
+                                                 "hardware profile JSON")
+    p.add_argument("--host-budget", default=None, help="pinned host memory for experts, e.g. 100GiB "
+                                                       "(default: the GPU profile's)")
+    p.add_argument("--workload", default=DEFAULT_WORKLOAD, help=f"requests to plan for and simulate: {WORKLOAD_HELP}")
+    p.add_argument("--prompt-tokens", type=positive(int), default=None,
+                   help="shortcut for --workload fixed:n=256,prompt=P,output=O")
+    p.add_argument("--output-tokens", type=positive(int), default=None, help="see --prompt-tokens")
+    p.add_argument("--tpot-ms", type=positive(float), default=None,
+                   help="per-token latency limit in ms: the best throughput under it")
+    p.add_argument("--top-k", type=positive(int), default=3, help="planner candidates the simulator checks; the "
+                                                                  "best simulated wins")
+    p.add_argument("--no-verify", action="store_true", help="take the planner's closed-form best without "
+                                                             "simulating candidates")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fluxmoe", description="Serve MoE models on GPUs with too little memory.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from importlib import metadata
 
-    sub.add_parser("profiles", help="list shipped models and GPUs").set_defaults(func=_cmd_profiles)
+    try:
+        version = metadata.version("fluxmoe")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    parser = argparse.ArgumentParser(prog="fluxmoe", description="Serve MoE models on GPUs with too little memory: "
+                                                                  "plan expert tiers, simulate, profile.")
+    parser.add_argument("--version", action="version", version=f"fluxmoe {version}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    plan = sub.add_parser("plan", help="choose expert tiers, KV and batch for a GPU memory budget")
-    plan.add_argument("--model", required=True, help="shipped model name or path to a HF config.json")
-    plan.add_argument("--gpu", default="h200", help="shipped GPU name or path to a hardware profile JSON")
-    plan.add_argument("--budget", required=True, help="GPU memory budget, e.g. 46GiB")
-    plan.add_argument("--host-budget", default=None, help="pinned host memory for experts (default: the profile's)")
-    plan.add_argument("--prompt-tokens", type=int, default=512, help="mean prompt length of the workload")
-    plan.add_argument("--output-tokens", type=int, default=128, help="mean output length of the workload")
-    plan.add_argument("--tpot-ms", type=float, default=None, help="per-token latency bound (ms); maximize throughput under it")
-    plan.add_argument("--out", default=None, help="write the plan as JSON here")
-    plan.set_defaults(func=_cmd_plan)
+    p = sub.add_parser("profiles", help="list shipped models and GPU profiles", formatter_class=_Help,
+                       description="Shipped models (sizes, experts) and GPU profiles (measured or datasheet).")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=_cmd_profiles)
 
-    from simulator.cli import register as register_simulate
+    p = sub.add_parser("plan", help="choose expert tiers, KV and batch for a GPU memory budget",
+                       formatter_class=_Help,
+                       description="Choose which experts stay resident, compressed or on the host, the prefetch "
+                                   "depth, KV cache and batch size for a GPU memory budget. By default the "
+                                   "planner's best candidates are simulated on the workload and the best simulated "
+                                   "wins (the same plan `fluxmoe simulate` runs).")
+    p.add_argument("--budget", required=True, help="GPU memory budget, e.g. 46GiB")
+    _planning_arguments(p)
+    p.add_argument("--out", default=None, help="write the plan as JSON here")
+    p.set_defaults(func=_cmd_plan)
 
-    register_simulate(sub)
-    # Listed for --help; main() hands its arguments to the profiler's own parser.
-    sub.add_parser("profile", help="measure this GPU into profiles/gpus/<name>-measured.json (needs CUDA)")
+    p = sub.add_parser("simulate", help="simulate a plan against vLLM baselines on a workload, or sweep budgets",
+                       formatter_class=_Help,
+                       description="Replay a workload against a FluxMoE plan (made for --budget, or read from "
+                                   "--plan) and, with --baselines, against plain vLLM and vLLM + CPU offload in "
+                                   "the same budget; or --sweep budgets for a what-if study.")
+    p.add_argument("--budget", default=None, help="GPU memory budget for a new plan, e.g. 46GiB")
+    p.add_argument("--plan", default=None, help="simulate this plan JSON instead of making one")
+    p.add_argument("--sweep", default=None, help="what-if over budgets: budget=START:STOP:STEP, e.g. "
+                                                 "budget=40GiB:120GiB:20GiB")
+    _planning_arguments(p)
+    p.add_argument("--baselines", action="store_true", help="also simulate plain vLLM and vLLM + CPU offload")
+    p.add_argument("--plot", default=None, help="write a PNG: throughput against budget (--sweep), or each "
+                                                "system's step timeline")
+    p.add_argument("--timeline", default=None, help="write FluxMoE's per-step timeline as CSV")
+    p.add_argument("--save-plan", default=None, help="write the plan that was simulated as JSON")
+    p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser("profile", help="measure this GPU into a hardware profile (needs CUDA)", formatter_class=_Help,
+                       description="Measure PCIe curves, HBM copy and matmul rates, the codec and expert FFN times "
+                                   "of this GPU into profiles/gpus/<name>-measured.json, which the planner and "
+                                   "simulator then use by default.")
+    p.add_argument("--gpu-name", required=True, help="profile name, e.g. h200 (the datasheet one fills gaps)")
+    p.add_argument("--out", default=None, help="where to write (default profiles/gpus/<name>-measured.json)")
+    p.set_defaults(func=_cmd_profile)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["profile"]:
-        from profiles.profiler import main as profile_main
-
-        try:
-            return profile_main(argv[1:])
-        except FluxMoEError as e:
-            print(f"fluxmoe profile: error: {e}", file=sys.stderr)
-            return 2
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         args.func(args)
     except FluxMoEError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from itertools import groupby
 
 from fluxmoe.units import format_bytes
+from fluxmoe.names import System
 from planner.plan import Plan
 
 
@@ -41,18 +42,41 @@ def plan_table(plan: Plan) -> str:
         f"    reserve              {format_bytes(mem.reserve_bytes):>12}",
         f"  host (pinned) experts  {format_bytes(mem.host_expert_bytes):>12}",
         "",
-        "  predicted           batch   step ms   output tok/s   total tok/s   vs FluxMoE",
+        "  closed-form prediction  batch   step ms   output tok/s   total tok/s   FluxMoE / it",
     ]
     ours = plan.predicted.output_tokens_per_s
-    entries = [("FluxMoE", plan.predicted)] + [
-        ({"vllm": "vLLM", "vllm_offload": "vLLM + CPU offload"}.get(b.name, b.name), b.prediction)
-        for b in plan.baselines]
-    for label, pred in entries:
+    entries = [(System.FLUXMOE, plan.predicted)] + [(System(b.name), b.prediction) for b in plan.baselines]
+    for system, pred in entries:
         if pred is None:
-            lines.append(f"  {label:<18}  {'does not fit':>44}")
+            lines.append(f"  {system.label:<22}  {'does not fit the budget':>44}")
             continue
         ratio = ours / pred.output_tokens_per_s if pred.output_tokens_per_s else float("inf")
-        lines.append(f"  {label:<18} {pred.batch_size:>6} {pred.step_time_s * 1e3:>9.1f} "
-                     f"{pred.output_tokens_per_s:>14.0f} {pred.tokens_per_s:>13.0f}   {ratio:>8.2f}x")
+        lines.append(f"  {system.label:<22} {pred.batch_size:>6} {pred.step_time_s * 1e3:>9.1f} "
+                     f"{pred.output_tokens_per_s:>14.0f} {pred.tokens_per_s:>13.0f}   {ratio:>11.2f}x")
+    if plan.simulated:
+        lines += ["", *simulated_lines(plan)]
     lines += ["", f"  solver: {plan.solver_status}, {plan.candidates_solved} MILPs, {plan.solve_time_s:.2f} s"]
     return "\n".join(lines)
+
+
+def simulated_lines(plan: Plan) -> list[str]:
+    """The simulated figure beside the closed form, and why they differ where they do."""
+    sim, pred = plan.simulated, plan.predicted
+    diff = sim.output_tokens_per_s / pred.output_tokens_per_s - 1
+    lines = [f"  simulated on {sim.workload} (best of {sim.candidates_simulated} candidates): "
+             f"{sim.output_tokens_per_s:,.0f} output tok/s ({diff:+.0%} against the closed form), TTFT p50 "
+             f"{sim.ttft_p50_s:.2f} s, TPOT p50 {sim.tpot_p50_s * 1e3:.1f} ms"]
+    if abs(diff) > 0.05:
+        reasons = []
+        if sim.mean_batch < 0.9 * pred.batch_size:
+            reasons.append(f"the workload keeps {sim.mean_batch:.0f} sequences per step on average, not the "
+                           f"plan's {pred.batch_size} (ramp-up, tail, prefill chunks)")
+        if sim.preemptions:
+            reasons.append(f"the KV cache ran out {sim.preemptions} times (preemptions)")
+        if sim.pcie_busy > 0.9:
+            reasons.append(f"the PCIe link binds (busy {sim.pcie_busy:.0%} of the time)")
+        elif sim.gpu_busy > 0.9:
+            reasons.append(f"the GPU binds (busy {sim.gpu_busy:.0%} of the time)")
+        lines.append("  they differ by more than 5%: " + ("; ".join(reasons) or
+                                                          "prefill and decode mix differently from the steady state"))
+    return lines

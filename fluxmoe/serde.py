@@ -47,10 +47,14 @@ def dump_json(obj: Any, path: str | Path) -> None:
 def load_json(cls: type[T], path: str | Path) -> T:
     """Read and validate a dataclass from a JSON file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a JSON file")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: a binary file, not JSON") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     return from_dict(cls, data, source=str(path))

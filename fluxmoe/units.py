@@ -37,3 +37,13 @@ def format_bytes(n: float) -> str:
     if abs(n) >= 2**10:
         return f"{n / 2**10:.2f} KiB"
     return f"{n:.0f} B"
+
+
+def format_bytes_up(n: float) -> str:
+    """Like format_bytes, rounded up at the last digit shown: a minimum that, as printed, still works."""
+    import math
+
+    for unit, size in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{math.ceil(n / size * 100 - 1e-9) / 100:.2f} {unit}"
+    return f"{math.ceil(n):.0f} B"

@@ -145,6 +145,7 @@ class SimulatedFigures:
     pcie_busy: float = 0.0  # shares of the makespan
     gpu_busy: float = 0.0
     stall_s: float = 0.0
+    mean_batch: float = 0.0  # sequences per step
 
 
 @dataclass

@@ -19,7 +19,7 @@ import pulp
 
 from fluxmoe.errors import ConfigError, InfeasibleError
 from fluxmoe.names import System
-from fluxmoe.units import format_bytes, parse_bytes
+from fluxmoe.units import format_bytes, format_bytes_up, parse_bytes
 from planner.cost_model import BATCH_GRID, CostModel, StepShape, TierCounts
 from planner.memory import DEFAULT_RESERVE_BYTES, VLLM_MAX_NUM_SEQS, MemoryModel
 from planner.plan import (BaselinePrediction, LayerPlan, MemoryBreakdown, Plan, PlanInputs, Prediction,
@@ -194,14 +194,45 @@ class _Problem:
         return Candidate(batch, depth, tiers, self.cost.step_time(tiers, step, depth).total_s,
                          max(t.paged for t in tiers), status)
 
-    def smallest_budget(self, depth: int) -> int:
-        """The least GPU memory any plan needs: one sequence at the shallowest depth, least memory."""
-        all_resident = self.mem.fixed_bytes + self.kv_per_seq + self.mem.all_experts_bytes
+    def smallest_budget(self, depth: int) -> tuple[int, list[TierCounts]]:
+        """The least GPU memory any plan needs (one sequence at the shallowest depth), and its placement."""
+        E = self.model.num_experts
+        all_resident = [TierCounts(E, 0, 0)] * self.model.num_moe_layers
         solved = self._build(1, depth, integer=True, minimize_memory=True)
-        if solved is None:
-            return all_resident
-        tiers = [TierCounts(*(round(v) for v in x)) for x in solved[1]]
-        return math.ceil(min(all_resident, self.memory_bytes(tiers, depth, 1)))
+        tiers = all_resident if solved is None else [TierCounts(*(round(v) for v in x)) for x in solved[1]]
+        if self.memory_bytes(all_resident, depth, 1) <= self.memory_bytes(tiers, depth, 1):
+            tiers = all_resident
+        return math.ceil(self.memory_bytes(tiers, depth, 1)), tiers
+
+    def infeasible(self, depth: int) -> InfeasibleError:
+        """Why nothing fits, with the smallest budget that works and its parts (which add up)."""
+        m, mem, hw = self.model, self.mem, self.profile.hardware
+        if self.tpot_limit_s is not None:
+            fastest = self.cost.resident_step_time(self.step(1)).total_s
+            if fastest > self.tpot_limit_s:
+                return InfeasibleError(
+                    f"no plan for {m.name} on {hw.name} meets a per-token limit of {self.tpot_limit_s * 1e3:g} ms at "
+                    f"any budget: one sequence with every expert resident already takes {fastest * 1e3:.2f} ms "
+                    f"per token")
+        smallest, tiers = self.smallest_budget(depth)
+        slots = max(t.paged for t in tiers)
+        resident = sum(t.resident for t in tiers) * m.expert_bytes
+        compressed = sum(t.compressed for t in tiers) * mem.compressed_expert_bytes
+        parts = [("non-expert weights", m.non_expert_bytes), ("resident experts", resident),
+                 ("compressed experts", compressed), ("staging pool", mem.staging_bytes(depth, slots)),
+                 ("one sequence's KV", self.kv_per_seq), ("reserve", self.reserve)]
+        why = ""
+        if mem.host_bytes(tiers) + m.expert_bytes > self.host_budget:
+            why = (f" (the host budget of {format_bytes(self.host_budget)} holds only "
+                   f"{self.host_budget // m.expert_bytes} experts, so the rest stay on the GPU)")
+        limit = f" under a per-token limit of {self.tpot_limit_s * 1e3:g} ms" if self.tpot_limit_s else ""
+        if smallest <= self.budget:
+            return InfeasibleError(f"no plan for {m.name} on {hw.name} fits a budget of {format_bytes(self.budget)}"
+                                   f"{limit}: the smallest placement fits but none meets the limit")
+        return InfeasibleError(
+            f"no plan for {m.name} on {hw.name} fits a budget of {format_bytes(self.budget)}{limit}; the smallest "
+            f"budget that works is {format_bytes_up(smallest)}: "
+            + " + ".join(f"{name} {format_bytes(n)}" for name, n in parts if n) + why)
 
 
 def _resident_fits(p: _Problem, batch: int) -> bool:
@@ -351,13 +382,7 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
             kept.sort(key=lambda c: -rate(c))
             del kept[top_k:]
     if not kept:
-        smallest = p.smallest_budget(min(prefetch_depths))
-        raise InfeasibleError(
-            f"no plan for {m.name} on {hw.name} fits a budget of {format_bytes(budget_bytes)}"
-            + (f" under a per-token limit of {limit * 1e3:.1f} ms" if limit else "")
-            + f"; the smallest budget that works is {format_bytes(smallest)} (non-expert weights "
-            f"{format_bytes(m.non_expert_bytes)} + staging pool + one sequence's KV "
-            f"{format_bytes(p.kv_per_seq)} + reserve {format_bytes(reserve)})")
+        raise p.infeasible(min(prefetch_depths))
     elapsed = time.perf_counter() - started
     inputs = PlanInputs.record(reserve_bytes=reserve, max_num_seqs=max_num_seqs, prefetch_depths=list(prefetch_depths),
                                mip_gap=mip_gap, milp_node_limit=MILP_NODE_LIMIT)

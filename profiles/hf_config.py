@@ -6,6 +6,8 @@ out (projections, norms, biases), so totals match published parameter counts.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -195,7 +197,9 @@ def read_config(config: str | Path | dict[str, Any]) -> tuple[dict[str, Any], st
 
 
 def spec_from_hf_config(config: str | Path | dict[str, Any], name: str | None = None):
-    """Build a ModelSpec from a HF config; the name defaults to the file's folder or model_type."""
+    """Build a ModelSpec from a HF config. The name defaults to the config's `_name_or_path`
+    (its last part), else the model family and size, e.g. "mixtral-46.7b": a folder name is
+    often a cache hash or "snapshots", and says nothing about the model."""
     from profiles.model_spec import ModelSpec
 
     data, source = read_config(config)
@@ -206,9 +210,11 @@ def spec_from_hf_config(config: str | Path | dict[str, Any], name: str | None = 
         raise ConfigError(f"{source}: field 'model_type': {model_type!r} is not a supported MoE family "
                           f"(supported: {', '.join(FAMILIES)})")
     fields = _READERS[model_type](_Config(data, source))
-    if name is None:
-        name = data.get("_name_or_path") or (Path(source).parent.name if source != "<config dict>" else model_type)
+    named = name or str(data.get("_name_or_path") or "").rstrip("/").split("/")[-1]
     try:
-        return ModelSpec(name=str(name), **fields)
+        spec = ModelSpec(name=named or model_type, **fields)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+    if not named:
+        spec = dataclasses.replace(spec, name=f"{model_type}-{spec.total_params / 1e9:.1f}b")
+    return spec

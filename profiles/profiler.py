@@ -18,14 +18,13 @@ here; see the profile's provenance.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fluxmoe.errors import FluxMoEError
+from fluxmoe.errors import ConfigError, FluxMoEError
 from fluxmoe.serde import dump_json
 from profiles.hardware import CodecRates, Curve, HardwareProfile, Provenance
 from profiles.registry import GPUS_DIR, list_models, load_gpu, load_model
@@ -168,25 +167,22 @@ def shipped_expert_shapes() -> list[tuple[int, int, int]]:
     return sorted((h, i, e) for (h, i), e in shapes.items())
 
 
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - needs a GPU
-    parser = argparse.ArgumentParser(prog="fluxmoe profile", description="measure this GPU into a hardware profile")
-    parser.add_argument("--gpu-name", required=True, help="profile name, e.g. h200 (the datasheet one fills gaps)")
-    parser.add_argument("--out", default=None, help="where to write (default profiles/gpus/<name>-measured.json)")
-    args = parser.parse_args(argv)
+def run(gpu_name: str, out: str | Path | None = None) -> Path:  # pragma: no cover - needs a GPU
+    """Measure this GPU into a hardware profile named `gpu_name`; the datasheet profile of that
+    name, if we ship one, fills what is not measured. Returns the file written."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("fluxmoe profile measures a CUDA GPU, and none is visible here")
     m = measure(shipped_expert_shapes())
     try:
-        base = load_gpu(args.gpu_name, measured=False)
+        base = load_gpu(gpu_name, measured=False)
     except FluxMoEError:
         base = None
-    profile = build_profile(args.gpu_name, m, base)
-    out = Path(args.out or GPUS_DIR / f"{args.gpu_name}-measured.json")
-    dump_json(profile, out)
+    profile = build_profile(gpu_name, m, base)
+    path = Path(out or GPUS_DIR / f"{gpu_name}-measured.json")
+    dump_json(profile, path)
     print(f"\n{m.device}: H2D {max(m.h2d_gbps.values()):.1f} GB/s, D2H {max(m.d2h_gbps.values()):.1f} GB/s, "
           f"D2D copy {m.copy_gbps:.0f} GB/s, bf16 matmul {m.matmul_tflops:.0f} TFLOP/s, codec decode "
           f"{m.codec_decode_gbps:.0f} GB/s at ratio {m.codec_ratio:.3f}; {len(m.expert_ffn_s)} expert shapes")
-    print(f"written {out}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    return path

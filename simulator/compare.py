@@ -66,5 +66,6 @@ def verified_optimize(profile: Profile, budget: int | str, workload: Workload, *
     _, plan, result = best
     figures = SimulatedFigures(workload.name, result.output_tokens_per_s, result.tokens_per_s, result.ttft_s.p50,
                                result.tpot_s.p50, result.preemptions, len(candidates),
-                               pcie_busy=result.pcie_busy, gpu_busy=result.gpu_busy, stall_s=result.stall_s)
+                               pcie_busy=result.pcie_busy, gpu_busy=result.gpu_busy, stall_s=result.stall_s,
+                               mean_batch=result.mean_batch)
     return replace(plan, simulated=figures)

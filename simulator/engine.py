@@ -68,6 +68,7 @@ class SimulationResult:
     stall_s: float
     mean_in_system: float  # time-averaged number of requests in the system (Little's L)
     steps: int
+    mean_batch: float  # sequences per step, averaged over steps
     timeline: list[StepRecord] = field(default_factory=list, repr=False)
     sequences: list[Sequence] = field(default_factory=list, repr=False)
 
@@ -117,7 +118,7 @@ def simulate(profile: Profile, workload: Workload, *, plan: Plan | None = None, 
     timeline: list[StepRecord] = []
     finished: list[Sequence] = []
     arrived = env.event()
-    stats = {"kv_area": 0.0, "in_system_area": 0.0, "in_system": 0, "last": 0.0}
+    stats = {"kv_area": 0.0, "in_system_area": 0.0, "in_system": 0, "last": 0.0, "steps": 0, "sequences": 0}
 
     def account(now: float) -> None:
         dt = now - stats["last"]
@@ -151,6 +152,8 @@ def simulate(profile: Profile, workload: Workload, *, plan: Plan | None = None, 
             yield env.process(execution.run_step(shape))
             account(env.now)
             prefill = sum(n for seq, n in step.work if n > 1)
+            stats["steps"] += 1
+            stats["sequences"] += len(step.work)
             if keep_timeline:
                 timeline.append(StepRecord(start, env.now, step.tokens, len(step.work), prefill, scheduler.used))
             done = scheduler.complete(step, env.now)
@@ -174,4 +177,5 @@ def simulate(profile: Profile, workload: Workload, *, plan: Plan | None = None, 
         kv_utilization=stats["kv_area"] / (env.now * kv_cache_bytes) if env.now else 0.0,
         preemptions=scheduler.preemptions, pcie_busy=busy.link_s / makespan, decode_busy=busy.decode_s / makespan,
         gpu_busy=busy.gpu_s / makespan, stall_s=busy.stall_s, mean_in_system=stats["in_system_area"] / env.now,
-        steps=len(timeline), timeline=timeline, sequences=finished)
+        steps=stats["steps"], mean_batch=stats["sequences"] / max(1, stats["steps"]), timeline=timeline,
+        sequences=finished)

@@ -1,6 +1,7 @@
 """The planner: optimal under its own cost model, monotone in budget, never over budget."""
 
 import itertools
+import re
 import math
 
 import pytest
@@ -106,9 +107,11 @@ def test_infeasible_budget_names_the_smallest_that_works(tiny_profile):
         except InfeasibleError:
             lo = mid
     said = str(info.value)
-    from fluxmoe.units import format_bytes
+    from fluxmoe.units import format_bytes_up, parse_bytes
 
-    assert f"smallest budget that works is {format_bytes(hi)}" in said
+    assert f"smallest budget that works is {format_bytes_up(hi)}" in said
+    printed = re.search(r"smallest budget that works is ([0-9.]+ [KMG]?i?B)", said).group(1)
+    planner.optimize(tiny_profile, parse_bytes(printed.replace(" ", "")), reserve_bytes=RESERVE, max_num_seqs=1)
 
 
 def test_budget_above_gpu_memory_is_refused(tiny_profile):
