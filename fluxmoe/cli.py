@@ -275,6 +275,13 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad options are one line too (`--help` shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _planning_arguments(p: argparse.ArgumentParser) -> None:
     from simulator.workload import WORKLOAD_HELP
 
@@ -304,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         version = metadata.version("fluxmoe")
     except metadata.PackageNotFoundError:
         version = "unknown"
-    parser = argparse.ArgumentParser(prog="fluxmoe", description="Serve MoE models on GPUs with too little memory: "
+    parser = _Parser(prog="fluxmoe", description="Serve MoE models on GPUs with too little memory: "
                                                                   "plan expert tiers, simulate, profile.")
     parser.add_argument("--version", action="version", version=f"fluxmoe {version}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

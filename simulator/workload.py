@@ -133,7 +133,7 @@ class Workload:
             try:
                 requests = cls._read_trace(handle, path, limit, time_scale, offline)
             except (UnicodeDecodeError, csv.Error) as e:
-                raise ConfigError(f"{path}: not a text CSV trace ({type(e).__name__})") from None
+                raise ConfigError(f"{path}: not a text CSV trace (a binary file?): {type(e).__name__}") from None
         if not requests:
             raise ConfigError(f"{path}: no requests in the trace")
         return cls(f"trace {path.name} n={len(requests)}" + (" offline" if offline else ""), requests)

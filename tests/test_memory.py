@@ -1,0 +1,65 @@
+"""The one memory model against hand sums, and baselines that do not move with FluxMoE's options."""
+
+import math
+
+import pytest
+
+import planner
+import profiles
+from fluxmoe.names import System
+from planner.cost_model import TierCounts
+from planner.memory import VLLM_MAX_NUM_SEQS, MemoryModel
+from profiles import Profile
+from tests.conftest import tiny_gpu, tiny_model
+
+RESERVE = 16 << 10
+
+
+def test_placement_bytes_by_hand():
+    model = tiny_model(2, 4)  # experts of 3 x 64 x 128 bf16 = 49,152 bytes
+    mem = MemoryModel(model, compressed_ratio=0.7, reserve_bytes=RESERVE)
+    eb = 3 * 64 * 128 * 2
+    assert mem.expert_bytes == eb
+    tiers = [TierCounts(1, 2, 1), TierCounts(0, 1, 3)]
+    # fixed + resident 1 + compressed 3 x 0.7 + staging (depth 1 + 1) x 4 slots
+    expected = model.non_expert_bytes + RESERVE + eb + 3 * 0.7 * eb + 2 * 4 * eb
+    assert mem.placement_bytes(tiers, depth=1) == pytest.approx(expected)
+    assert mem.host_bytes(tiers) == 4 * eb
+    assert mem.kv_left(10**7, tiers, 1) == math.floor(10**7 - expected)
+    assert mem.fits(10**7, 4 * eb, tiers, 1, mem.kv_left(10**7, tiers, 1)) and not mem.fits(10**7, 3 * eb, tiers, 1, 0)
+
+
+def test_baseline_footprints_by_hand():
+    model = tiny_model(2, 4)
+    mem = MemoryModel(model, 0.7, RESERVE)
+    budget = 10**6
+    weights = model.non_expert_bytes + 8 * mem.expert_bytes
+    plain = mem.baseline(System.VLLM, budget)
+    assert plain.kv_cache_bytes == budget - RESERVE - weights and plain.max_num_seqs == VLLM_MAX_NUM_SEQS
+    offload = mem.offload_for_kv(budget, 900_000)
+    assert offload == weights + RESERVE + 900_000 - budget
+    assert mem.baseline(System.VLLM_OFFLOAD, budget, offload).kv_cache_bytes == 900_000
+
+
+def test_a_plans_memory_adds_up_to_its_budget_and_matches_the_memory_model():
+    profile = profiles.load("mixtral-8x7b", gpu="h200")
+    plan = planner.optimize(profile, "46GiB")
+    mem = MemoryModel.of(profile)
+    assert plan.memory.gpu_total_bytes == plan.budget_bytes
+    tiers = plan.tier_counts()
+    assert plan.kv_cache_bytes == pytest.approx(mem.kv_left(plan.budget_bytes, tiers, plan.prefetch_depth), abs=1)
+    assert plan.memory.staging_bytes == mem.staging_bytes(plan.prefetch_depth, plan.slots_per_buffer)
+
+
+def test_baselines_do_not_change_with_fluxmoes_own_options():
+    profile = Profile(tiny_model(3, 4), tiny_gpu(1.0))
+    a = planner.optimize(profile, 720 * 1024, reserve_bytes=RESERVE, max_num_seqs=8)
+    b = planner.optimize(profile, 720 * 1024, reserve_bytes=RESERVE, max_num_seqs=64, prefetch_depths=(0, 1))
+    assert a.baselines == b.baselines
+    big = profiles.load("mixtral-8x7b", gpu="h200")
+    c = planner.optimize(big, "120GiB", max_num_seqs=16)
+    d = planner.optimize(big, "120GiB")
+    assert c.baselines == d.baselines
+    vllm = c.baseline("vllm")
+    assert vllm.kv_cache_bytes == MemoryModel.of(big).resident_kv(c.budget_bytes)
+    assert vllm.prediction.batch_size == min(VLLM_MAX_NUM_SEQS, vllm.kv_cache_bytes // big.model.kv_bytes_per_sequence(640))
