@@ -12,7 +12,6 @@ Tests run both, so a missing wait or an early reuse fails in CI, not only on a G
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
@@ -97,6 +96,3 @@ class Streams:
         if not self.cuda:
             for stream in (self.copy, self.decode):
                 stream.pending.clear()
-
-    def on(self, stream):
-        return torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext()
