@@ -1,0 +1,48 @@
+"""The cost model's prefetch overlap, worked out by hand on a 3-layer toy.
+
+Layer compute 1, 2 and 3 ms; a host expert crosses the link in 1 ms; a compressed expert
+decodes in 0.5 ms on the GPU. Transfers of layer l hide behind the GPU time of the `depth`
+layers before it (cyclically: the previous step's tail)."""
+
+import pytest
+
+from planner.cost_model import CostModel, StepShape, TierCounts
+from profiles import Profile
+from tests.conftest import tiny_gpu, tiny_model
+
+MS = 1e-3
+
+
+@pytest.fixture
+def cost(monkeypatch):
+    model = CostModel(Profile(tiny_model(3, 8), tiny_gpu()))
+    monkeypatch.setattr(model, "layer_compute_s", lambda step: [1 * MS, 2 * MS, 3 * MS])
+    monkeypatch.setattr(model, "fixed_s", lambda step: 0.0)
+    model.transfer_s_per_expert, model.decode_s_per_expert = 1 * MS, 0.5 * MS
+    return model
+
+
+STEP = StepShape(4, 4, 100.0)
+
+
+@pytest.mark.parametrize("host,depth,stall_ms,total_ms", [
+    # GPU per layer: 1, 2, 3 + 2 x 0.5 = 4 ms (7 ms in all). Links: 6 + 1 = 7 ms.
+    ((6, 1, 0), 0, 7, 14),  # nothing hides: both transfers stall in full
+    ((6, 1, 0), 1, 2, 9),  # layer 0 hides 4 of 6 behind layer 2; layer 1 hides 1 behind layer 0
+    ((6, 1, 0), 2, 0, 7),  # layer 0 hides behind 2 + 1 = 6 ms, layer 1 behind 1 + 4 = 5 ms
+    ((6, 5, 0), 2, 0, 11),  # no stall, but the link's 11 ms outlast the GPU's 7 ms
+    ((6, 5, 0), 1, 6, 13),  # layer 0 stalls 6 - 4 = 2, layer 1 stalls 5 - 1 = 4
+])
+def test_stalls_by_hand(cost, host, depth, stall_ms, total_ms):
+    tiers = [TierCounts(8 - h - c, c, h) for h, c in zip(host, (0, 0, 2))]
+    t = cost.step_time(tiers, STEP, depth)
+    assert t.gpu_s == pytest.approx(7 * MS)
+    assert t.link_s == pytest.approx(sum(host) * MS)
+    assert t.stall_s == pytest.approx(stall_ms * MS)
+    assert t.total_s == pytest.approx(total_ms * MS)
+
+
+def test_window_layers_wrap_around_to_the_previous_step():
+    assert CostModel.window_layers(3, 0, 2) == [2, 1]
+    assert CostModel.window_layers(3, 1, 1) == [0]
+    assert CostModel.window_layers(3, 2, 5) == [1, 0, 2]
