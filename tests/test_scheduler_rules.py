@@ -1,0 +1,50 @@
+"""The scheduler's rules worked out by hand: vLLM preempts the newest sequence, the preempted
+one recomputes its prompt and generated tokens, a step that preempted admits nobody, and
+prefill is chunked under the token budget."""
+
+from simulator.scheduler import VLLMScheduler
+from simulator.workload import Request
+from tests.conftest import tiny_model
+
+MODEL = tiny_model(2, 4)  # 32 bytes of KV per token and layer: 64 per token, 1 KiB per 16-token block
+BLOCK = 16 * 64
+
+
+def _scheduler(blocks: int, max_tokens: int = 8192) -> VLLMScheduler:
+    assert MODEL.kv_bytes_per_sequence(16) == BLOCK and MODEL.kv_bytes_per_sequence(17) == 2 * BLOCK
+    return VLLMScheduler(MODEL, blocks * BLOCK, max_num_seqs=8, max_num_batched_tokens=max_tokens)
+
+
+def test_the_newest_sequence_is_preempted_and_recomputes_prompt_plus_output():
+    s = _scheduler(blocks=3)
+    a, b, c = (Request(i, 0.0, 16, 20) for i in range(3))
+    s.add(a)
+    s.add(b)
+    first = s.schedule()  # both prompts fit in one block each: 2 of 3 blocks
+    assert [(seq.request.id, n) for seq, n in first.work] == [(0, 16), (1, 16)] and s.used == 2 * BLOCK
+    s.complete(first, 1.0)  # each has produced its first token
+    s.add(c)
+    second = s.schedule()  # A's 17th token takes the third block; B's would need a fourth
+    assert [seq.request.id for seq in second.preempted] == [1]  # the newest, not the oldest
+    assert [(seq.request.id, n) for seq, n in second.work] == [(0, 1)]  # and nobody is admitted
+    assert [seq.request.id for seq in s.waiting] == [1, 2]  # B goes back to the head of the queue
+    assert s.used == 2 * BLOCK and s.preemptions == 1
+    s.complete(second, 2.0)
+    preempted = second.preempted[0]
+    assert preempted.computed == 0 and preempted.generated == 1
+    assert preempted.pending == 16 + 1  # recompute: prompt plus the token it had produced
+
+
+def test_prefill_is_chunked_under_the_token_budget():
+    s = _scheduler(blocks=64, max_tokens=40)
+    s.add(Request(0, 0.0, 100, 4))
+    s.add(Request(1, 0.0, 10, 4))
+    chunks = []
+    while True:
+        step = s.schedule()
+        chunks.append([(seq.request.id, n) for seq, n in step.work])
+        s.complete(step, float(len(chunks)))
+        if s.running and s.running[0].generated:
+            break
+    # 100 prompt tokens in chunks of 40, 40, 20; the second request waits for budget.
+    assert chunks == [[(0, 40)], [(0, 40)], [(0, 20), (1, 10)]]
