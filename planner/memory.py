@@ -80,6 +80,18 @@ class MemoryModel:
         slots = max((t.paged for t in tiers), default=0)
         return self.fixed_bytes + self.expert_gpu_bytes(tiers) + self.staging_bytes(depth, slots)
 
+    def breakdown(self, tiers: Sequence[TierCounts], depth: int, kv_bytes: int):
+        """Where a placement's GPU bytes go, with `kv_bytes` of KV, as a plan reports it."""
+        from planner.plan import MemoryBreakdown
+
+        slots = max((t.paged for t in tiers), default=0)
+        return MemoryBreakdown(
+            non_expert_bytes=self.model.non_expert_bytes,
+            resident_expert_bytes=sum(t.resident for t in tiers) * self.expert_bytes,
+            compressed_expert_bytes=math.ceil(sum(t.compressed for t in tiers) * self.compressed_expert_bytes),
+            staging_bytes=self.staging_bytes(depth, slots), kv_cache_bytes=kv_bytes, reserve_bytes=self.reserve_bytes,
+            host_expert_bytes=self.host_bytes(tiers))
+
     def kv_left(self, budget: int, tiers: Sequence[TierCounts], depth: int) -> int:
         """KV cache bytes a placement leaves in `budget` (negative: it does not fit)."""
         return math.floor(budget - self.placement_bytes(tiers, depth))

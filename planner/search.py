@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pulp
 
@@ -22,7 +22,7 @@ from fluxmoe.names import System
 from fluxmoe.units import format_bytes, format_bytes_up, parse_bytes
 from planner.cost_model import BATCH_GRID, CostModel, StepShape, TierCounts
 from planner.memory import DEFAULT_RESERVE_BYTES, VLLM_MAX_NUM_SEQS, MemoryModel
-from planner.plan import (BaselinePrediction, LayerPlan, MemoryBreakdown, Plan, PlanInputs, Prediction,
+from planner.plan import (BaselinePrediction, LayerPlan, Plan, PlanInputs, Prediction,
                           WorkloadShape)
 from profiles.registry import Profile
 
@@ -215,12 +215,10 @@ class _Problem:
                     f"any budget: one sequence with every expert resident already takes {fastest * 1e3:.2f} ms "
                     f"per token")
         smallest, tiers = self.smallest_budget(depth)
-        slots = max(t.paged for t in tiers)
-        resident = sum(t.resident for t in tiers) * m.expert_bytes
-        compressed = sum(t.compressed for t in tiers) * mem.compressed_expert_bytes
-        parts = [("non-expert weights", m.non_expert_bytes), ("resident experts", resident),
-                 ("compressed experts", compressed), ("staging pool", mem.staging_bytes(depth, slots)),
-                 ("one sequence's KV", self.kv_per_seq), ("reserve", self.reserve)]
+        b = mem.breakdown(tiers, depth, self.kv_per_seq)
+        parts = [("non-expert weights", b.non_expert_bytes), ("resident experts", b.resident_expert_bytes),
+                 ("compressed experts", b.compressed_expert_bytes), ("staging pool", b.staging_bytes),
+                 ("one sequence's KV", b.kv_cache_bytes), ("reserve", b.reserve_bytes)]
         why = ""
         if mem.host_bytes(tiers) + m.expert_bytes > self.host_budget:
             why = (f" (the host budget of {format_bytes(self.host_budget)} holds only "
@@ -397,11 +395,9 @@ def _make_plan(p: _Problem, best: Candidate, objective: str, limit: float | None
         ids = list(range(m.num_experts))  # uniform routing: any order is as hot as another
         layers.append(LayerPlan(layer, ids[:t.resident], ids[t.resident:t.resident + t.compressed],
                                 ids[t.resident + t.compressed:], expert_order=ids))
-    staging = mem.staging_bytes(best.depth, best.staging_slots)
-    resident = sum(t.resident for t in best.tiers) * m.expert_bytes
-    compressed = math.ceil(sum(t.compressed for t in best.tiers) * mem.compressed_expert_bytes)
-    kv = p.budget - mem.fixed_bytes - resident - compressed - staging
-    memory = MemoryBreakdown(m.non_expert_bytes, resident, compressed, staging, kv, p.reserve, mem.host_bytes(best.tiers))
+    memory = mem.breakdown(best.tiers, best.depth, 0)
+    kv = p.budget - memory.gpu_total_bytes
+    memory = replace(memory, kv_cache_bytes=kv)
     status = best.status + (f"; the {MILP_SAFETY_TIME_LIMIT_S:g} s safety time limit was hit {p.safety_hits} time(s)"
                             if p.safety_hits else "")
     return Plan(model=m.name, model_hash=m.content_hash(), gpu=p.profile.hardware.name,

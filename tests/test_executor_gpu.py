@@ -28,14 +28,19 @@ def qwen_like():
     return spec, routers, stacks
 
 
+def _paged(qwen_like, mix: str, depth: int, tokens: int):
+    """The stack paged as `mix` says, an input, and plain torch's output for it."""
+    spec, routers, stacks = qwen_like
+    k = spec.experts_per_token
+    x = torch.randn(tokens, spec.hidden_size, device="cuda", dtype=torch.bfloat16)
+    stack = PagedMoEStack(routers, stacks, [TIER_MIXES[mix](spec.num_experts)] * LAYERS, k, depth, "cuda")
+    return stack, x, reference_forward(x, routers, stacks, k)
+
+
 @pytest.mark.parametrize("mix", list(TIER_MIXES))
 @pytest.mark.parametrize("depth", [0, 1, 2])
 def test_paged_stack_equals_plain_torch_on_the_gpu(qwen_like, mix, depth):
-    spec, routers, stacks = qwen_like
-    e, k = spec.num_experts, spec.experts_per_token
-    x = torch.randn(16, spec.hidden_size, device="cuda", dtype=torch.bfloat16)
-    stack = PagedMoEStack(routers, stacks, [TIER_MIXES[mix](e)] * LAYERS, k, depth, "cuda")
-    expected = reference_forward(x, routers, stacks, k)
+    stack, x, expected = _paged(qwen_like, mix, depth, tokens=16)
     for _ in range(3):  # slots reused across steps, side streams ordered by events only
         assert torch.equal(stack.forward(x), expected)
     out = stack.forward(x, stats=True)
@@ -47,16 +52,12 @@ def test_paged_stack_equals_plain_torch_on_the_gpu(qwen_like, mix, depth):
 @pytest.mark.parametrize("mix", ["host", "compressed", "mixed"])
 @pytest.mark.parametrize("depth", [0, 1, 2])
 def test_a_decode_step_captures_in_a_cuda_graph(qwen_like, mix, depth):
-    spec, routers, stacks = qwen_like
-    e, k = spec.num_experts, spec.experts_per_token
-    x = torch.randn(8, spec.hidden_size, device="cuda", dtype=torch.bfloat16)
-    stack = PagedMoEStack(routers, stacks, [TIER_MIXES[mix](e)] * LAYERS, k, depth, "cuda")
+    stack, x, expected = _paged(qwen_like, mix, depth, tokens=8)
     stack.forward(x)  # compile kernels outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = stack.forward(x)
-    expected = reference_forward(x, routers, stacks, k)
     for _ in range(2):
         out.fill_(float("nan"))
         graph.replay()
