@@ -12,16 +12,17 @@ import torch
 from executor.moe_layer import moe_layer
 from executor.pager import ExpertPager, RuntimeStats
 from executor.streams import CpuOrder
-from executor.tiers import ExpertLayout, LayerTiers
+from executor.tiers import ExpertLayout
 from fluxmoe.errors import ConfigError
-from fluxmoe.names import Tier
+from fluxmoe.names import Tier, parse_tier
 
 
 class PagedMoEStack:
     def __init__(self, routers: list[torch.Tensor], stacks: list[tuple[torch.Tensor, torch.Tensor]],
                  tiers: list[list[Tier | str]], top_k: int, prefetch_depth: int, device: torch.device | str,
-                 slots: int | None = None, cpu_order: CpuOrder = "lazy"):
-        """stacks[l] = (w13 [E, 2I, H], w2 [E, H, I]); tiers[l][e] the tier of expert e of layer l."""
+                 slots: int | None = None, cpu_order: CpuOrder = "lazy", fused: bool = False):
+        """stacks[l] = (w13 [E, 2I, H], w2 [E, H, I]); tiers[l][e] the tier of expert e of layer l.
+        fused: run each paged layer through its arena span and remap, as the vLLM plugin does."""
         if not (len(routers) == len(stacks) == len(tiers)):
             raise ConfigError(f"routers, expert stacks and tiers disagree on the number of layers: "
                               f"{len(routers)}, {len(stacks)}, {len(tiers)}")
@@ -30,9 +31,10 @@ class PagedMoEStack:
         w13, w2 = stacks[0]
         layout = ExpertLayout(w13.shape[2], w2.shape[2])
         self.routers = [r.to(self.device) for r in routers]
-        layers = [LayerTiers(a, b, t, layout, self.device, what=f"layer {i}")
-                  for i, ((a, b), t) in enumerate(zip(stacks, tiers))]
-        self.pager = ExpertPager(layers, prefetch_depth, self.device, slots=slots, cpu_order=cpu_order)
+        self.fused = fused
+        tiers = [[parse_tier(t, f"layer {i} tier") for t in layer] for i, layer in enumerate(tiers)]
+        self.pager = ExpertPager.build(stacks, tiers, layout, prefetch_depth, self.device, slots=slots, fused=fused,
+                                       cpu_order=cpu_order)
 
     @classmethod
     def from_plan(cls, plan, profile, routers, stacks, device, layers: list[int] | None = None,
@@ -68,7 +70,8 @@ class PagedMoEStack:
         pager = self.pager
         for layer, router in enumerate(self.routers):
             weights = pager.before_layer(layer, stats)
-            x = moe_layer(x, router, weights.experts, self.top_k)  # on the compute (current) stream
+            experts = weights.fused.experts() if self.fused and weights.fused else weights.experts
+            x = moe_layer(x, router, experts, self.top_k)  # on the compute (current) stream
             pager.after_layer(layer)
         pager.end_step()
         return x

@@ -8,7 +8,12 @@ Per step and layer l, the owner of the loop calls
 and `pager.end_step()` after the last layer. Work goes to side streams and is ordered by
 events only, so a step is CUDA-graph capturable. `LayerWeights` gives the layer's experts as
 stacked groups in vLLM's layout (the resident stack, and the staged slots) with the global
-expert id of each row, so a fused-MoE kernel can run on each group with an expert map.
+expert id of each row, so a fused-MoE kernel can run on each group with an expert map; built
+over an `ExpertArena`, each paged layer also comes as one span of rows with expert id -> row
+(`LayerWeights.fused`), so it runs as one kernel call, bit-exact with plain vLLM.
+
+Inside vLLM, piecewise CUDA graphs end a capture at every attention layer: `join()` makes the
+compute stream wait for all side work in flight, so no capture ends with an unjoined stream.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from executor.arena import ExpertArena, FusedWeights
 from executor.staging import StagingPool
 from executor.streams import CpuOrder, Streams
 from executor.tiers import ExpertLayout, LayerTiers
@@ -39,14 +45,15 @@ class LayerWeights:
 
     groups: tuple[ExpertGroup, ...]
     experts: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # (w13, w2) per global expert id
+    fused: FusedWeights | None = None  # paged layers built over an arena: one kernel call
 
     @classmethod
-    def of(cls, groups: list[ExpertGroup], num_experts: int) -> "LayerWeights":
+    def of(cls, groups: list[ExpertGroup], num_experts: int, fused: FusedWeights | None = None) -> "LayerWeights":
         views: list = [None] * num_experts
         for g in groups:
             for row, e in enumerate(g.expert_ids):
                 views[e] = (g.w13[row], g.w2[row])
-        return cls(tuple(g for g in groups if g.expert_ids), tuple(views))
+        return cls(tuple(g for g in groups if g.expert_ids), tuple(views), fused)
 
 
 @dataclass
@@ -88,9 +95,10 @@ class ExpertPager:
     """Pages the experts of a stack of MoE layers (indexed 0..L-1 in execution order)."""
 
     def __init__(self, layers: list[LayerTiers], prefetch_depth: int, device: torch.device | str,
-                 slots: int | None = None, cpu_order: CpuOrder = "lazy"):
+                 slots: int | None = None, cpu_order: CpuOrder = "lazy", arena: ExpertArena | None = None):
         """slots: staging slots per buffer (a plan's staging_slots / (depth + 1)); None sizes
-        the pool to the most paged layer."""
+        the pool to the most paged layer. arena: where the staging buffers and the paged layers'
+        resident stacks were carved (see `ExpertPager.build`)."""
         if prefetch_depth < 0:
             raise ConfigError(f"prefetch_depth: must be >= 0, got {prefetch_depth!r}")
         self.device = torch.device(device)
@@ -102,8 +110,13 @@ class ExpertPager:
             raise ConfigError(f"staging slots: {slots} per buffer cannot hold the {most} paged experts of the "
                               f"most paged layer")
         self.paged = [bool(t.staged_ids) for t in layers]
-        self.pool = StagingPool(prefetch_depth + 1 if any(self.paged) else 1, slots if any(self.paged) else 0,
-                                layout, self.device)
+        buffers, slots = (prefetch_depth + 1, slots) if any(self.paged) else (1, 0)
+        if arena is not None and (arena.slots != slots or len(arena.plan.buffer_start) != buffers
+                                  or [arena.is_paged(i) for i in range(len(layers))] != self.paged):
+            raise ConfigError("arena: laid out for other tiers, slots or depth than these layers")
+        self.arena = arena
+        storage = [arena.buffer(b) for b in range(buffers)] if arena is not None and any(self.paged) else None
+        self.pool = StagingPool(buffers, slots, layout, self.device, storage=storage)
         self.streams = Streams(self.device, cpu_order)
         # Every layer's weights sit in the same places every step: views made once, here.
         self.weights = [self._layer_weights(i, t) for i, t in enumerate(layers)]
@@ -111,27 +124,68 @@ class ExpertPager:
         self._pending: dict[int, tuple[list, dict]] = {}
         self._waits: list = []
         self._timed = False
+        self._forked = False
+        # Issue layer l + depth + 1 as soon as layer l releases its buffer. Off inside piecewise
+        # CUDA-graph captures, where that copy could only overlap the end of the capture.
+        self.prefetch_on_release = True
+
+    @classmethod
+    def build(cls, stacks: list[tuple[torch.Tensor, torch.Tensor]], tiers: list[list[Tier]], layout: ExpertLayout,
+              prefetch_depth: int, device: torch.device | str, slots: int | None = None, fused: bool = True,
+              cpu_order: CpuOrder = "lazy") -> "ExpertPager":
+        """A pager over full per-layer stacks; fused=True carves an arena for one-call layers."""
+        device = torch.device(device)
+        staged = max((sum(t is not Tier.RESIDENT for t in layer) for layer in tiers), default=0)
+        slots = staged if slots is None else slots
+        arena = ExpertArena(tiers, prefetch_depth + 1, slots, layout, device) if fused and staged else None
+        layers = [LayerTiers(w13, w2, t, layout, device, what=f"layer {i}",
+                             resident_into=arena.resident(i) if arena is not None and arena.is_paged(i) else None)
+                  for i, ((w13, w2), t) in enumerate(zip(stacks, tiers))]
+        return cls(layers, prefetch_depth, device, slots=slots, cpu_order=cpu_order, arena=arena)
 
     def _layer_weights(self, index: int, tiers: LayerTiers) -> LayerWeights:
         groups = [ExpertGroup(*tiers.resident, tuple(tiers.resident_ids))]
+        fused = None
         if tiers.staged_ids:
             w13, w2 = self.pool.buffer(self.pool.buffer_of(index), len(tiers.staged_ids))
             groups.append(ExpertGroup(w13, w2, tuple(tiers.staged_ids)))
-        return LayerWeights.of(groups, tiers.num_experts)
+            if self.arena is not None:
+                fused = self.arena.fused(index, tiers.staged_ids)
+        return LayerWeights.of(groups, tiers.num_experts, fused)
 
     # ------------------------------------------------------------------ per layer
     def begin_step(self, stats: bool = False) -> None:
         """Fork the side streams from the compute stream; this also orders slot reuse across steps."""
         self._timed, self._pending, self._waits = stats and self.streams.cuda, {}, [None] * len(self.layers)
+        self._forked = False
         if not any(self.paged):
             return
+        self.pool.released = [None] * self.pool.buffers
+        self.pool.holder = [None] * self.pool.buffers
+        self._fork()
+
+    def _fork(self) -> None:
+        """Side streams start after everything issued on the compute stream so far."""
         s = self.streams
         s.follow_caller()
         start = s.record(s.compute)
         for side in (s.copy, s.decode):
             s.wait(side, start)
-        self.pool.released = [None] * self.pool.buffers
-        self.pool.holder = [None] * self.pool.buffers
+        self._forked = True
+
+    def join(self) -> None:
+        """The compute stream waits for all paging work in flight; later waits on it are no-ops,
+        and the next paging work forks anew. Called where a CUDA-graph capture ends."""
+        if not any(self.paged):
+            return
+        s = self.streams
+        s.follow_caller()
+        for layer, (events, marks) in self._pending.items():
+            for event in events:
+                s.wait(s.compute, event)
+            self._pending[layer] = ([], marks)
+        self.pool.released = [None] * self.pool.buffers  # compute is past every release now
+        self._forked = False
 
     def prefetch(self, layer: int) -> None:
         """Start bringing layer `layer`'s paged experts into its buffer (once per step)."""
@@ -143,6 +197,8 @@ class ExpertPager:
             raise RuntimeError(f"layer {layer} needs staging buffer {b}, still held by layer {pool.holder[b]}: "
                                f"release it first")
         pool.holder[b] = layer
+        if not self._forked:
+            self._fork()
         for side in (s.copy, s.decode):
             s.wait(side, pool.released[b])
         marks = {"h2d": s.record(s.copy, True), "decode": s.record(s.decode, True)} if self._timed else {}
@@ -187,6 +243,7 @@ class ExpertPager:
         """Issue layers `layer`..`layer + depth` where their buffers are free, then wait for `layer`."""
         if layer == 0:
             self.begin_step(stats)
+        self.streams.follow_caller()
         for ahead in range(layer, min(layer + self.depth + 1, len(self.layers))):
             if self.paged[ahead] and ahead not in self._pending and self.pool.holder[self.pool.buffer_of(ahead)] is None:
                 self.prefetch(ahead)
@@ -194,7 +251,7 @@ class ExpertPager:
 
     def after_layer(self, layer: int) -> None:
         self.release(layer)
-        if layer + self.depth + 1 < len(self.layers):
+        if self.prefetch_on_release and layer + self.depth + 1 < len(self.layers):
             self.prefetch(layer + self.depth + 1)
 
     def end_step(self) -> None:

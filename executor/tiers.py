@@ -100,7 +100,10 @@ class LayerTiers:
     """One MoE layer's experts split into the three tiers as a plan says."""
 
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor, tiers: list[Tier | str], layout: ExpertLayout,
-                 device: torch.device, what: str = "layer"):
+                 device: torch.device, what: str = "layer",
+                 resident_into: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """w13/w2: the layer's full stacks, on any device (only views or copies are kept).
+        resident_into: rows to put the resident experts in (an arena's), instead of new stacks."""
         layout.check(w13, w2, what)
         if len(tiers) != len(w13):
             raise ConfigError(f"{what}: {len(w13)} experts but {len(tiers)} tiers")
@@ -111,14 +114,21 @@ class LayerTiers:
         self.compressed_ids = [e for e, t in enumerate(tiers) if t is Tier.COMPRESSED]
         pin = device.type == "cuda"
 
-        def take(ids: list[int], where: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        def take(ids: list[int], into: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 where: torch.device = device, pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
             index = torch.tensor(ids, dtype=torch.long, device=w13.device)
-            return w13.index_select(0, index).to(where), w2.index_select(0, index).to(where)
+            if into is None:
+                into = tuple(torch.empty((len(ids), *t.shape[1:]), dtype=t.dtype, device=where,
+                                         pin_memory=pin_memory) for t in (w13, w2))
+            if len(into[0]) != len(ids):
+                raise ConfigError(f"{what}: {len(into[0])} rows given for {len(ids)} resident experts")
+            for dst, src in zip(into, (w13, w2)):
+                dst.copy_(src.index_select(0, index))
+            return into
 
-        self.resident = take(self.resident_ids, device)
-        host = take(self.host_ids, torch.device("cpu"))
-        self.host = tuple(t.pin_memory() for t in host) if pin and self.host_ids else host
-        compressed = take(self.compressed_ids, w13.device) if self.compressed_ids else None
+        self.resident = take(self.resident_ids, resident_into)
+        self.host = take(self.host_ids, where=torch.device("cpu"), pin_memory=pin and bool(self.host_ids))
+        compressed = take(self.compressed_ids, where=w13.device) if self.compressed_ids else None
         self.compressed = tuple(_CompressedStack(t, device) for t in compressed) if compressed else None
 
     @property

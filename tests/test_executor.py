@@ -46,8 +46,7 @@ def test_a_layer_that_skips_its_wait_reads_stale_slots(stack, monkeypatch):
     routers, stacks = stack
     x = torch.randn(5, H, dtype=torch.bfloat16)
     paged = PagedMoEStack(routers, stacks, MIXED, K, 1, CPU, cpu_order="lazy")
-    paged.pager.pool.w13.zero_()
-    paged.pager.pool.w2.zero_()
+    paged.pager.pool.zero_()
     monkeypatch.setattr(paged.pager.streams, "wait", lambda stream, event: None)
     assert not torch.equal(paged.forward(x), reference_forward(x, routers, stacks, K))
 
@@ -167,3 +166,73 @@ def test_a_layer_never_prefetched_is_an_error(stack):
     pager.begin_step()
     with pytest.raises(RuntimeError, match="never prefetched"):
         pager.wait(1)
+
+
+# ---------------------------------------------------------------- one kernel call per paged layer
+@pytest.mark.parametrize("cpu_order", ["lazy", "eager"])
+@pytest.mark.parametrize("tiers,depth", [([["host"] * E] * LAYERS, 1), (MIXED, 0), (MIXED, 1), (MIXED, 2)])
+def test_fused_spans_equal_plain_torch_bit_for_bit(stack, tiers, depth, cpu_order):
+    """Each paged layer read as one arena span through its expert -> row remap (the vLLM path)."""
+    routers, stacks = stack
+    x = torch.randn(5, H, dtype=torch.bfloat16)
+    paged = PagedMoEStack(routers, stacks, tiers, K, depth, CPU, cpu_order=cpu_order, fused=True)
+    expected = reference_forward(x, routers, stacks, K)
+    assert torch.equal(paged.forward(x), expected)
+    assert torch.equal(paged.forward(x), expected)
+
+
+def test_arena_rows_do_not_overlap_and_spans_cover_each_layer():
+    from executor.arena import ArenaLayout
+    from fluxmoe.names import parse_tier
+
+    tiers = [[parse_tier(t) for t in layer] for layer in MIXED * 3]  # 12 layers, 3 buffers
+    layout = ArenaLayout.of(tiers, buffers=3, slots=4)
+    taken = set()
+    for b, start in enumerate(layout.buffer_start):
+        rows = set(range(start, start + 4))
+        assert not rows & taken
+        taken |= rows
+    for layer, start in layout.resident_start.items():
+        rows = set(range(start, start + sum(t.value == "resident" for t in tiers[layer])))
+        assert not rows & taken
+        taken |= rows
+        lo, hi = layout.span[layer]
+        b = layout.buffer_start[layer % 3]
+        assert lo <= min(b, start) and hi >= b + 4 and rows <= set(range(lo, hi))
+    assert taken == set(range(layout.rows))
+    assert set(layout.span) == set(range(12))
+    with_resident_layer = tiers[:2] + [[parse_tier("resident")] * E]
+    assert set(ArenaLayout.of(with_resident_layer, 1, 4).span) == {0, 1}  # all-resident layers keep their stacks
+
+
+def test_a_wrong_remap_gives_a_wrong_result(stack):
+    routers, stacks = stack
+    x = torch.randn(5, H, dtype=torch.bfloat16)
+    paged = PagedMoEStack(routers, stacks, MIXED, K, 1, CPU, fused=True)
+    fused = paged.pager.weights[0].fused
+    rows = list(fused.rows_host)
+    rows[0], rows[1] = rows[1], rows[0]
+    paged.pager.weights[0] = type(paged.pager.weights[0])(paged.pager.weights[0].groups, paged.pager.weights[0].experts,
+                                                          type(fused)(fused.w13, fused.w2, fused.row_of, tuple(rows)))
+    assert not torch.equal(paged.forward(x), reference_forward(x, routers, stacks, K))
+
+
+@pytest.mark.parametrize("cpu_order", ["lazy", "eager"])
+def test_join_mid_step_keeps_results_exact(stack, cpu_order):
+    """A join at every layer (as piecewise CUDA-graph captures do) orders all paging work first."""
+    routers, stacks = stack
+    x = torch.randn(5, H, dtype=torch.bfloat16)
+    paged = PagedMoEStack(routers, stacks, MIXED, K, 2, CPU, cpu_order=cpu_order, fused=True)
+    pager = paged.pager
+    pager.prefetch_on_release = False
+    from executor.moe_layer import moe_layer
+
+    out = x
+    for layer, router in enumerate(paged.routers):
+        weights = pager.before_layer(layer)
+        out = moe_layer(out, router, weights.fused.experts() if weights.fused else weights.experts, K)
+        pager.after_layer(layer)
+        pager.join()
+        assert all(events == [] for events, _ in pager._pending.values())
+    pager.end_step()
+    assert torch.equal(out, reference_forward(x, routers, stacks, K))
