@@ -126,10 +126,32 @@ class LayerTiers:
                 dst.copy_(src.index_select(0, index))
             return into
 
-        self.resident = take(self.resident_ids, resident_into)
-        self.host = take(self.host_ids, where=torch.device("cpu"), pin_memory=pin and bool(self.host_ids))
+        resident = take(self.resident_ids, resident_into)
+        host = take(self.host_ids, where=torch.device("cpu"), pin_memory=pin and bool(self.host_ids))
         compressed = take(self.compressed_ids, where=w13.device) if self.compressed_ids else None
+        self._adopt(resident, host, compressed, device)
+
+    def _adopt(self, resident, host, compressed, device: torch.device) -> None:
+        self.resident, self.host = resident, host
         self.compressed = tuple(_CompressedStack(t, device) for t in compressed) if compressed else None
+
+    @classmethod
+    def from_parts(cls, tiers: list[Tier], layout: ExpertLayout, device: torch.device,
+                   resident: tuple[torch.Tensor, torch.Tensor], host: tuple[torch.Tensor, torch.Tensor],
+                   compressed: tuple[torch.Tensor, torch.Tensor] | None) -> "LayerTiers":
+        """A layer whose experts were loaded straight into their tiers (rows in expert id order):
+        resident on the GPU, host pinned; compressed as bf16 anywhere, encoded here."""
+        self = cls.__new__(cls)
+        self.layout, self.num_experts = layout, len(tiers)
+        self.resident_ids = [e for e, t in enumerate(tiers) if t is Tier.RESIDENT]
+        self.host_ids = [e for e, t in enumerate(tiers) if t is Tier.HOST]
+        self.compressed_ids = [e for e, t in enumerate(tiers) if t is Tier.COMPRESSED]
+        for ids, part, name in ((self.resident_ids, resident, "resident"), (self.host_ids, host, "host"),
+                                (self.compressed_ids, compressed, "compressed")):
+            if ids and (part is None or len(part[0]) != len(ids)):
+                raise ConfigError(f"{name} experts: {len(ids)} expected")
+        self._adopt(resident, host, compressed if self.compressed_ids else None, device)
+        return self
 
     @property
     def staged_ids(self) -> list[int]:

@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Greedy tokens and logprobs with the FluxMoE plugin against plain vLLM, bit for bit
+(GPU machine, vLLM 0.26.0 carried as ../shared/device/README.md says).
+
+For a small model folder: plain vLLM (eager, CUDA graphs), then the plugin with experts all in
+the host tier, all compressed, and mixed per layer and per expert, at prefetch depths 0-2, in
+eager mode and with CUDA graphs (full graphs for decode, piecewise for the prefill batch); and
+a negative control (one resident expert negated after start-up) that must differ. Each run is
+its own process (bench/vllm_run.py). Writes bench/results/vllm_identity_<model>_<date>.json
+and prints a table.
+
+    python3 bench/vllm_identity.py --model models/mixtral-tiny --base bench/plans/mixtral-tiny.json
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+RESULTS = os.environ.get("FLUXMOE_RESULTS_DIR", os.path.join(ROOT, "bench", "results"))
+
+from fluxmoe.names import Tier  # noqa: E402
+from planner.plan import LayerPlan, Plan  # noqa: E402
+
+CYCLE = (Tier.RESIDENT, Tier.HOST, Tier.COMPRESSED)
+
+
+def with_tiers(plan: Plan, tiers: dict[int, list[Tier]], depth: int) -> Plan:
+    """The plan with these tiers per layer and this prefetch depth (the pool sized to fit)."""
+    layers = [LayerPlan(layer=layer, resident=[e for e, t in enumerate(ts) if t is Tier.RESIDENT],
+                        compressed=[e for e, t in enumerate(ts) if t is Tier.COMPRESSED],
+                        host=[e for e, t in enumerate(ts) if t is Tier.HOST]) for layer, ts in tiers.items()]
+    most = max(sum(t is not Tier.RESIDENT for t in ts) for ts in tiers.values())
+    return dataclasses.replace(plan, layers=layers, prefetch_depth=depth, staging_slots=(depth + 1) * most)
+
+
+def variants(plan: Plan) -> dict[str, Plan]:
+    layers = sorted(lp.layer for lp in plan.layers)
+    experts = plan.layers[0].num_experts
+    every = lambda tier: {layer: [tier] * experts for layer in layers}  # noqa: E731
+    per_layer = {layer: ([Tier.RESIDENT] * experts if i == 0 else [Tier.HOST] * experts if i == 1 else
+                         [Tier.COMPRESSED] * experts if i == 2 else [CYCLE[e % 3] for e in range(experts)])
+                 for i, layer in enumerate(layers)}
+    per_expert = {layer: [CYCLE[(e + i) % 3] for e in range(experts)] for i, layer in enumerate(layers)}
+    return {"host_d1": with_tiers(plan, every(Tier.HOST), 1),
+            "compressed_d0": with_tiers(plan, every(Tier.COMPRESSED), 0),
+            "per_layer_d1": with_tiers(plan, per_layer, 1),
+            "per_expert_d2": with_tiers(plan, per_expert, 2)}
+
+
+def run(args: list[str], log) -> dict:
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "vllm_run.py"), *args], capture_output=True,
+                          text=True, cwd=ROOT)
+    log.write(f"\n===== {' '.join(args)} (rc {proc.returncode}, {time.perf_counter() - t:.0f} s)\n")
+    log.write(proc.stdout[-20000:] + proc.stderr[-20000:])
+    log.flush()
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"error": " | ".join(tail)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--base", required=True, help="a plan for the model (any budget): its shapes and hashes")
+    ap.add_argument("--only", default="", help="comma-separated run names")
+    a = ap.parse_args()
+    name = os.path.basename(a.model.rstrip("/"))
+    plans_dir = os.path.join(RESULTS, "plans")
+    os.makedirs(plans_dir, exist_ok=True)
+    paths = {}
+    for key, plan in variants(Plan.load(a.base)).items():
+        paths[key] = os.path.join(plans_dir, f"{name}-{key}.json")
+        plan.save(paths[key])
+    common = ["--model", a.model, "--greedy", "--capture-sizes", "1,2,4,8,512", "--max-num-seqs", "8",
+              "--num-prompts", "8", "--input-len", "64", "--output-len", "24"]
+    runs = [("plain_graphs", [], "plain_graphs"), ("plain_eager", ["--eager"], "plain_eager"),
+            ("host_d1_graphs", ["--plan", paths["host_d1"]], "plain_graphs"),
+            ("compressed_d0_eager", ["--plan", paths["compressed_d0"], "--eager"], "plain_eager"),
+            ("per_layer_d1_graphs", ["--plan", paths["per_layer_d1"]], "plain_graphs"),
+            ("per_layer_d1_eager", ["--plan", paths["per_layer_d1"], "--eager"], "plain_eager"),
+            ("per_expert_d2_graphs", ["--plan", paths["per_expert_d2"]], "plain_graphs"),
+            ("control_corrupted_d2_graphs", ["--plan", paths["per_expert_d2"], "--corrupt"], "plain_graphs")]
+    if a.only:
+        keep = set(a.only.split(",")) | {"plain_graphs", "plain_eager"}
+        runs = [r for r in runs if r[0] in keep]
+    out_dir = RESULTS
+    date = datetime.date.today().isoformat()
+    results = {}
+    with open(os.path.join(out_dir, f"vllm_identity_{name}_{date}.log"), "w") as log:
+        for label, extra, _ in runs:
+            results[label] = run([*common, *extra, "--label", label], log)
+            print(label, "error" if "error" in results[label] else "ok", flush=True)
+    rows = []
+    for label, _, reference in runs:
+        r, ref = results[label], results.get(reference, {})
+        if "error" in r or "error" in ref:
+            rows.append((label, reference, "ERROR", r.get("error") or ref.get("error"), None))
+            continue
+        same_tokens = r["tokens"] == ref["tokens"]
+        same_logprobs = r["logprobs"] == ref["logprobs"]
+        rows.append((label, reference, same_tokens, same_logprobs, r["startup_s"]))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    device = next((r["gpu"] for r in results.values() if "gpu" in r), "?")
+    report = {"what": "greedy tokens and logprobs, plugin vs plain vLLM 0.26.0, same dummy weights",
+              "model": a.model, "device": device, "date": date, "commit": commit,
+              "rows": [dict(run=r[0], reference=r[1], same_tokens=r[2], same_logprobs=r[3], startup_s=r[4])
+                       for r in rows],
+              "runs": {k: {kk: vv for kk, vv in v.items() if kk not in ("tokens", "logprobs")} for k, v in results.items()}}
+    with open(os.path.join(out_dir, f"vllm_identity_{name}_{date}.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"\n{'run':32} {'vs':14} {'tokens':>7} {'logprobs':>9} {'start s':>8}")
+    for r in rows:
+        print(f"{r[0]:32} {r[1]:14} {str(r[2]):>7} {str(r[3])[:60]:>9} {str(r[4]):>8}")
+
+
+if __name__ == "__main__":
+    main()

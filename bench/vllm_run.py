@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""One vLLM engine run, plain or with a FluxMoE plan, in this process (GPU machine, vLLM 0.26.0).
+
+Dummy weights, token-id prompts (no tokenizer), fixed lengths. Prints one line
+`RESULT {json}`: start-up time, KV cache (vLLM's own block count), throughput, and with
+--greedy the greedy tokens and their logprobs (to compare runs bit for bit). --corrupt is the
+negative control: after start-up it overwrites one resident expert of the first paged layer,
+so a comparison that cannot see expert weights would be caught passing anyway.
+
+    python3 bench/vllm_run.py --model models/mixtral-tiny --greedy [--plan P] [--eager]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: the runtime is inspectable
+os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--plan", default="", help="a FluxMoE plan file; none: plain vLLM")
+    ap.add_argument("--eager", action="store_true", help="no CUDA graphs (enforce_eager)")
+    ap.add_argument("--util", type=float, default=0.0, help="gpu_memory_utilization; 0: the plan's budget, else 0.3")
+    ap.add_argument("--num-prompts", type=int, default=8)
+    ap.add_argument("--input-len", type=int, default=64)
+    ap.add_argument("--output-len", type=int, default=16)
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--max-num-seqs", type=int, default=0)
+    ap.add_argument("--capture-sizes", default="", help="comma-separated CUDA-graph batch sizes")
+    ap.add_argument("--greedy", action="store_true", help="temperature 0, return tokens and logprobs")
+    ap.add_argument("--corrupt", action="store_true", help="negative control (see the module doc)")
+    ap.add_argument("--label", default="")
+    a = ap.parse_args()
+
+    import torch
+
+    plan = None
+    if a.plan:
+        from fluxmoe import vllm_plugin
+        from planner.plan import Plan
+
+        os.environ[vllm_plugin.PLAN_ENV] = os.path.abspath(a.plan)
+        vllm_plugin.register()  # what the entry point does in each vLLM process
+        plan = Plan.load(a.plan)
+    total = torch.cuda.get_device_properties(0).total_memory
+    util = a.util or (plan.budget_bytes / total if plan else 0.3)
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    vocab = json.load(open(os.path.join(a.model, "config.json")))["vocab_size"]
+    rng = random.Random(0)
+    prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(100, vocab - 100) for _ in range(a.input_len)])
+               for _ in range(a.num_prompts)]
+    kw = dict(model=a.model, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+              gpu_memory_utilization=round(util, 4), enforce_eager=a.eager, max_model_len=a.max_model_len,
+              seed=0)
+    if a.max_num_seqs:
+        kw["max_num_seqs"] = a.max_num_seqs
+    if a.capture_sizes and not a.eager:
+        kw["compilation_config"] = {"cudagraph_capture_sizes": [int(s) for s in a.capture_sizes.split(",")]}
+    t0 = time.perf_counter()
+    llm = LLM(**kw)
+    startup = time.perf_counter() - t0
+
+    runtime = None
+    if plan is not None:
+        from fluxmoe.vllm_plugin.experts import current_runtime
+
+        runtime = current_runtime()
+    if a.corrupt:
+        paged = [runtime.position(layer) for layer in sorted(runtime.paged_layers)]
+        target = next((i for i in paged if len(runtime.layers[i].resident[0])), None)
+        if target is None:
+            raise SystemExit("--corrupt needs a paged layer with a resident expert")
+        runtime.layers[target].resident[0][0].mul_(-1)  # one resident expert, read through its arena span
+
+    if a.greedy:
+        sp = SamplingParams(temperature=0.0, max_tokens=a.output_len, ignore_eos=True, logprobs=1)
+    else:
+        sp = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=a.output_len, ignore_eos=True, seed=0)
+    llm.generate([prompts[0]], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)  # warm-up
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    elapsed = time.perf_counter() - t1
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    n_in = sum(len(o.prompt_token_ids) for o in outs)
+    cache = llm.llm_engine.vllm_config.cache_config
+    res = dict(label=a.label, model=a.model, plan=a.plan, eager=a.eager, util=round(util, 4),
+               startup_s=round(startup, 1), elapsed_s=round(elapsed, 3), prompt_tokens=n_in, output_tokens=n_out,
+               total_tok_s=round((n_in + n_out) / elapsed, 1), output_tok_s=round(n_out / elapsed, 1),
+               num_gpu_blocks=cache.num_gpu_blocks, block_size=cache.block_size,
+               kv_tokens=(cache.num_gpu_blocks or 0) * cache.block_size,
+               gpu=torch.cuda.get_device_name(0), gpu_total_bytes=total,
+               max_allocated_bytes=torch.cuda.max_memory_allocated())
+    if runtime is not None:
+        res["fluxmoe"] = dict(paged_layers=len(runtime.paged_layers), moe_layers=len(runtime.moe_layers),
+                              gpu_expert_bytes=runtime.gpu_bytes, depth=runtime.plan.prefetch_depth,
+                              slots=runtime.slots, plan_kv_bytes=runtime.plan.kv_cache_bytes,
+                              host_bytes=sum(t.host_bytes for t in runtime.layers if t is not None))
+    if a.greedy:
+        res["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
+        res["logprobs"] = [[float(step[t].logprob) for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
+                           for o in outs]
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()

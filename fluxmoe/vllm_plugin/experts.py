@@ -1,0 +1,233 @@
+"""FluxMoE's replacement for vLLM 0.26's `RoutedExperts`, registered out of tree.
+
+Per MoE layer of the plan:
+- all resident: vLLM's own parameters and kernel call, untouched;
+- paged: the parameters start on the meta device (nothing is allocated on the GPU), a
+  checkpoint's experts are written straight into their tiers (resident rows of the arena,
+  pinned host rows, bf16 host rows that are encoded on the GPU after loading), and the layer
+  runs as ONE call of vLLM's own fused-MoE kernel over its arena span, with expert ids remapped
+  to rows and the kernel config plain vLLM would pick for the layer's real expert count, so
+  tokens are bit-for-bit plain vLLM's.
+With dummy weights, a paged layer's stacks are generated on the GPU one layer at a time with
+vLLM's own generator (so the values equal plain vLLM's) and split into tiers at once.
+
+vLLM's CUDA-graph wrappers call the process offloader's `join_after_forward` before a capture
+ends and `sync_prev_onload` before capture and replay; `_JoiningOffloader` wraps vLLM's
+offloader so that the pager's side streams are joined there too.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+from vllm.model_executor.offloader.base import BaseOffloader, get_offloader, set_offloader
+
+from executor.tiers import ExpertLayout
+from fluxmoe.errors import ConfigError
+from fluxmoe.vllm_plugin.runtime import PagingRuntime, check_plan_for_model
+
+log = logging.getLogger("fluxmoe")
+
+_plan_path: str | None = None
+_runtime: PagingRuntime | None = None
+
+
+def current_runtime() -> PagingRuntime | None:
+    return _runtime
+
+
+def _model_layer(layer_name: str) -> int:
+    match = re.search(r"layers\.(\d+)\.", layer_name)
+    if match is None:
+        raise ConfigError(f"cannot tell the model layer of MoE layer {layer_name!r}")
+    return int(match.group(1))
+
+
+def _is_dummy_load() -> bool:
+    from vllm.config import get_current_vllm_config
+
+    return str(get_current_vllm_config().load_config.load_format) == "dummy"
+
+
+def _runtime_for(moe_config, params_dtype, quant_config) -> PagingRuntime:
+    """The process's runtime, made when the first MoE layer is built (before any weight loads)."""
+    global _runtime
+    if _runtime is not None:
+        return _runtime
+    from vllm.config import get_current_vllm_config
+
+    from planner.plan import Plan
+
+    if quant_config is not None:
+        raise ConfigError(f"FluxMoE pages bf16 experts; this model is quantized ({quant_config.get_name()})")
+    if params_dtype != torch.bfloat16:
+        raise ConfigError(f"FluxMoE pages bf16 experts; vLLM loads them as {params_dtype} (pass --dtype bfloat16)")
+    config = get_current_vllm_config()
+    plan = Plan.load(_plan_path)
+    check_plan_for_model(plan, config.model_config.hf_config.to_dict(), config.parallel_config.tensor_parallel_size)
+    if config.parallel_config.enable_expert_parallel:
+        raise ConfigError("FluxMoE plans do not run with expert parallelism yet")
+    layout = ExpertLayout(moe_config.hidden_dim, moe_config.intermediate_size_per_partition)
+    _runtime = PagingRuntime(plan, layout, torch.device("cuda", torch.cuda.current_device()))
+    set_offloader(_JoiningOffloader(get_offloader(), _runtime))
+    paged = len(_runtime.paged_layers)
+    log.info("FluxMoE: plan %s, budget %.2f GiB, %d of %d MoE layers paged, depth %d, %d staging slots per buffer",
+             _plan_path, plan.budget_bytes / 2**30, paged, len(_runtime.moe_layers), plan.prefetch_depth,
+             _runtime.slots)
+    return _runtime
+
+
+def _piecewise_capture() -> bool:
+    """True while vLLM runs a piecewise CUDA-graph forward (captures end at each attention)."""
+    from vllm.config import CUDAGraphMode
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    return is_forward_context_available() and get_forward_context().cudagraph_runtime_mode == CUDAGraphMode.PIECEWISE
+
+
+class _JoiningOffloader(BaseOffloader):
+    """vLLM's offloader, plus the pager's side streams joined where graph captures need it."""
+
+    def __init__(self, inner: BaseOffloader, runtime: PagingRuntime):
+        self.inner, self.runtime = inner, runtime
+
+    def wrap_modules(self, modules_generator):
+        return self.inner.wrap_modules(modules_generator)
+
+    def post_init(self):
+        self.inner.post_init()
+
+    def sync_prev_onload(self) -> None:
+        self.inner.sync_prev_onload()
+        pager = self.runtime._pager
+        if pager is not None and pager.streams.cuda:
+            compute = torch.cuda.current_stream()
+            compute.wait_stream(pager.streams.copy)
+            compute.wait_stream(pager.streams.decode)
+
+    def join_after_forward(self) -> None:
+        self.inner.join_after_forward()
+        if self.runtime._pager is not None:
+            self.runtime._pager.join()
+
+    def _wait_for_layer(self, layer_idx: int) -> None:
+        self.inner._wait_for_layer(layer_idx)
+
+    def _start_prefetch(self, layer_idx: int) -> None:
+        self.inner._start_prefetch(layer_idx)
+
+
+class PagedRoutedExperts(RoutedExperts):
+    """`RoutedExperts` whose experts live in a FluxMoE plan's tiers."""
+
+    def __init__(self, layer_name, params_dtype, moe_config, quant_config, expert_map_manager, *args, **kwargs):
+        runtime = _runtime_for(moe_config, params_dtype, quant_config)
+        model_layer = _model_layer(layer_name)
+        paged = runtime.is_paged(model_layer)
+        if paged:
+            with torch.device("meta"):  # no GPU bytes for experts that will not be resident
+                super().__init__(layer_name, params_dtype, moe_config, quant_config, expert_map_manager,
+                                 *args, **kwargs)
+        else:
+            super().__init__(layer_name, params_dtype, moe_config, quant_config, expert_map_manager, *args, **kwargs)
+        if self.use_ep:
+            raise ConfigError("FluxMoE plans do not run with expert parallelism yet")
+        self.fluxmoe_runtime, self.fluxmoe_layer = runtime, model_layer
+        self.fluxmoe_position = runtime.position(model_layer)
+        self.fluxmoe_paged, self.fluxmoe_dummy = paged, _is_dummy_load()
+        self.fluxmoe_landing = runtime.landing(model_layer) if paged and not self.fluxmoe_dummy else None
+        self.fluxmoe_rows: torch.Tensor | None = None
+        self.fluxmoe_shapes = ((moe_config.num_experts, *runtime.layout.w13_shape),
+                               (moe_config.num_experts, *runtime.layout.w2_shape))
+        inner = self.quant_method.process_weights_after_loading
+
+        def process_weights_after_loading(layer) -> None:
+            self._fluxmoe_place()
+            inner(layer)
+            if not self.fluxmoe_paged:  # after vLLM's own processing: its final parameters
+                runtime.keep_resident(model_layer, self.w13_weight.data, self.w2_weight.data)
+
+        self.quant_method.process_weights_after_loading = process_weights_after_loading
+
+    # ------------------------------------------------------------------ loading
+    def weight_loader(self, param, loaded_weight, weight_name, shard_id, expert_id, return_success=False):
+        landing = getattr(self, "fluxmoe_landing", None)
+        if landing is None:
+            return super().weight_loader(param, loaded_weight, weight_name, shard_id, expert_id, return_success)
+        if loaded_weight.dim() == 3:
+            raise ConfigError(f"{self.layer_name}: checkpoints with all experts in one tensor cannot be paged yet")
+        (w13, w2), row = landing.target(expert_id)
+        target = w2 if shard_id == "w2" else w13
+        return super().weight_loader(target, loaded_weight, weight_name, shard_id, row, return_success)
+
+    def _fluxmoe_place(self) -> None:
+        if not self.fluxmoe_paged:
+            return
+        runtime, layer = self.fluxmoe_runtime, self.fluxmoe_layer
+        if self.fluxmoe_dummy:
+            from vllm.model_executor.model_loader.weight_utils import initialize_single_dummy_weight
+
+            w13, w2 = (torch.empty(shape, dtype=torch.bfloat16, device=runtime.device) for shape in self.fluxmoe_shapes)
+            initialize_single_dummy_weight(w13)  # what plain vLLM puts in w13_weight / w2_weight
+            initialize_single_dummy_weight(w2)
+            runtime.place(layer, w13, w2)
+            del w13, w2
+        else:
+            runtime.place_landed(layer, self.fluxmoe_landing)
+            self.fluxmoe_landing = None
+        tiers = runtime.layers[self.fluxmoe_position]
+        fused = runtime.arena.fused(self.fluxmoe_position, tiers.staged_ids)
+        self.fluxmoe_rows = fused.row_of.to(torch.int32)
+        # vLLM's kernel set-up sees the span the layer's one kernel call reads.
+        self.w13_weight = torch.nn.Parameter(fused.w13, requires_grad=False)
+        self.w2_weight = torch.nn.Parameter(fused.w2, requires_grad=False)
+
+    # ------------------------------------------------------------------ running
+    def _fluxmoe_config(self, x: torch.Tensor) -> dict:
+        """The kernel config plain vLLM picks for this layer (by its real expert count)."""
+        from vllm.model_executor.layers.fused_moe.fused_moe import try_get_optimal_moe_config
+
+        quant = self.quant_method.moe_quant_config
+        return try_get_optimal_moe_config(*self.fluxmoe_shapes, self.top_k, quant.config_name(x.dtype), x.shape[0],
+                                          block_shape=quant.block_shape)
+
+    def forward_modular(self, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
+        runtime = self.fluxmoe_runtime
+        if not runtime.any_paged:
+            return super().forward_modular(x, topk_weights, topk_ids, shared_experts, shared_experts_input)
+        from vllm.model_executor.layers.fused_moe import override_config
+
+        pager, position = runtime.pager, self.fluxmoe_position
+        pager.prefetch_on_release = not _piecewise_capture()
+        weights = pager.before_layer(position)
+        if weights.fused is None:
+            out = super().forward_modular(x, topk_weights, topk_ids, shared_experts, shared_experts_input)
+        else:
+            with override_config(self._fluxmoe_config(x)):
+                out = self.quant_method.moe_kernel.apply(
+                    hidden_states=x, w1=weights.fused.w13, w2=weights.fused.w2, topk_weights=topk_weights,
+                    topk_ids=self.fluxmoe_rows[topk_ids], activation=self.activation,
+                    apply_router_weight_on_input=self.apply_router_weight_on_input,
+                    global_num_experts=weights.fused.rows, expert_map=None, shared_experts=shared_experts,
+                    shared_experts_input=shared_experts_input)
+        pager.after_layer(position)
+        if position == len(runtime.moe_layers) - 1:
+            pager.end_step()
+        return out
+
+
+PagedRoutedExperts.weight_loader.supports_moe_loading = True  # type: ignore[attr-defined]
+
+_installed = False
+
+
+def install(plan_path: str) -> None:
+    """Replace vLLM's RoutedExperts in this process (once; plugins load many times)."""
+    global _installed, _plan_path
+    _plan_path = plan_path
+    if not _installed:
+        RoutedExperts.register_oot(PagedRoutedExperts)
+        _installed = True

@@ -1,0 +1,147 @@
+"""The paging state of one vLLM worker process: a plan's tiers, the arena, each MoE layer's
+experts as they are loaded, and the pager once every layer is in place.
+
+Free of vLLM imports, so CI tests it on the CPU; `fluxmoe.vllm_plugin.experts` wires it into
+vLLM's layers. Model layers are keyed by their index in the model (as plans key them); the
+pager sees the MoE layers in execution order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from executor.arena import ExpertArena
+from executor.pager import ExpertPager
+from executor.tiers import ExpertLayout, LayerTiers
+from fluxmoe.errors import ConfigError
+from fluxmoe.names import Tier
+
+
+@dataclass
+class Landing:
+    """Where a paged layer's experts are written while a checkpoint loads (rows in expert id
+    order within each tier): resident rows in the arena, host rows pinned, compressed rows as
+    bf16 in host memory until they are encoded."""
+
+    tiers: list[Tier]
+    resident: tuple[torch.Tensor, torch.Tensor]
+    host: tuple[torch.Tensor, torch.Tensor]
+    compressed: tuple[torch.Tensor, torch.Tensor]
+
+    def target(self, expert: int) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
+        """The (w13, w2) stacks that hold `expert`, and its row in them."""
+        tier = self.tiers[expert]
+        row = sum(t is tier for t in self.tiers[:expert])
+        part = {Tier.RESIDENT: self.resident, Tier.HOST: self.host, Tier.COMPRESSED: self.compressed}[tier]
+        return part, row
+
+
+def check_plan_for_model(plan, hf_config: dict, tensor_parallel: int = 1) -> None:
+    """Refuse a plan made for other model shapes (the name may differ) or another parallelism."""
+    from profiles.hf_config import spec_from_hf_config
+
+    spec = dataclasses.replace(spec_from_hf_config(hf_config), name=plan.model)
+    if spec.content_hash() != plan.model_hash:
+        raise ConfigError(f"plan was made for model {plan.model!r} (hash {plan.model_hash}); the model vLLM "
+                          f"loads has other shapes (hash {spec.content_hash()} under that name): "
+                          f"plan again for this model")
+    if plan.tensor_parallel != tensor_parallel:
+        raise ConfigError(f"plan is for tensor_parallel={plan.tensor_parallel}, vLLM runs {tensor_parallel}")
+
+
+class PagingRuntime:
+    def __init__(self, plan, layout: ExpertLayout, device: torch.device | str):
+        self.plan, self.layout, self.device = plan, layout, torch.device(device)
+        self.moe_layers = sorted(lp.layer for lp in plan.layers)
+        self.index = {layer: i for i, layer in enumerate(self.moe_layers)}
+        self.tiers = [plan.layer(layer).tiers() for layer in self.moe_layers]
+        self.paged_layers = {layer for layer, t in zip(self.moe_layers, self.tiers)
+                             if any(x is not Tier.RESIDENT for x in t)}
+        self.buffers = plan.prefetch_depth + 1
+        self.slots = plan.slots_per_buffer if self.paged_layers else 0
+        self.arena = (ExpertArena(self.tiers, self.buffers, self.slots, layout, self.device)
+                      if self.paged_layers else None)
+        self.layers: list[LayerTiers | None] = [None] * len(self.moe_layers)
+        self._pager: ExpertPager | None = None
+
+    # ------------------------------------------------------------------ which layer is what
+    def _position(self, layer: int) -> int:
+        if layer not in self.index:
+            raise ConfigError(f"model layer {layer} is not an MoE layer of the plan (MoE layers "
+                              f"{self.moe_layers[0]}..{self.moe_layers[-1]})")
+        return self.index[layer]
+
+    def is_paged(self, layer: int) -> bool:
+        self._position(layer)
+        return layer in self.paged_layers
+
+    @property
+    def any_paged(self) -> bool:
+        return bool(self.paged_layers)
+
+    # ------------------------------------------------------------------ placing experts
+    def landing(self, layer: int, pin_memory: bool = True) -> Landing:
+        """Per-tier destinations for a checkpoint's experts of a paged layer."""
+        i = self._position(layer)
+        tiers = self.tiers[i]
+
+        def host_stack(n: int, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            return tuple(torch.empty((n, *shape), dtype=torch.bfloat16, pin_memory=pin)
+                         for shape in (self.layout.w13_shape, self.layout.w2_shape))
+
+        pin = pin_memory and self.device.type == "cuda"
+        return Landing(tiers, self.arena.resident(i), host_stack(tiers.count(Tier.HOST), pin),
+                       host_stack(tiers.count(Tier.COMPRESSED), False))
+
+    def place_landed(self, layer: int, landing: Landing) -> None:
+        i = self._position(layer)
+        self._set(i, LayerTiers.from_parts(self.tiers[i], self.layout, self.device, landing.resident, landing.host,
+                                           landing.compressed))
+
+    def place(self, layer: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """A paged layer's full stacks (any device): split into its tiers, copies kept."""
+        i = self._position(layer)
+        self._set(i, LayerTiers(w13, w2, self.tiers[i], self.layout, self.device, what=f"layer {layer}",
+                                resident_into=self.arena.resident(i) if layer in self.paged_layers else None))
+
+    def keep_resident(self, layer: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """An all-resident layer keeps the stacks it has (vLLM's own parameters): no copy."""
+        i = self._position(layer)
+        if layer in self.paged_layers:
+            raise ConfigError(f"model layer {layer} is paged in the plan, not all resident")
+        empty = tuple(torch.empty((0, *t.shape[1:]), dtype=t.dtype) for t in (w13, w2))
+        self._set(i, LayerTiers.from_parts(self.tiers[i], self.layout, self.device, (w13, w2), empty, None))
+
+    def _set(self, i: int, tiers: LayerTiers) -> None:
+        if self._pager is not None:
+            raise RuntimeError("the pager is already running: layers cannot be placed again")
+        self.layers[i] = tiers
+
+    # ------------------------------------------------------------------ running
+    @property
+    def ready(self) -> bool:
+        return all(t is not None for t in self.layers)
+
+    @property
+    def pager(self) -> ExpertPager:
+        """Built on first use, once every MoE layer is in place."""
+        if self._pager is None:
+            missing = [self.moe_layers[i] for i, t in enumerate(self.layers) if t is None]
+            if missing:
+                raise RuntimeError(f"MoE layers {missing} were never placed: the pager cannot start")
+            self._pager = ExpertPager(self.layers, self.plan.prefetch_depth, self.device, slots=self.slots,
+                                      arena=self.arena)
+        return self._pager
+
+    def position(self, layer: int) -> int:
+        return self._position(layer)
+
+    @property
+    def gpu_bytes(self) -> int:
+        """GPU bytes held for experts by this runtime (arena and compressed stacks; all-resident
+        layers keep vLLM's own parameters and are not counted here)."""
+        compressed = sum(t.gpu_bytes[Tier.COMPRESSED] for t in self.layers if t is not None)
+        return (self.arena.nbytes if self.arena is not None else 0) + compressed

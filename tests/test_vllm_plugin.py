@@ -1,0 +1,122 @@
+"""The vLLM plugin's vLLM-free parts on the CPU: the entry point, the plan check, and the
+paging runtime (placing experts, checkpoint landing, one-call spans) against plain torch.
+vLLM itself runs on the GPU machine (bench/vllm_identity.py)."""
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import profiles
+from bench.vllm_identity import variants
+from executor.moe_layer import moe_layer, random_stack, reference_forward
+from fluxmoe import vllm_plugin
+from fluxmoe.errors import ConfigError
+from fluxmoe.names import Tier
+from fluxmoe.vllm_plugin.runtime import PagingRuntime, check_plan_for_model
+from executor.tiers import ExpertLayout
+from planner.plan import Plan
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "models" / "mixtral-tiny"
+CPU = torch.device("cpu")
+
+
+def test_without_a_plan_the_entry_point_does_nothing(monkeypatch):
+    monkeypatch.delenv(vllm_plugin.PLAN_ENV, raising=False)
+    assert vllm_plugin.register() is None
+    assert "fluxmoe.vllm_plugin.experts" not in sys.modules  # vLLM is not even imported
+
+
+def test_a_missing_plan_file_is_named(monkeypatch, tmp_path):
+    monkeypatch.setenv(vllm_plugin.PLAN_ENV, str(tmp_path / "nope.json"))
+    with pytest.raises(ConfigError, match="FLUXMOE_PLAN: no plan file"):
+        vllm_plugin.register()
+
+
+def test_the_entry_point_is_declared():
+    text = (ROOT / "pyproject.toml").read_text()
+    assert '[project.entry-points."vllm.general_plugins"]' in text and "fluxmoe.vllm_plugin:register" in text
+    assert 'vllm = ["vllm==0.26.0"]' in text
+
+
+@pytest.fixture(scope="module")
+def tiny_plans():
+    return variants(Plan.load(ROOT / "bench" / "plans" / "mixtral-tiny.json"))
+
+
+def test_a_plan_is_checked_against_the_shapes_vllm_loads(tiny_plans):
+    plan = tiny_plans["host_d1"]
+    config = json.loads((TINY / "config.json").read_text())
+    check_plan_for_model(plan, dict(config, _name_or_path="/some/other/folder"))  # the name may differ
+    with pytest.raises(ConfigError, match="other shapes"):
+        check_plan_for_model(plan, dict(config, num_local_experts=16))
+    with pytest.raises(ConfigError, match="tensor_parallel=1, vLLM runs 2"):
+        check_plan_for_model(plan, config, tensor_parallel=2)
+
+
+def _runtime(plan, spec, seed=3):
+    routers, stacks = random_stack(spec.num_moe_layers, 64, 96, spec.num_experts, CPU, seed=seed)
+    return routers, stacks, PagingRuntime(plan, ExpertLayout(64, 96), CPU)
+
+
+def _forward(runtime, routers, x, top_k):
+    pager = runtime.pager
+    for layer, router in zip(runtime.moe_layers, routers):
+        i = runtime.position(layer)
+        weights = pager.before_layer(i)
+        x = moe_layer(x, router, weights.fused.experts() if weights.fused else weights.experts, top_k)
+        pager.after_layer(i)
+    pager.end_step()
+    return x
+
+
+@pytest.mark.parametrize("variant", ["host_d1", "compressed_d0", "per_layer_d1", "per_expert_d2"])
+@pytest.mark.parametrize("how", ["full_stacks", "checkpoint_landing"])
+def test_the_runtime_pages_a_plan_bit_exact(tiny_plans, variant, how):
+    """Layers placed as vLLM places them (dummy: full stacks; checkpoint: expert by expert into
+    their tiers), run through their one-call spans, equal plain torch bit for bit."""
+    plan = tiny_plans[variant]
+    spec = profiles.load_model(TINY)
+    routers, stacks, runtime = _runtime(plan, spec)
+    for layer, (w13, w2) in zip(runtime.moe_layers, stacks):
+        if not runtime.is_paged(layer):
+            runtime.keep_resident(layer, w13, w2)
+        elif how == "full_stacks":
+            runtime.place(layer, w13, w2)
+        else:
+            landing = runtime.landing(layer)
+            for e in range(len(w13)):  # as vLLM's weight loader writes one expert at a time
+                (t13, t2), row = landing.target(e)
+                t13[row].copy_(w13[e])
+                t2[row].copy_(w2[e])
+            runtime.place_landed(layer, landing)
+    x = torch.randn(6, 64, dtype=torch.bfloat16)
+    expected = reference_forward(x, routers, stacks, spec.experts_per_token)
+    assert torch.equal(_forward(runtime, routers, x, spec.experts_per_token), expected)
+    assert torch.equal(_forward(runtime, routers, x, spec.experts_per_token), expected)
+
+
+def test_all_resident_layers_keep_vllms_own_tensors(tiny_plans):
+    plan = tiny_plans["per_layer_d1"]  # model layer 0 is all resident
+    spec = profiles.load_model(TINY)
+    _, stacks, runtime = _runtime(plan, spec)
+    assert not runtime.is_paged(0) and runtime.is_paged(1)
+    runtime.keep_resident(0, *stacks[0])
+    assert runtime.layers[0].resident[0].data_ptr() == stacks[0][0].data_ptr()
+    with pytest.raises(ConfigError, match="paged in the plan"):
+        runtime.keep_resident(1, *stacks[1])
+    with pytest.raises(RuntimeError, match=r"MoE layers \[1, 2, 3\] were never placed"):
+        runtime.pager
+    with pytest.raises(ConfigError, match="model layer 9 is not an MoE layer"):
+        runtime.is_paged(9)
+
+
+def test_an_all_resident_plan_needs_no_arena(tiny_plans):
+    plan = Plan.load(ROOT / "bench" / "plans" / "mixtral-tiny.json")
+    assert all(t is Tier.RESIDENT for lp in plan.layers for t in lp.tiers())
+    runtime = PagingRuntime(plan, ExpertLayout(64, 96), CPU)
+    assert runtime.arena is None and not runtime.any_paged and runtime.gpu_bytes == 0
