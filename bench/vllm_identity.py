@@ -82,7 +82,7 @@ def main() -> None:
     for key, plan in variants(Plan.load(a.base)).items():
         paths[key] = os.path.join(plans_dir, f"{name}-{key}.json")
         plan.save(paths[key])
-    common = ["--model", a.model, "--greedy", "--capture-sizes", "1,2,4,8,512", "--max-num-seqs", "8",
+    common = ["--model", a.model, "--greedy", "--dummy-scale", "0.1", "--capture-sizes", "1,2,4,8,512", "--max-num-seqs", "8",
               "--num-prompts", "8", "--input-len", "64", "--output-len", "24"]
     runs = [("plain_graphs", [], "plain_graphs"), ("plain_eager", ["--eager"], "plain_eager"),
             ("host_d1_graphs", ["--plan", paths["host_d1"]], "plain_graphs"),

@@ -38,8 +38,18 @@ def main() -> None:
     ap.add_argument("--capture-sizes", default="", help="comma-separated CUDA-graph batch sizes")
     ap.add_argument("--greedy", action="store_true", help="temperature 0, return tokens and logprobs")
     ap.add_argument("--corrupt", action="store_true", help="negative control (see the module doc)")
+    ap.add_argument("--dummy-scale", type=float, default=0.0,
+                    help="dummy weights uniform in +-this instead of vLLM's +-1e-3 (plain and plugin alike); at "
+                         "+-1e-3 an MoE layer's output is below one bf16 ulp of the residual and no comparison "
+                         "of tokens could see the experts")
     ap.add_argument("--label", default="")
     a = ap.parse_args()
+    if a.dummy_scale:
+        from vllm.model_executor.model_loader import weight_utils
+
+        # The same function objects serve vLLM's dummy loader and the plugin's dummy path.
+        weight_utils.initialize_dummy_weights.__defaults__ = (-a.dummy_scale, a.dummy_scale, 1234)
+        weight_utils.initialize_single_dummy_weight.__defaults__ = (-a.dummy_scale, a.dummy_scale, 1234)
 
     import torch
 
@@ -96,7 +106,7 @@ def main() -> None:
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     n_in = sum(len(o.prompt_token_ids) for o in outs)
     cache = llm.llm_engine.vllm_config.cache_config
-    res = dict(label=a.label, model=a.model, plan=a.plan, eager=a.eager, util=round(util, 4),
+    res = dict(label=a.label, model=a.model, plan=a.plan, eager=a.eager, util=round(util, 4), dummy_scale=a.dummy_scale,
                startup_s=round(startup, 1), elapsed_s=round(elapsed, 3), prompt_tokens=n_in, output_tokens=n_out,
                total_tok_s=round((n_in + n_out) / elapsed, 1), output_tok_s=round(n_out / elapsed, 1),
                num_gpu_blocks=cache.num_gpu_blocks, block_size=cache.block_size,
@@ -104,7 +114,7 @@ def main() -> None:
                gpu=torch.cuda.get_device_name(0), gpu_total_bytes=total,
                max_allocated_bytes=torch.cuda.max_memory_allocated())
     if runtime is not None:
-        res["fluxmoe"] = dict(paged_layers=len(runtime.paged_layers), moe_layers=len(runtime.moe_layers),
+        res["fluxmoe"] = dict(pager_ran=runtime._pager is not None, paged_layers=len(runtime.paged_layers), moe_layers=len(runtime.moe_layers),
                               gpu_expert_bytes=runtime.gpu_bytes, depth=runtime.plan.prefetch_depth,
                               slots=runtime.slots, plan_kv_bytes=runtime.plan.kv_cache_bytes,
                               host_bytes=sum(t.host_bytes for t in runtime.layers if t is not None))
