@@ -118,6 +118,25 @@ def main() -> None:
                               gpu_expert_bytes=runtime.gpu_bytes, depth=runtime.plan.prefetch_depth,
                               slots=runtime.slots, plan_kv_bytes=runtime.plan.kv_cache_bytes,
                               host_bytes=sum(t.host_bytes for t in runtime.layers if t is not None))
+    def probe(model):
+        """Per MoE layer: the class, backend and kernel vLLM built, and sums of the expert stacks."""
+        found = []
+        for name, m in model.named_modules():
+            if not hasattr(m, "w13_weight") or not hasattr(m, "quant_method"):
+                continue
+            qm = m.quant_method
+            item = dict(name=name, cls=type(m).__name__, backend=str(getattr(qm, "unquantized_backend", "")),
+                        experts=type(getattr(getattr(qm, "moe_kernel", None), "fused_experts", None)).__name__,
+                        w13_shape=list(m.w13_weight.shape))
+            layer = getattr(m, "fluxmoe_layer", None)
+            if getattr(m, "fluxmoe_paged", False):
+                item["sums"] = list(m.fluxmoe_runtime.checksums.get(layer, ()))
+            else:
+                item["sums"] = [float(m.w13_weight.double().sum()), float(m.w2_weight.double().sum())]
+            found.append(item)
+        return found
+
+    res["probe"] = llm.apply_model(probe)
     if a.greedy:
         res["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
         res["logprobs"] = [[float(step[t].logprob) for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]

@@ -66,6 +66,7 @@ class PagingRuntime:
                       if self.paged_layers else None)
         self.layers: list[LayerTiers | None] = [None] * len(self.moe_layers)
         self._pager: ExpertPager | None = None
+        self.checksums: dict[int, tuple[float, float]] = {}  # model layer -> sums of the placed stacks
 
     # ------------------------------------------------------------------ which layer is what
     def _position(self, layer: int) -> int:
@@ -104,6 +105,7 @@ class PagingRuntime:
     def place(self, layer: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
         """A paged layer's full stacks (any device): split into its tiers, copies kept."""
         i = self._position(layer)
+        self.checksums[layer] = (float(w13.double().sum()), float(w2.double().sum()))
         self._set(i, LayerTiers(w13, w2, self.tiers[i], self.layout, self.device, what=f"layer {layer}",
                                 resident_into=self.arena.resident(i) if layer in self.paged_layers else None))
 
