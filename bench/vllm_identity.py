@@ -85,6 +85,7 @@ def main() -> None:
     common = ["--model", a.model, "--greedy", "--dummy-scale", "0.1", "--capture-sizes", "1,2,4,8,512", "--max-num-seqs", "8",
               "--num-prompts", "8", "--input-len", "64", "--output-len", "24"]
     runs = [("plain_graphs", [], "plain_graphs"), ("plain_eager", ["--eager"], "plain_eager"),
+            ("plain_eager_again", ["--eager"], "plain_eager"),  # is plain vLLM itself repeatable?
             ("host_d1_graphs", ["--plan", paths["host_d1"]], "plain_graphs"),
             ("compressed_d0_eager", ["--plan", paths["compressed_d0"], "--eager"], "plain_eager"),
             ("per_layer_d1_graphs", ["--plan", paths["per_layer_d1"]], "plain_graphs"),
@@ -92,7 +93,7 @@ def main() -> None:
             ("per_expert_d2_graphs", ["--plan", paths["per_expert_d2"]], "plain_graphs"),
             ("control_corrupted_d2_graphs", ["--plan", paths["per_expert_d2"], "--corrupt"], "plain_graphs")]
     if a.only:
-        keep = set(a.only.split(",")) | {"plain_graphs", "plain_eager"}
+        keep = set(a.only.split(",")) | {"plain_graphs", "plain_eager", "plain_eager_again"}
         runs = [r for r in runs if r[0] in keep]
     out_dir = RESULTS
     date = datetime.date.today().isoformat()
