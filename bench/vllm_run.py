@@ -47,9 +47,8 @@ def main() -> None:
     if a.dummy_scale:
         from vllm.model_executor.model_loader import weight_utils
 
-        # The same function objects serve vLLM's dummy loader and the plugin's dummy path.
+        # The one function that fills dummy weights, for vLLM's loader and the plugin alike.
         weight_utils.initialize_dummy_weights.__defaults__ = (-a.dummy_scale, a.dummy_scale, 1234)
-        weight_utils.initialize_single_dummy_weight.__defaults__ = (-a.dummy_scale, a.dummy_scale, 1234)
 
     import torch
 

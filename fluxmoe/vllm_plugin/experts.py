@@ -168,13 +168,16 @@ class PagedRoutedExperts(RoutedExperts):
             return
         runtime, layer = self.fluxmoe_runtime, self.fluxmoe_layer
         if self.fluxmoe_dummy:
-            from vllm.model_executor.model_loader.weight_utils import initialize_single_dummy_weight
+            from vllm.config import get_current_vllm_config
+            from vllm.model_executor.model_loader import weight_utils
 
-            w13, w2 = (torch.empty(shape, dtype=torch.bfloat16, device=runtime.device) for shape in self.fluxmoe_shapes)
-            initialize_single_dummy_weight(w13)  # what plain vLLM puts in w13_weight / w2_weight
-            initialize_single_dummy_weight(w2)
-            runtime.place(layer, w13, w2)
-            del w13, w2
+            holder = torch.nn.Module()  # the two stacks as plain vLLM holds them, filled by its own function
+            for name, shape in zip(("w13_weight", "w2_weight"), self.fluxmoe_shapes):
+                holder.register_parameter(name, torch.nn.Parameter(
+                    torch.empty(shape, dtype=torch.bfloat16, device=runtime.device), requires_grad=False))
+            weight_utils.initialize_dummy_weights(holder, get_current_vllm_config().model_config)
+            runtime.place(layer, holder.w13_weight.data, holder.w2_weight.data)
+            del holder
         else:
             runtime.place_landed(layer, self.fluxmoe_landing)
             self.fluxmoe_landing = None
