@@ -84,6 +84,8 @@ def main() -> None:
         plan.save(paths[key])
     common = ["--model", a.model, "--greedy", "--dummy-scale", "0.1", "--capture-sizes", "1,2,4,8,512", "--max-num-seqs", "8",
               "--num-prompts", "8", "--input-len", "64", "--output-len", "24"]
+    if "qwen3-next" in name:
+        common += ["--gdn-prefill-backend", "triton"]  # no flashinfer on the GPU machine
     runs = [("plain_graphs", [], "plain_graphs"), ("plain_eager", ["--eager"], "plain_eager"),
             ("plain_eager_again", ["--eager"], "plain_eager"),  # is plain vLLM itself repeatable?
             ("host_d1_graphs", ["--plan", paths["host_d1"]], "plain_graphs"),

@@ -42,6 +42,8 @@ def main() -> None:
                     help="dummy weights uniform in +-this instead of vLLM's +-1e-3 (plain and plugin alike); at "
                          "+-1e-3 an MoE layer's output is below one bf16 ulp of the residual and no comparison "
                          "of tokens could see the experts")
+    ap.add_argument("--gdn-prefill-backend", default="",
+                    help="Qwen3-Next's linear attention prefill (the GPU machine has no flashinfer: 'triton')")
     ap.add_argument("--label", default="")
     a = ap.parse_args()
     if a.dummy_scale:
@@ -75,6 +77,8 @@ def main() -> None:
               seed=0)
     if a.max_num_seqs:
         kw["max_num_seqs"] = a.max_num_seqs
+    if a.gdn_prefill_backend:
+        kw["gdn_prefill_backend"] = a.gdn_prefill_backend
     if a.capture_sizes and not a.eager:
         kw["compilation_config"] = {"cudagraph_capture_sizes": [int(s) for s in a.capture_sizes.split(",")]}
     t0 = time.perf_counter()

@@ -1,0 +1,47 @@
+#!/usr/bin/env python3
+"""Is one fused-MoE call over an arena span with remapped expert ids bit-exact with vLLM's own
+call over the layer's stack? vLLM 0.26.0's Triton `fused_experts`, on the GPU machine.
+
+For token counts from 1 to 2048 and spans of E..3E rows: the same experts sit at other rows of a
+larger tensor, the ids are remapped, and the kernel config is pinned to the one the real
+expert count gives (`override_config`). Prints a table of max |difference| (0 = bit-exact).
+"""
+import itertools
+import json
+import sys
+
+import torch
+from vllm.model_executor.layers.fused_moe import override_config
+from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts, try_get_optimal_moe_config
+
+torch.manual_seed(0)
+dev = "cuda"
+rows = []
+for (E, H, I, k), M, extra in itertools.product([(8, 1024, 2048, 2), (64, 1024, 256, 10)], [1, 3, 16, 64, 512, 2048],
+                                                 [0, 1, 2]):
+    w1 = (torch.randn(E, 2 * I, H, device=dev) * 0.05).bfloat16()
+    w2 = (torch.randn(E, H, I, device=dev) * 0.05).bfloat16()
+    x = torch.randn(M, H, device=dev).bfloat16()
+    logits = torch.randn(M, E, device=dev)
+    weights, ids = torch.softmax(logits, -1).topk(k, -1)
+    weights, ids = (weights / weights.sum(-1, keepdim=True)).float(), ids.to(torch.int32)
+    plain = fused_experts(x, w1, w2, weights, ids)
+    rows_total = E * (1 + extra)
+    perm = torch.randperm(rows_total, device=dev)[:E]  # where each expert sits in the span
+    span1 = torch.zeros(rows_total, 2 * I, H, device=dev, dtype=torch.bfloat16)
+    span2 = torch.zeros(rows_total, H, I, device=dev, dtype=torch.bfloat16)
+    span1[perm], span2[perm] = w1, w2
+    remapped = perm.to(torch.int32)[ids]
+    config = try_get_optimal_moe_config(w1.size(), w2.size(), k, None, M)
+    with override_config(config):
+        ours = fused_experts(x, span1, span2, weights, remapped, global_num_experts=rows_total)
+    unpinned = fused_experts(x, span1, span2, weights, remapped, global_num_experts=rows_total)
+    naive_plain, naive_ours = M * k * 4 <= E, M * k * 4 <= rows_total
+    rows.append(dict(E=E, k=k, M=M, span=rows_total, naive_plain=naive_plain, naive_ours=naive_ours,
+                     max_diff=float((plain.float() - ours.float()).abs().max()),
+                     max_diff_unpinned=float((plain.float() - unpinned.float()).abs().max())))
+print(f"{'E':>3} {'k':>3} {'M':>5} {'span':>5} {'naive':>11} {'diff':>10} {'unpinned':>10}")
+for r in rows:
+    print(f"{r['E']:>3} {r['k']:>3} {r['M']:>5} {r['span']:>5} {str(r['naive_plain'])[0]}/{str(r['naive_ours'])[0]:>9} "
+          f"{r['max_diff']:>10.3g} {r['max_diff_unpinned']:>10.3g}")
+print("RESULT " + json.dumps(rows))
