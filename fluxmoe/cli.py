@@ -275,6 +275,25 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
     pass
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    import os
+    import shlex
+
+    from fluxmoe.report import plan_table
+    from fluxmoe.serve import prepare
+
+    launch = prepare(args, args.vllm_args, lambda profile: make_plan(args, profile, _workload(args)))
+    print(plan_table(launch.plan))
+    print(f"\nplan written to {launch.plan_path}")
+    print(f"vLLM gets --gpu-memory-utilization {launch.gpu_memory_utilization} (the plan's budget)")
+    print("starting: " + " ".join(shlex.quote(a) for a in launch.argv), flush=True)
+    if args.dry_run:
+        return
+    if not os.path.isabs(launch.argv[0]):
+        raise ConfigError("vLLM is not installed here: pip install 'fluxmoe[vllm]' (vLLM 0.26.0)")
+    os.execvpe(launch.argv[0], launch.argv, launch.env)
+
+
 class _Parser(argparse.ArgumentParser):
     """Bad options are one line too (`--help` shows the usage)."""
 
@@ -349,6 +368,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-plan", default=None, help="write the plan that was simulated as JSON")
     p.set_defaults(func=_cmd_simulate)
 
+    p = sub.add_parser("serve", help="plan for a GPU budget and serve the model with vLLM (OpenAI API)",
+                       formatter_class=_Help,
+                       description="Plan for --gpu-budget (or take --plan), print the plan, then start vLLM's "
+                                   "OpenAI-compatible server with the FluxMoE plugin serving the plan. Options "
+                                   "FluxMoE does not know go to `vllm serve` unchanged (e.g. --port, --api-key, "
+                                   "--max-model-len); the server binds to 127.0.0.1 unless --host is given. "
+                                   "Bad inputs (no config.json, a plan for another model or GPU, a budget below "
+                                   "the smallest plan) are refused before vLLM starts.")
+    p.add_argument("--gpu-budget", dest="budget", default=None, help="GPU memory budget, e.g. 46GiB")
+    p.add_argument("--plan", default=None, help="serve this saved plan (refused if made for another model/GPU)")
+    _planning_arguments(p)
+    p.add_argument("--save-plan", default=None, help="where to write the plan vLLM reads (default: a file in "
+                                                     "~/.cache/fluxmoe/plans)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the vLLM command, start nothing")
+    p.set_defaults(func=_cmd_serve, vllm_args=[])
+
     p = sub.add_parser("profile", help="measure this GPU into a hardware profile (needs CUDA)", formatter_class=_Help,
                        description="Measure PCIe curves, HBM copy and matmul rates, the codec and expert FFN times "
                                    "of this GPU into profiles/gpus/<name>-measured.json, which the planner and "
@@ -360,7 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "serve":
+        parser.parse_args(argv)  # the usual one-line error for unknown options
+    if args.command == "serve":
+        args.vllm_args = [a for a in unknown if a != "--"]
     try:
         args.func(args)
     except FluxMoEError as e:

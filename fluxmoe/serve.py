@@ -1,0 +1,111 @@
+"""`fluxmoe serve`: plan for a GPU budget (or take a saved plan), then start vLLM's
+OpenAI-compatible server with the plan.
+
+Everything that can be wrong with the inputs is refused here, before vLLM starts loading: a
+model folder without a config.json, a plan made for other model shapes or another GPU, a
+budget below the smallest plan. The plan goes to a file that vLLM's processes read through the
+FluxMoE plugin (`FLUXMOE_PLAN`); vLLM's memory utilization is set from the plan's budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from fluxmoe.errors import ConfigError
+
+# Options that FluxMoE sets from the plan: giving them too would make vLLM run another budget.
+PLAN_OWNED = ("--gpu-memory-utilization",)
+
+
+@dataclass
+class Launch:
+    plan: object
+    plan_path: Path
+    argv: list[str]
+    env: dict[str, str]
+    gpu_memory_utilization: float
+
+
+def model_config(folder: str) -> dict:
+    path = Path(folder)
+    if not path.is_dir():
+        raise ConfigError(f"--model: {folder!r} is not a folder (give a model folder with a config.json, e.g. "
+                          f"models/mixtral-8x7b)")
+    config = path / "config.json"
+    if not config.is_file():
+        raise ConfigError(f"--model: {folder!r} has no config.json")
+    from profiles.hf_config import read_config
+
+    return read_config(config)[0]
+
+
+def _gpu_memory_bytes(hardware) -> int:
+    """What vLLM's --gpu-memory-utilization is a fraction of: the CUDA device's memory where
+    there is one, else the GPU profile's."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return hardware.gpu_memory_bytes
+
+
+def _plan_file(plan, where: str | None) -> Path:
+    from fluxmoe.serde import to_dict
+
+    if where:
+        path = Path(where)
+    else:
+        digest = hashlib.sha256(json.dumps(to_dict(plan), sort_keys=True).encode()).hexdigest()[:12]
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fluxmoe" / "plans"
+        path = cache / f"{plan.model}-{digest}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plan.save(path)
+    return path
+
+
+def prepare(args, vllm_args: list[str], make_plan) -> Launch:
+    """The plan (made or loaded, and checked) and the vLLM command line that serves it."""
+    import profiles
+    from planner.plan import Plan
+    from fluxmoe.vllm_plugin import PLAN_ENV
+    from fluxmoe.vllm_plugin.runtime import check_plan_for_model
+
+    for option in PLAN_OWNED:
+        if any(a == option or a.startswith(option + "=") for a in vllm_args):
+            raise ConfigError(f"{option}: set by FluxMoE from the plan's budget; give --gpu-budget instead")
+    config = model_config(args.model)
+    spec = profiles.load_model(args.model)
+    hardware = profiles.load_gpu(args.gpu)
+    if args.plan:
+        if args.budget:
+            raise ConfigError("give --gpu-budget or --plan, not both")
+        plan = Plan.load(args.plan)
+        check_plan_for_model(plan, config)
+        plan.check_matches(profiles.Profile(dataclasses.replace(spec, name=plan.model), hardware))
+    else:
+        if not args.budget:
+            raise ConfigError("give --gpu-budget (e.g. 46GiB) or --plan")
+        plan = make_plan(profiles.Profile(spec, hardware))
+    total = _gpu_memory_bytes(hardware)
+    utilization = int(plan.budget_bytes / total * 1e4) / 1e4  # rounded down: never more than the budget
+    if not 0 < utilization <= 1:
+        raise ConfigError(f"plan's budget of {plan.budget_bytes} bytes is not within this GPU's {total}")
+    plan_path = _plan_file(plan, args.save_plan)
+    vllm = shutil.which("vllm") or "vllm"
+    argv = [vllm, "serve", str(args.model), "--gpu-memory-utilization", f"{utilization}", "--dtype", "bfloat16"]
+    if not any(a == "--max-num-seqs" or a.startswith("--max-num-seqs=") for a in vllm_args):
+        argv += ["--max-num-seqs", str(plan.max_num_seqs)]
+    if not any(a == "--host" or a.startswith("--host=") for a in vllm_args):
+        argv += ["--host", "127.0.0.1"]  # localhost unless told otherwise
+    argv += list(vllm_args)
+    env = dict(os.environ, **{PLAN_ENV: str(plan_path.resolve())})
+    return Launch(plan, plan_path, argv, env, utilization)
