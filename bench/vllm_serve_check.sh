@@ -17,7 +17,7 @@ tok.save("/tmp/mixtral-tiny-tok/tokenizer.json")
 json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "t0", "bos_token": "t1", "eos_token": "t2",
            "model_max_length": 4096}, open("/tmp/mixtral-tiny-tok/tokenizer_config.json", "w"))
 PY
-fluxmoe serve --model $MODEL --plan bench/plans/mixtral-tiny-mixed.json --port $PORT --load-format dummy \
+python3 -m fluxmoe.cli serve --model $MODEL --plan bench/plans/mixtral-tiny-mixed.json --port $PORT --load-format dummy \
     --max-model-len 1024 > /tmp/serve.log 2>&1 &
 SERVER=$!
 for i in $(seq 1 90); do curl -sf http://127.0.0.1:$PORT/health > /dev/null && break; sleep 2; done
