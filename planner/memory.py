@@ -2,7 +2,7 @@
 
 A FluxMoE configuration holds on the GPU: the non-expert weights, its resident experts (bf16),
 its compressed experts (FXMC, `compressed_ratio` of bf16), a staging pool of
-`(depth + 1) x slots` experts, a reserve (activations, CUDA graphs, allocator slack) and the
+`(depth + 1) x slots` experts, a reserve (vLLM's activations, CUDA graphs, memory outside torch) and the
 KV cache, which gets whatever is left. A baseline (plain vLLM, vLLM + CPU offload) holds its
 weights less what it offloads, the same reserve, and KV for the rest; vLLM admits requests by
 free KV up to its `max_num_seqs`, so that is the baselines' batch limit everywhere.
@@ -18,8 +18,30 @@ from fluxmoe.names import System
 from fluxmoe.units import GiB
 from planner.cost_model import TierCounts
 
-DEFAULT_RESERVE_BYTES = 1 * GiB
 VLLM_MAX_NUM_SEQS = 1024  # vLLM's default on large GPUs; KV decides admission below it
+
+# What vLLM 0.26 holds on the GPU besides weights and KV, as its start-up log on the H200 itemizes
+# it (Mixtral-8x7B shape, FluxMoE at 46 GiB, bench/results/vllm_mixtral_2026-11-24.json): peak
+# activation 3.5 GiB at its default 8192 batched tokens, 0.43 GiB outside torch, 0.96 GiB of
+# CUDA graphs. The activation peak is scaled to other models by the width of a token's
+# activations (`activation_width`); only Mixtral's is measured so far.
+VLLM_BATCHED_TOKENS = 8192
+VLLM_NON_TORCH_BYTES = int(0.43 * GiB)
+VLLM_CUDA_GRAPH_BYTES = int(0.96 * GiB)
+MEASURED_ACTIVATION_BYTES = int(3.5 * GiB)  # Mixtral-8x7B at VLLM_BATCHED_TOKENS
+MEASURED_ACTIVATION_WIDTH = 2 * 3 * 14336 + 4 * 4096  # activation_width of Mixtral-8x7B
+
+
+def activation_width(model) -> int:
+    """Elements per batched token that dominate vLLM's activation peak: the routed experts'
+    gate, up and down activations for each of the top-k, and a few hidden-size buffers."""
+    return model.experts_per_token * 3 * model.expert_intermediate_size + 4 * model.hidden_size
+
+
+def vllm_reserve_bytes(model) -> int:
+    """vLLM's own GPU memory beyond weights and KV for `model` (see the constants above)."""
+    activation = MEASURED_ACTIVATION_BYTES * activation_width(model) / MEASURED_ACTIVATION_WIDTH
+    return int(VLLM_NON_TORCH_BYTES + VLLM_CUDA_GRAPH_BYTES + activation)
 
 
 @dataclass(frozen=True)
@@ -38,11 +60,13 @@ class MemoryModel:
 
     model: object  # profiles.ModelSpec
     compressed_ratio: float
-    reserve_bytes: int = DEFAULT_RESERVE_BYTES
+    reserve_bytes: int
 
     @classmethod
-    def of(cls, profile, reserve_bytes: int = DEFAULT_RESERVE_BYTES) -> "MemoryModel":
-        return cls(profile.model, profile.hardware.codec.compressed_ratio, reserve_bytes)
+    def of(cls, profile, reserve_bytes: int | None = None) -> "MemoryModel":
+        """reserve_bytes: None for vLLM's own (`vllm_reserve_bytes`)."""
+        reserve = vllm_reserve_bytes(profile.model) if reserve_bytes is None else reserve_bytes
+        return cls(profile.model, profile.hardware.codec.compressed_ratio, reserve)
 
     # ------------------------------------------------------------------ parts
     @property

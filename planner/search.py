@@ -21,7 +21,7 @@ from fluxmoe.errors import ConfigError, InfeasibleError
 from fluxmoe.names import System
 from fluxmoe.units import format_bytes, format_bytes_up, parse_bytes
 from planner.cost_model import BATCH_GRID, CostModel, StepShape, TierCounts
-from planner.memory import DEFAULT_RESERVE_BYTES, VLLM_MAX_NUM_SEQS, MemoryModel
+from planner.memory import VLLM_MAX_NUM_SEQS, MemoryModel
 from planner.plan import (BaselinePrediction, LayerPlan, Plan, PlanInputs, Prediction,
                           WorkloadShape)
 from profiles.registry import Profile
@@ -305,7 +305,7 @@ def optimize(profile: Profile, budget: int | str, **options) -> Plan:
 
 def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, workload: WorkloadShape | None = None,
                     host_budget: int | str | None = None, objective: str = "throughput",
-                    tpot_limit_s: float | None = None, reserve_bytes: int | str = DEFAULT_RESERVE_BYTES,
+                    tpot_limit_s: float | None = None, reserve_bytes: int | str | None = None,
                     max_num_seqs: int = 1024, prefetch_depths: tuple[int, ...] = PREFETCH_DEPTHS,
                     mip_gap: float = 0.01) -> list[Plan]:
     """The `top_k` best plans (best first) by predicted output tokens/s within `budget` GPU bytes.
@@ -318,7 +318,8 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
     hw, m = profile.hardware, profile.model
     budget_bytes = parse_bytes(budget, "budget")
     host_bytes = parse_bytes(host_budget, "host_budget") if host_budget is not None else hw.host_pinned_bytes
-    reserve = parse_bytes(reserve_bytes, "reserve_bytes")
+    reserve = MemoryModel.of(profile).reserve_bytes if reserve_bytes is None else parse_bytes(reserve_bytes,
+                                                                                                "reserve_bytes")
     workload = workload or WorkloadShape()
     if objective not in ("throughput", "throughput_under_latency"):
         raise ConfigError(f"objective: expected 'throughput' or 'throughput_under_latency', got {objective!r}")
