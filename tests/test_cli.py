@@ -1,6 +1,7 @@
 """The fluxmoe command: tables for users, one-line errors without tracebacks, nothing half-written."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -72,6 +73,7 @@ def _plan_file(tmp_path, **changes):
 
 
 SIM = ["simulate", "--model", "mixtral-8x7b"]
+MODELS = Path(__file__).resolve().parent.parent / "models"
 BAD = [
     (["plan", "--model", "nope", "--budget", "40GiB"], "unknown model 'nope'"),
     (["plan", "--model", "mixtral-8x7b", "--budget", "2GiB"], "smallest budget that works is"),
@@ -107,6 +109,15 @@ BAD = [
     ([*SIM, "--plan", "{plan_kv}"], "kv_cache_bytes"),
     ([*SIM, "--plan", "{plan_slots}"], "staging_slots"),
     ([*SIM, "--plan", "{plan_seqs}"], "max_num_seqs"),
+    (["serve", "--model", "{tmp}", "--gpu-budget", "46GiB", "--dry-run"], "has no config.json"),
+    (["serve", "--model", f"{MODELS}/mixtral-tiny", "--plan", "{plan}", "--dry-run"], "other shapes"),
+    (["serve", "--model", f"{MODELS}/mixtral-8x7b", "--gpu-budget", "2GiB", "--no-verify", "--dry-run"],
+     "smallest budget that works is"),
+    (["serve", "--model", f"{MODELS}/mixtral-8x7b", "--gpu", "a40", "--plan", "{plan}", "--dry-run"],
+     "made for GPU profile 'h200'"),
+    (["serve", "--model", f"{MODELS}/mixtral-8x7b", "--plan", "{plan}", "--gpu-memory-utilization", "0.5"],
+     "set by FluxMoE from the plan's budget"),
+    (["serve", "--model", f"{MODELS}/mixtral-8x7b", "--dry-run"], "give --gpu-budget"),
 ]
 
 
@@ -151,3 +162,16 @@ def test_a_model_given_as_a_config_path_is_named_after_the_model(tmp_path):
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config))
     assert profiles.load_model(folder).name == "mixtral-46.7b"
+
+
+def test_serve_starts_vllm_with_the_plans_budget_on_localhost(tmp_path, capsys):
+    plan = _plan_file(tmp_path)
+    saved = tmp_path / "served.json"
+    assert main(["serve", "--model", str(MODELS / "mixtral-8x7b"), "--plan", plan, "--save-plan", str(saved),
+                 "--dry-run", "--port", "9000", "--load-format", "dummy"]) == 0
+    out = capsys.readouterr().out
+    command = out.splitlines()[-1]
+    assert command.startswith("starting: ") and " serve " in command
+    assert "--gpu-memory-utilization 0.329 " in command  # 46 GiB of the H200 profile's 139.8 GiB
+    assert "--host 127.0.0.1" in command and command.endswith("--port 9000 --load-format dummy")
+    assert saved.exists() and json.loads(saved.read_text()) == json.loads(Path(plan).read_text())
