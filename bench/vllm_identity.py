@@ -113,7 +113,9 @@ def main() -> None:
         same_tokens = r["tokens"] == ref["tokens"]
         same_logprobs = r["logprobs"] == ref["logprobs"]
         rows.append((label, reference, same_tokens, same_logprobs, r["startup_s"]))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    # The device machine's copy of the tree carries stale git metadata: pass FLUXMOE_COMMIT there.
+    commit = os.environ.get("FLUXMOE_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                                                capture_output=True, text=True, cwd=ROOT).stdout.strip()
     device = next((r["gpu"] for r in results.values() if "gpu" in r), "?")
     report = {"what": "greedy tokens and logprobs, plugin vs plain vLLM 0.26.0, same dummy weights",
               "model": a.model, "device": device, "date": date, "commit": commit,

@@ -39,8 +39,9 @@ def main() -> None:
     spec = profiles.load_model(os.path.join(ROOT, "models", "mixtral-8x7b"))
     date = datetime.date.today().isoformat()
     out = os.path.join(RESULTS, f"vllm_mixtral_{date}.json")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
+    # The device machine's copy of the tree carries stale git metadata: pass FLUXMOE_COMMIT there.
+    commit = os.environ.get("FLUXMOE_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                                                capture_output=True, text=True, cwd=ROOT).stdout.strip()
     report = {"what": "Mixtral-8x7B shape, vLLM 0.26.0, dummy weights, CUDA graphs, 256 x (512 in, 128 out)",
               "date": date, "commit": commit, "runs": {}}
     common = ["--model", "models/mixtral-8x7b", "--num-prompts", a.num_prompts, "--input-len", "512",
