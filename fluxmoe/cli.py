@@ -159,7 +159,8 @@ def _result_dict(result) -> dict | None:
     return dict(output_tokens_per_s=result.output_tokens_per_s, tokens_per_s=result.tokens_per_s,
                 ttft_p50_s=result.ttft_s.p50, ttft_p99_s=result.ttft_s.p99, tpot_p50_s=result.tpot_s.p50,
                 tpot_p99_s=result.tpot_s.p99, kv_utilization=result.kv_utilization, preemptions=result.preemptions,
-                pcie_busy=result.pcie_busy, mean_batch=result.mean_batch, makespan_s=result.makespan_s)
+                pcie_busy=result.pcie_busy, mean_batch=result.mean_batch, makespan_s=result.makespan_s,
+                setting=result.setting)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> None:
@@ -168,7 +169,7 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
     from fluxmoe.report import plan_table
     from fluxmoe.serde import to_dict
     from fluxmoe.units import GiB
-    from simulator.compare import baseline_config, simulate_systems
+    from simulator.compare import baseline_config, offload_settings, simulate_systems
 
     given = [name for name, v in (("--budget", args.budget), ("--plan", args.plan), ("--sweep", args.sweep)) if v]
     if len(given) != 1:
@@ -197,8 +198,9 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         plan.save(save_plan)
     from tqdm import tqdm
 
-    runnable = [s for s in systems if s is System.FLUXMOE or baseline_config(plan, s) is not None]
-    with tqdm(total=len(workload) * len(runnable), desc="simulating", unit="req", disable=args.json) as bar:
+    runs = sum(len(offload_settings(profile, plan, workload)) if s is System.VLLM_OFFLOAD else
+               int(s is System.FLUXMOE or baseline_config(plan, s) is not None) for s in systems)
+    with tqdm(total=len(workload) * runs, desc="simulating", unit="req", disable=args.json) as bar:
         results = simulate_systems(profile, plan, workload, systems, progress=bar.update,
                                    keep_timeline=bool(plot or timeline))
     ours = results[System.FLUXMOE]
@@ -213,6 +215,11 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
               f"{'KV used':>7} {'preempt':>8} {'PCIe busy':>7} {'FluxMoE / it':>10}")
         for system, result in results.items():
             print(_result_row(system, result, None if system is System.FLUXMOE else ours.output_tokens_per_s))
+        tuned = results.get(System.VLLM_OFFLOAD)
+        if tuned is not None and tuned.setting:
+            print(f"  vLLM + CPU offload as tuned: {tuned.setting['offload_bytes'] / GiB:.1f} GiB offloaded, "
+                  f"{tuned.setting['kv_cache_bytes'] / GiB:.1f} GiB of KV (best of {tuned.setting['tried']} settings "
+                  f"simulated)")
     if timeline:
         from simulator.plots import write_timeline
 

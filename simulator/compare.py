@@ -27,22 +27,57 @@ def baseline_config(plan: Plan, system: System | str) -> dict | None:
     return dict(kv_cache_bytes=base.kv_cache_bytes, max_num_seqs=base.max_num_seqs, offload_bytes=base.offload_bytes)
 
 
-def simulate_systems(profile: Profile, plan: Plan, workload: Workload, systems=SYSTEMS,
+OFFLOAD_SETTINGS = 6  # offload sizes tried for vLLM + CPU offload, besides the planner's
+
+
+def offload_settings(profile: Profile, plan: Plan, workload: Workload, steps: int = OFFLOAD_SETTINGS) -> list[dict]:
+    """vLLM + CPU offload as a user would tune it: configs from the least offload that holds the
+    longest request to everything the host budget takes, and the planner's own setting."""
+    from planner.memory import MemoryModel
+
+    planned = baseline_config(plan, System.VLLM_OFFLOAD)
+    if planned is None:
+        return []
+    mem = MemoryModel.of(profile, plan.inputs.reserve_bytes if plan.inputs else None)
+    longest = max(workload.requests, key=lambda r: r.prompt_tokens + r.output_tokens)
+    least = mem.offload_for_kv(plan.budget_bytes, mem.kv_per_sequence(longest.prompt_tokens + longest.output_tokens))
+    most = min(plan.host_budget_bytes, mem.all_experts_bytes)
+    sizes = {int(planned["offload_bytes"])}
+    if least <= most:
+        sizes |= {int(least + (most - least) * i / max(1, steps - 1)) for i in range(steps)}
+    configs = []
+    for offload in sorted(sizes):
+        footprint = mem.baseline(System.VLLM_OFFLOAD, plan.budget_bytes, offload)
+        if footprint.kv_cache_bytes > 0:
+            configs.append(dict(kv_cache_bytes=footprint.kv_cache_bytes, max_num_seqs=footprint.max_num_seqs,
+                                offload_bytes=offload))
+    return configs
+
+
+def simulate_systems(profile: Profile, plan: Plan, workload: Workload, systems=SYSTEMS, tune_offload: bool = True,
                      **options) -> dict[System, SimulationResult | None]:
-    """Each system's simulated result on `workload` (None where it does not fit the budget)."""
+    """Each system's simulated result on `workload` (None where it does not fit the budget).
+    vLLM + CPU offload is tuned (`offload_settings`): its best simulated setting is reported,
+    and `result.setting` says which it was."""
     results: dict[System, SimulationResult | None] = {}
     for system in map(System, systems):
         if system is System.FLUXMOE:
             results[system] = simulate(profile, workload, plan=plan, **options)
             continue
         config = baseline_config(plan, system)
-        if config is None:
-            results[system] = None
-            continue
-        try:
-            results[system] = simulate(profile, workload, system=system, **config, **options)
-        except ConfigError:
-            results[system] = None  # e.g. its KV cannot hold the longest request
+        configs = [] if config is None else [config]
+        if system is System.VLLM_OFFLOAD and tune_offload and config is not None:
+            configs = offload_settings(profile, plan, workload)
+        best = None
+        for config in configs:
+            try:
+                result = simulate(profile, workload, system=system, **config, **options)
+            except ConfigError:
+                continue  # e.g. its KV cannot hold the longest request
+            result.setting = dict(config, tried=len(configs))
+            if best is None or result.output_tokens_per_s > best.output_tokens_per_s:
+                best = result
+        results[system] = best
     return results
 
 

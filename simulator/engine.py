@@ -70,6 +70,7 @@ class SimulationResult:
     steps: int
     mean_batch: float  # sequences per step, averaged over steps
     timeline: list[StepRecord] = field(default_factory=list, repr=False)
+    setting: dict = field(default_factory=dict)  # a baseline's knobs, where they were tuned
     sequences: list[Sequence] = field(default_factory=list, repr=False)
 
     def summary(self) -> str:

@@ -195,3 +195,30 @@ def test_azure_trace_replays_relative_to_its_first_row():
     assert wl.requests[0].arrival_s == 0.0
     assert wl.requests[1].arrival_s == pytest.approx(0.052, abs=1e-6)
     assert (wl.requests[0].prompt_tokens, wl.requests[0].output_tokens) == (4808, 10)
+
+
+def test_vllm_offload_is_tuned_like_a_user_would():
+    """The offload baseline reported is the best of its settings, from the least offload that
+    holds the longest request to all the host budget takes, the planner's own included."""
+    import planner
+    import profiles
+    from fluxmoe.names import System
+    from planner.memory import MemoryModel
+    from simulator.compare import baseline_config, offload_settings, simulate_systems
+    from simulator.engine import simulate
+    from simulator.workload import parse_workload
+
+    profile = profiles.load("mixtral-8x7b", gpu="h200")
+    workload = parse_workload("fixed:n=48,prompt=512,output=64")
+    plan = planner.optimize(profile, "46GiB", workload=workload.shape())
+    settings = offload_settings(profile, plan, workload)
+    assert baseline_config(plan, System.VLLM_OFFLOAD) in settings and len(settings) >= 5
+    mem = MemoryModel.of(profile)
+    assert min(s["kv_cache_bytes"] for s in settings) >= mem.kv_per_sequence(576)
+    assert max(s["offload_bytes"] for s in settings) <= min(plan.host_budget_bytes, mem.all_experts_bytes)
+    each = [simulate(profile, workload, system="vllm_offload", keep_timeline=False, **s).output_tokens_per_s
+            for s in settings]
+    tuned = simulate_systems(profile, plan, workload, systems=[System.VLLM_OFFLOAD],
+                             keep_timeline=False)[System.VLLM_OFFLOAD]
+    assert tuned.output_tokens_per_s == max(each)
+    assert tuned.setting["offload_bytes"] == settings[each.index(max(each))]["offload_bytes"]
