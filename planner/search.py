@@ -30,7 +30,11 @@ PREFETCH_DEPTHS = (0, 1, 2, 3)
 SLOT_ENUMERATION_MAX_EXPERTS = 16
 # The MILP stops on a node count, never on the clock alone, so a plan does not depend on how
 # busy the machine is; the wall-clock guard is a safety net whose hit the plan reports.
-MILP_NODE_LIMIT = 2000
+# 100 nodes without cut generation: on the slowest Mixtral-8x7B budgets of the H200 (84-106 GiB)
+# this gave the same plans as 2000 nodes with cuts, to within 0.7% of predicted throughput at
+# one budget (91 GiB), in 0.6-2.6 s instead of 2.7-15.9 s (2 cores).
+MILP_NODE_LIMIT = 100
+MILP_OPTIONS = ("cuts off",)
 MILP_SAFETY_TIME_LIMIT_S = 60.0
 
 
@@ -106,7 +110,7 @@ class _Problem:
             prob += step_time
         started = time.perf_counter()
         prob.solve(pulp.PULP_CBC_CMD(msg=False, gapRel=self.gap, threads=1, maxNodes=MILP_NODE_LIMIT,
-                                     timeLimit=MILP_SAFETY_TIME_LIMIT_S))
+                                     timeLimit=MILP_SAFETY_TIME_LIMIT_S, options=list(MILP_OPTIONS)))
         if time.perf_counter() - started >= MILP_SAFETY_TIME_LIMIT_S:
             self.safety_hits += 1
         if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
