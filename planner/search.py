@@ -30,11 +30,11 @@ PREFETCH_DEPTHS = (0, 1, 2, 3)
 SLOT_ENUMERATION_MAX_EXPERTS = 16
 # The MILP stops on a node count, never on the clock alone, so a plan does not depend on how
 # busy the machine is; the wall-clock guard is a safety net whose hit the plan reports.
-# 100 nodes without cut generation: on the slowest Mixtral-8x7B budgets of the H200 (84-106 GiB)
-# this gave the same plans as 2000 nodes with cuts, to within 0.7% of predicted throughput at
-# one budget (91 GiB), in 0.6-2.6 s instead of 2.7-15.9 s (2 cores).
+# 100 nodes: on the slowest Mixtral-8x7B budgets of the H200 (91-100 GiB) the same plans as
+# 2000 nodes in 2.3-7.4 s instead of 4.8-16.1 s (2 cores). Switching CBC's cuts off as well was
+# faster still (0.6-2.8 s) but missed the brute-force optimum of small cases by up to 2%.
 MILP_NODE_LIMIT = 100
-MILP_OPTIONS = ("cuts off",)
+MILP_OPTIONS: tuple[str, ...] = ()
 MILP_SAFETY_TIME_LIMIT_S = 60.0
 
 
@@ -74,7 +74,12 @@ class _Problem:
         """The placement model for one (batch, depth): variables per MoE layer, epigraph for time."""
         m, cost = self.model, self.cost
         step = self.step(batch)
-        compute = cost.layer_compute_s(step)
+        # Times enter the model in units of the step's compute, so they are O(1) for CBC: in seconds
+        # a small model's step (tens of microseconds) fell under the solver's tolerances, and it
+        # called a placement 1.5% slower than the best "optimal" (found by brute force).
+        unit = max(sum(cost.layer_compute_s(step)), 1e-30)
+        compute = [t / unit for t in cost.layer_compute_s(step)]
+        decode_s, transfer_s = cost.decode_s_per_expert / unit, cost.transfer_s_per_expert / unit
         eb, ceb, E = self.mem.expert_bytes, self.mem.compressed_expert_bytes, m.num_experts
         cat = "Integer" if integer else "Continuous"
         prob = pulp.LpProblem("placement", pulp.LpMinimize)
@@ -88,15 +93,15 @@ class _Problem:
         for l in m.moe_layers:
             prob += r[l] + c[l] + h[l] == E
             prob += slots >= c[l] + h[l]
-        gpu = {l: compute[l] + (cost.decode_s_per_expert * c[l] if l in c else 0) for l in range(m.num_layers)}
+        gpu = {l: compute[l] + (decode_s * c[l] if l in c else 0) for l in range(m.num_layers)}
         stalls = []
         for l in m.moe_layers:
             stall = pulp.LpVariable(f"stall{l}", 0)
             window = pulp.lpSum(gpu[j] for j in cost.window_layers(m.num_layers, l, depth))
-            prob += stall >= cost.transfer_s_per_expert * h[l] - window
+            prob += stall >= transfer_s * h[l] - window
             stalls.append(stall)
         prob += step_time >= pulp.lpSum(gpu.values()) + pulp.lpSum(stalls)
-        prob += step_time >= pulp.lpSum(cost.transfer_s_per_expert * h[l] for l in m.moe_layers)
+        prob += step_time >= pulp.lpSum(transfer_s * h[l] for l in m.moe_layers)
         # MemoryModel.placement_bytes, linear in the variables, plus the KV of `batch` sequences.
         memory = (self.mem.fixed_bytes + batch * self.kv_per_seq
                   + pulp.lpSum(eb * r[l] + ceb * c[l] for l in m.moe_layers) + (depth + 1) * eb * slots)
@@ -106,7 +111,7 @@ class _Problem:
         else:
             prob += memory <= self.budget
             if self.tpot_limit_s is not None:
-                prob += step_time + cost.fixed_s(step) <= self.tpot_limit_s
+                prob += step_time + cost.fixed_s(step) / unit <= self.tpot_limit_s / unit
             prob += step_time
         started = time.perf_counter()
         prob.solve(pulp.PULP_CBC_CMD(msg=False, gapRel=self.gap, threads=1, maxNodes=MILP_NODE_LIMIT,
@@ -116,7 +121,7 @@ class _Problem:
         if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
             return None
         values = [(r[l].value(), c[l].value(), h[l].value()) for l in m.moe_layers]
-        return prob, values, pulp.value(prob.objective)
+        return prob, values, pulp.value(prob.objective) * (1 if minimize_memory else unit)  # seconds or bytes
 
     def memory_bytes(self, tiers: list[TierCounts], depth: int, batch: int) -> float:
         """GPU bytes a placement needs: fixed part, KV for `batch`, experts, staging."""

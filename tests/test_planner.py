@@ -181,3 +181,24 @@ def test_malformed_plan_file_names_file_field_and_value(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match=r"plan\.json: field 'max_num_seqs': must be > 0, got -4"):
         planner.Plan.load(path)
+
+
+@pytest.mark.parametrize("budget_kib,pcie", [(720, 5.0), (1080, 2.0), (640, 10.0)])
+def test_a_deeper_prefetch_wins_where_brute_force_says_so(budget_kib, pcie):
+    """Cases where the best placement prefetches one layer ahead: the planner finds it."""
+    profile = Profile(tiny_model(3, 3), tiny_gpu(pcie))
+    budget, host = budget_kib * 1024, 4 * 2**20
+    plan = planner.optimize(profile, budget, reserve_bytes=RESERVE, max_num_seqs=64, mip_gap=0, host_budget=host)
+    assert plan.prefetch_depth >= 1
+    assert plan.predicted.output_tokens_per_s == pytest.approx(brute_force_best(profile, budget, 64, host), rel=1e-9)
+
+
+@pytest.mark.parametrize("pcie", [0.2, 1.0])
+def test_a_binding_host_budget_gives_the_brute_force_best_under_it(pcie):
+    profile = Profile(tiny_model(3, 3), tiny_gpu(pcie))
+    budget, host = 600 * 1024, 3 * profile.model.expert_bytes
+    plan = planner.optimize(profile, budget, reserve_bytes=RESERVE, max_num_seqs=64, mip_gap=0, host_budget=host)
+    assert plan.memory.host_expert_bytes <= host
+    best_under_host = brute_force_best(profile, budget, 64, host)
+    assert plan.predicted.output_tokens_per_s == pytest.approx(best_under_host, rel=1e-9)
+    assert brute_force_best(profile, budget, 64, 100 * profile.model.expert_bytes) > best_under_host * 1.2  # it binds
