@@ -175,3 +175,27 @@ def test_serve_starts_vllm_with_the_plans_budget_on_localhost(tmp_path, capsys):
     assert "--gpu-memory-utilization 0.329 " in command  # 46 GiB of the H200 profile's 139.8 GiB
     assert "--host 127.0.0.1" in command and command.endswith("--port 9000 --load-format dummy")
     assert saved.exists() and json.loads(saved.read_text()) == json.loads(Path(plan).read_text())
+
+
+def test_simulate_end_to_end_one_request_matches_hand_step_times():
+    """The README's simulate command with --baselines on one request: each system's TPOT is the
+    cost model's decode step for one sequence (mid-way context), worked out here."""
+    import profiles
+    from fluxmoe.serde import from_dict
+    from planner.cost_model import CostModel, StepShape
+    from planner.plan import Plan
+
+    run = subprocess.run([sys.executable, "-m", "fluxmoe.cli", "simulate", "--model", "mixtral-8x7b", "--gpu", "h200",
+                          "--budget", "46GiB", "--baselines", "--workload", "fixed:n=1,prompt=512,output=65", "--json",
+                          "--no-verify"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-500:]
+    result = json.loads(run.stdout)
+    plan = from_dict(Plan, result["plan"])
+    cost = CostModel(profiles.load("mixtral-8x7b", gpu="h200"))
+    step = StepShape(tokens=1, sequences=1, context_tokens=512 + 32)  # the median decode step's context
+    ours = cost.step_time(plan.tier_counts(), step, plan.prefetch_depth).total_s
+    assert result["results"]["fluxmoe"]["tpot_p50_s"] == pytest.approx(ours, rel=0.005)
+    offload = result["results"]["vllm_offload"]
+    hand = cost.offload_step_time(step, offload["setting"]["offload_bytes"]).total_s
+    assert offload["tpot_p50_s"] == pytest.approx(hand, rel=1e-6)
+    assert result["results"]["vllm"] is None  # 93 GB of weights do not fit 46 GiB
