@@ -8,6 +8,7 @@ import planner
 from fluxmoe.errors import ConfigError
 from fluxmoe.names import System
 from planner.cost_model import BATCH_GRID
+from planner.memory import VLLM_MAX_NUM_SEQS
 from planner.plan import Plan, SimulatedFigures
 from profiles.registry import Profile
 from simulator.engine import SimulationResult, simulate
@@ -94,6 +95,10 @@ def verified_optimize(profile: Profile, budget: int | str, workload: Workload, *
     options.setdefault("max_num_seqs", next((b for b in BATCH_GRID if b >= len(workload)), BATCH_GRID[-1]))
     best: tuple[float, Plan, SimulationResult] | None = None
     candidates = planner.candidate_plans(profile, budget, top_k=top_k, **options)
+    # An all-resident plan is plain vLLM's configuration; with vLLM's own admission (by KV, up to
+    # its max_num_seqs) it is exactly plain vLLM, so the pick is never worse than plain vLLM.
+    candidates += [replace(plan, max_num_seqs=VLLM_MAX_NUM_SEQS) for plan in candidates
+                   if plan.max_num_seqs < VLLM_MAX_NUM_SEQS and not any(lp.paged for lp in plan.layers)]
     for plan in candidates:
         result = simulate(profile, workload, plan=plan, keep_timeline=False)
         if best is None or result.output_tokens_per_s > best[0]:
