@@ -90,7 +90,8 @@ def make_plan(args, profile, workload):
     from simulator.compare import verified_optimize
 
     if args.no_verify:
-        return planner.optimize(profile, args.budget, workload=workload.shape(), **_planning_options(args))
+        return planner.optimize(profile, args.budget, workload=workload.shape(), requests=len(workload),
+                                **_planning_options(args))
     return verified_optimize(profile, args.budget, workload, top_k=args.top_k, **_planning_options(args))
 
 

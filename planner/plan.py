@@ -60,6 +60,7 @@ class PlanInputs:
     mip_gap: float
     milp_node_limit: int
     versions: dict[str, str] = field(default_factory=dict)
+    requests: int | None = None  # the workload's request count, where it was known: no batch exceeds it
 
     @classmethod
     def record(cls, **settings) -> "PlanInputs":

@@ -54,11 +54,13 @@ class _Problem:
     """Everything fixed for one optimize() call: profile, budget, workload, derived sizes."""
 
     def __init__(self, profile: Profile, budget_bytes: int, host_budget_bytes: int, workload: WorkloadShape,
-                 reserve_bytes: int, tpot_limit_s: float | None, max_num_seqs: int, mip_gap: float = 0.01):
+                 reserve_bytes: int, tpot_limit_s: float | None, max_num_seqs: int, mip_gap: float = 0.01,
+                 requests: int | None = None):
         self.profile, self.model, self.cost = profile, profile.model, CostModel(profile)
         self.mem = MemoryModel.of(profile, reserve_bytes)
         self.budget, self.host_budget, self.workload = budget_bytes, host_budget_bytes, workload
         self.reserve, self.tpot_limit_s, self.max_num_seqs = reserve_bytes, tpot_limit_s, max_num_seqs
+        self.requests = requests
         self.kv_per_seq = self.mem.kv_per_sequence(workload.prompt_tokens + workload.output_tokens)
         self.gap = mip_gap
         self.safety_hits = 0
@@ -261,9 +263,10 @@ def _prediction(p: _Problem, batch: int, tiers: list[TierCounts] | None, depth: 
 def _best_over_batches(p: _Problem, predict, feasible, kv_for) -> Prediction | None:
     """A baseline at the batch vLLM would run: the most sequences its KV holds, up to vLLM's
     max_num_seqs (and the grid below it, where a latency limit binds)."""
-    cap = min(VLLM_MAX_NUM_SEQS, max(0, kv_for() // p.kv_per_seq)) if kv_for else VLLM_MAX_NUM_SEQS
+    most = min(VLLM_MAX_NUM_SEQS, p.requests or VLLM_MAX_NUM_SEQS)  # never more sequences than requests
+    cap = min(most, max(0, kv_for() // p.kv_per_seq)) if kv_for else most
     best = None
-    for batch in sorted({b for b in BATCH_GRID if b <= VLLM_MAX_NUM_SEQS} | ({cap} if cap >= 1 else set())):
+    for batch in sorted({b for b in BATCH_GRID if b <= most} | ({cap} if cap >= 1 else set())):
         if not feasible(batch):
             continue
         pred = predict(batch)
@@ -316,7 +319,7 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
                     host_budget: int | str | None = None, objective: str = "throughput",
                     tpot_limit_s: float | None = None, reserve_bytes: int | str | None = None,
                     max_num_seqs: int = 1024, prefetch_depths: tuple[int, ...] = PREFETCH_DEPTHS,
-                    mip_gap: float = 0.01) -> list[Plan]:
+                    mip_gap: float = 0.01, requests: int | None = None) -> list[Plan]:
     """The `top_k` best plans (best first) by predicted output tokens/s within `budget` GPU bytes.
 
     budget, host_budget, reserve_bytes: bytes or strings like "46GiB". objective: "throughput",
@@ -342,12 +345,16 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
     if max_num_seqs < 1 or not prefetch_depths or min(prefetch_depths) < 0:
         raise ConfigError(f"max_num_seqs must be >= 1 and prefetch_depths >= 0, got {max_num_seqs!r}, {prefetch_depths!r}")
     limit = tpot_limit_s if objective == "throughput_under_latency" else None
-    p = _Problem(profile, budget_bytes, host_bytes, workload, reserve, limit, max_num_seqs, mip_gap)
+    if requests is not None and requests < 1:
+        raise ConfigError(f"requests: must be >= 1, got {requests!r}")
+    p = _Problem(profile, budget_bytes, host_bytes, workload, reserve, limit, max_num_seqs, mip_gap, requests)
 
     # Visit candidates by their upper bound: B over the all-resident step time.
     order = []
+    # More sequences than requests is memory spent for nothing: the smallest grid batch that holds them all.
+    enough = next((b for b in BATCH_GRID if b >= requests), BATCH_GRID[-1]) if requests else BATCH_GRID[-1]
     for batch in BATCH_GRID:
-        if batch > max_num_seqs:
+        if batch > max_num_seqs or batch > enough:
             continue
         step = p.step(batch)
         for depth in sorted(prefetch_depths):
@@ -393,7 +400,7 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
         raise p.infeasible(min(prefetch_depths))
     elapsed = time.perf_counter() - started
     inputs = PlanInputs.record(reserve_bytes=reserve, max_num_seqs=max_num_seqs, prefetch_depths=list(prefetch_depths),
-                               mip_gap=mip_gap, milp_node_limit=MILP_NODE_LIMIT)
+                               mip_gap=mip_gap, milp_node_limit=MILP_NODE_LIMIT, requests=requests)
     return [_make_plan(p, c, objective, limit, solved, elapsed, inputs) for c in kept]
 
 

@@ -93,6 +93,7 @@ def verified_optimize(profile: Profile, budget: int | str, workload: Workload, *
     deterministic."""
     options.setdefault("workload", workload.shape())
     options.setdefault("max_num_seqs", next((b for b in BATCH_GRID if b >= len(workload)), BATCH_GRID[-1]))
+    options.setdefault("requests", len(workload))
     best: tuple[float, Plan, SimulationResult] | None = None
     candidates = planner.candidate_plans(profile, budget, top_k=top_k, **options)
     # An all-resident plan is plain vLLM's configuration; with vLLM's own admission (by KV, up to

@@ -202,3 +202,17 @@ def test_a_binding_host_budget_gives_the_brute_force_best_under_it(pcie):
     best_under_host = brute_force_best(profile, budget, 64, host)
     assert plan.predicted.output_tokens_per_s == pytest.approx(best_under_host, rel=1e-9)
     assert brute_force_best(profile, budget, 64, 100 * profile.model.expert_bytes) > best_under_host * 1.2  # it binds
+
+
+def test_no_system_runs_more_sequences_than_there_are_requests():
+    import profiles
+
+    profile = profiles.load("qwen3-next-80b-a3b", gpu="a40")
+    plan = planner.optimize(profile, "44.98GiB", workload=planner.WorkloadShape(1024, 512), requests=40)
+    assert plan.max_num_seqs <= 48 and plan.inputs.requests == 40  # 48: the smallest grid batch >= 40
+    for baseline in plan.baselines:
+        assert baseline.prediction is None or baseline.prediction.batch_size <= 40
+    unlimited = planner.optimize(profile, "44.98GiB", workload=planner.WorkloadShape(1024, 512))
+    assert unlimited.baseline("vllm_offload").prediction.batch_size > 40  # the cap is what binds
+    with pytest.raises(ConfigError, match="requests: must be >= 1"):
+        planner.optimize(profile, "44.98GiB", requests=0)
