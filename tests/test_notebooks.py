@@ -16,3 +16,4 @@ def test_notebook_executes(name, tmp_path):
     assert (tmp_path / "what_if_capacity.png").exists()
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "FluxMoE tok/s" in outputs
+    assert "checks passed: monotone in budget, never below plain vLLM" in outputs  # the notebook's own asserts
