@@ -179,6 +179,10 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
     plot = check_output(args.plot, "--plot", (".png",))
     timeline = check_output(args.timeline, "--timeline", (".csv",))
     save_plan = check_output(args.save_plan, "--save-plan", (".json",))
+    if args.find_max_rate and (args.sweep or plot or timeline or not args.slo):
+        raise ConfigError("--find-max-rate needs --slo, and is for one plan (not with --sweep, --plot, --timeline)")
+    if args.slo and not args.find_max_rate:
+        raise ConfigError("--slo goes with --find-max-rate")
     if args.sweep and (timeline or save_plan):
         raise ConfigError("--timeline and --save-plan are for one budget, not a --sweep")
     profile = profiles.load(args.model, gpu=args.gpu)
@@ -197,6 +201,9 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         plan = make_plan(args, profile, workload)
     if save_plan:
         plan.save(save_plan)
+    if args.find_max_rate:
+        _max_rates(args, profile, plan, workload, systems)
+        return
     from tqdm import tqdm
 
     runs = sum(len(offload_settings(profile, plan, workload)) if s is System.VLLM_OFFLOAD else
@@ -234,6 +241,60 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         say(f"plot written to {plot}")
     if save_plan:
         say(f"plan written to {save_plan}")
+
+
+def _concurrency(profile, plan, workload, system: System) -> int:
+    """Sequences a system can hold at once: FluxMoE its plan's batch; a baseline what its largest
+    KV holds of the workload's mean request, up to its max_num_seqs."""
+    from simulator.compare import baseline_config, offload_settings
+
+    if system is System.FLUXMOE:
+        return plan.max_num_seqs
+    configs = offload_settings(profile, plan, workload) if system is System.VLLM_OFFLOAD else [
+        baseline_config(plan, system)]
+    configs = [c for c in configs if c]
+    if not configs:
+        return 1
+    per_seq = profile.model.kv_bytes_per_sequence(round(workload.mean_prompt_tokens + workload.mean_output_tokens))
+    return max(min(c["max_num_seqs"], c["kv_cache_bytes"] // per_seq) for c in configs)
+
+
+def _max_rates(args, profile, plan, workload, systems) -> None:
+    """Each system's highest Poisson arrival rate under the SLO (its goodput), on the workload's
+    request lengths repeated until a queue can form."""
+    from tqdm import tqdm
+
+    from simulator.capacity import parse_slo, system_max_rate
+    from simulator.compare import simulate_systems
+
+    slo = parse_slo(args.slo)
+    found = {}
+    with tqdm(desc="searching rates", unit="sim", disable=args.json) as bar:
+        for system in systems:
+            def run(wl, system=system):
+                bar.update()
+                return simulate_systems(profile, plan, wl, [system], keep_timeline=False)[system]
+
+            concurrency = max(1, _concurrency(profile, plan, workload, system))
+            found[system] = (system_max_rate(run, workload, slo, concurrency), concurrency)
+    if args.json:
+        print(json.dumps({"slo_s": slo.limits, "max_rate": {
+            s.value: dict(requests_per_s=c.rate, requests=max(len(workload), 3 * n),
+                          output_tokens_per_s=c.result.output_tokens_per_s if c.result else 0.0,
+                          ttft_p99_s=c.result.ttft_s.p99 if c.result else None,
+                          tpot_p99_s=c.result.tpot_s.p99 if c.result else None)
+            for s, (c, n) in found.items()}}, indent=2))
+        return
+    print(f"highest Poisson arrival rate under {slo} (the workload's lengths; requests: 3x what each system "
+          f"holds at once, at least {len(workload)}):")
+    print(f"  {'system':<20} {'requests/s':>10} {'output tok/s':>12} {'TTFT p99 s':>10} {'TPOT p99 ms':>11} "
+          f"{'requests':>8}")
+    for system, (c, n) in found.items():
+        if c.result is None:
+            print(f"  {system.label:<20} {'none: not even 0.01 requests/s meets the SLO, or it does not fit':>64}")
+            continue
+        print(f"  {system.label:<20} {c.rate:>10.3g} {c.result.output_tokens_per_s:>12,.0f} "
+              f"{c.result.ttft_s.p99:>10.2f} {c.result.tpot_s.p99 * 1e3:>11.1f} {max(len(workload), 3 * n):>8}")
 
 
 def _sweep(args, profile, workload, systems, plot, say) -> None:
@@ -374,6 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "system's step timeline")
     p.add_argument("--timeline", default=None, help="write FluxMoE's per-step timeline as CSV")
     p.add_argument("--save-plan", default=None, help="write the plan that was simulated as JSON")
+    p.add_argument("--find-max-rate", action="store_true",
+                   help="find each system's highest Poisson arrival rate under --slo (its goodput), on the "
+                        "workload's request lengths")
+    p.add_argument("--slo", default=None, help="latency limits for --find-max-rate, e.g. ttft_p99=2s,tpot_p99=200ms")
     p.set_defaults(func=_cmd_simulate)
 
     p = sub.add_parser("serve", help="plan for a GPU budget and serve the model with vLLM (OpenAI API)",
