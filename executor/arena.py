@@ -29,7 +29,7 @@ class FusedWeights:
 
     w13: torch.Tensor  # [rows, 2I/tp, H]
     w2: torch.Tensor  # [rows, H, I/tp]
-    row_of: torch.Tensor  # [E] int64 on the device
+    row_of: torch.Tensor  # [E] int32 on the device (the dtype of vLLM's top-k ids)
     rows_host: tuple[int, ...]  # the same, on the host
 
     def experts(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -88,10 +88,6 @@ class ExpertArena:
     def nbytes(self) -> int:
         return (self.w13.numel() + self.w2.numel()) * 2
 
-    @property
-    def staging_nbytes(self) -> int:
-        return len(self.plan.buffer_start) * self.slots * self.layout.expert_numel * 2
-
     def is_paged(self, layer: int) -> bool:
         return layer in self.plan.span
 
@@ -116,5 +112,5 @@ class ExpertArena:
             row_of[e] = self.plan.resident_start[layer] + i - lo
         for slot, e in enumerate(staged_ids):
             row_of[e] = self.plan.buffer_start[layer % buffers] + slot - lo
-        rows = torch.tensor(row_of, dtype=torch.long, device=self.device)
+        rows = torch.tensor(row_of, dtype=torch.int32, device=self.device)
         return FusedWeights(self.w13[lo:hi], self.w2[lo:hi], rows, tuple(row_of))

@@ -107,11 +107,7 @@ class LayerTiers:
         layout.check(w13, w2, what)
         if len(tiers) != len(w13):
             raise ConfigError(f"{what}: {len(w13)} experts but {len(tiers)} tiers")
-        tiers = [parse_tier(t, f"{what} tier") for t in tiers]
-        self.layout, self.num_experts = layout, len(w13)
-        self.resident_ids = [e for e, t in enumerate(tiers) if t is Tier.RESIDENT]
-        self.host_ids = [e for e, t in enumerate(tiers) if t is Tier.HOST]
-        self.compressed_ids = [e for e, t in enumerate(tiers) if t is Tier.COMPRESSED]
+        self._sort_ids([parse_tier(t, f"{what} tier") for t in tiers], layout)
         pin = device.type == "cuda"
 
         def take(ids: list[int], into: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -131,6 +127,12 @@ class LayerTiers:
         compressed = take(self.compressed_ids, where=w13.device) if self.compressed_ids else None
         self._adopt(resident, host, compressed, device)
 
+    def _sort_ids(self, tiers: list[Tier], layout: ExpertLayout) -> None:
+        self.layout, self.num_experts = layout, len(tiers)
+        self.resident_ids = [e for e, t in enumerate(tiers) if t is Tier.RESIDENT]
+        self.host_ids = [e for e, t in enumerate(tiers) if t is Tier.HOST]
+        self.compressed_ids = [e for e, t in enumerate(tiers) if t is Tier.COMPRESSED]
+
     def _adopt(self, resident, host, compressed, device: torch.device) -> None:
         self.resident, self.host = resident, host
         self.compressed = tuple(_CompressedStack(t, device) for t in compressed) if compressed else None
@@ -142,10 +144,7 @@ class LayerTiers:
         """A layer whose experts were loaded straight into their tiers (rows in expert id order):
         resident on the GPU, host pinned; compressed as bf16 anywhere, encoded here."""
         self = cls.__new__(cls)
-        self.layout, self.num_experts = layout, len(tiers)
-        self.resident_ids = [e for e, t in enumerate(tiers) if t is Tier.RESIDENT]
-        self.host_ids = [e for e, t in enumerate(tiers) if t is Tier.HOST]
-        self.compressed_ids = [e for e, t in enumerate(tiers) if t is Tier.COMPRESSED]
+        self._sort_ids(tiers, layout)
         for ids, part, name in ((self.resident_ids, resident, "resident"), (self.host_ids, host, "host"),
                                 (self.compressed_ids, compressed, "compressed")):
             if ids and (part is None or len(part[0]) != len(ids)):

@@ -264,7 +264,7 @@ def _max_rates(args, profile, plan, workload, systems) -> None:
     request lengths repeated until a queue can form."""
     from tqdm import tqdm
 
-    from simulator.capacity import parse_slo, system_max_rate
+    from simulator.capacity import QUEUE_FACTOR, parse_slo, system_max_rate
     from simulator.compare import simulate_systems
 
     slo = parse_slo(args.slo)
@@ -279,22 +279,23 @@ def _max_rates(args, profile, plan, workload, systems) -> None:
             found[system] = (system_max_rate(run, workload, slo, concurrency), concurrency)
     if args.json:
         print(json.dumps({"slo_s": slo.limits, "max_rate": {
-            s.value: dict(requests_per_s=c.rate, requests=max(len(workload), 3 * n),
+            s.value: dict(requests_per_s=c.rate, requests=max(len(workload), QUEUE_FACTOR * n),
                           output_tokens_per_s=c.result.output_tokens_per_s if c.result else 0.0,
                           ttft_p99_s=c.result.ttft_s.p99 if c.result else None,
                           tpot_p99_s=c.result.tpot_s.p99 if c.result else None)
             for s, (c, n) in found.items()}}, indent=2))
         return
-    print(f"highest Poisson arrival rate under {slo} (the workload's lengths; requests: 3x what each system "
-          f"holds at once, at least {len(workload)}):")
+    print(f"highest Poisson arrival rate under {slo} (the workload's lengths; requests: {QUEUE_FACTOR}x what each "
+          f"system holds at once, at least {len(workload)}):")
     print(f"  {'system':<20} {'requests/s':>10} {'output tok/s':>12} {'TTFT p99 s':>10} {'TPOT p99 ms':>11} "
           f"{'requests':>8}")
     for system, (c, n) in found.items():
         if c.result is None:
             print(f"  {system.label:<20} {'none: not even 0.01 requests/s meets the SLO, or it does not fit':>64}")
             continue
+        requests = max(len(workload), QUEUE_FACTOR * n)
         print(f"  {system.label:<20} {c.rate:>10.3g} {c.result.output_tokens_per_s:>12,.0f} "
-              f"{c.result.ttft_s.p99:>10.2f} {c.result.tpot_s.p99 * 1e3:>11.1f} {max(len(workload), 3 * n):>8}")
+              f"{c.result.ttft_s.p99:>10.2f} {c.result.tpot_s.p99 * 1e3:>11.1f} {requests:>8}")
 
 
 def _sweep(args, profile, workload, systems, plot, say) -> None:

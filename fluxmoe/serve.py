@@ -48,13 +48,10 @@ def model_config(folder: str) -> dict:
 def _gpu_memory_bytes(hardware) -> int:
     """What vLLM's --gpu-memory-utilization is a fraction of: the CUDA device's memory where
     there is one, else the GPU profile's."""
-    try:
-        import torch
+    import torch
 
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_properties(0).total_memory
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory
     return hardware.gpu_memory_bytes
 
 

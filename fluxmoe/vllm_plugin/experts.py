@@ -139,7 +139,6 @@ class PagedRoutedExperts(RoutedExperts):
         self.fluxmoe_position = runtime.position(model_layer)
         self.fluxmoe_paged, self.fluxmoe_dummy = paged, _is_dummy_load()
         self.fluxmoe_landing = runtime.landing(model_layer) if paged and not self.fluxmoe_dummy else None
-        self.fluxmoe_rows: torch.Tensor | None = None
         self.fluxmoe_shapes = ((moe_config.num_experts, *runtime.layout.w13_shape),
                                (moe_config.num_experts, *runtime.layout.w2_shape))
         inner = self.quant_method.process_weights_after_loading
@@ -183,7 +182,6 @@ class PagedRoutedExperts(RoutedExperts):
             self.fluxmoe_landing = None
         tiers = runtime.layers[self.fluxmoe_position]
         fused = runtime.arena.fused(self.fluxmoe_position, tiers.staged_ids)
-        self.fluxmoe_rows = fused.row_of.to(torch.int32)
         # vLLM's kernel set-up sees the span the layer's one kernel call reads.
         self.w13_weight = torch.nn.Parameter(fused.w13, requires_grad=False)
         self.w2_weight = torch.nn.Parameter(fused.w2, requires_grad=False)
@@ -212,7 +210,7 @@ class PagedRoutedExperts(RoutedExperts):
             with override_config(self._fluxmoe_config(x)):
                 out = self.quant_method.moe_kernel.apply(
                     hidden_states=x, w1=weights.fused.w13, w2=weights.fused.w2, topk_weights=topk_weights,
-                    topk_ids=self.fluxmoe_rows[topk_ids], activation=self.activation,
+                    topk_ids=weights.fused.row_of[topk_ids], activation=self.activation,
                     apply_router_weight_on_input=self.apply_router_weight_on_input,
                     global_num_experts=weights.fused.rows, expert_map=None, shared_experts=shared_experts,
                     shared_experts_input=shared_experts_input)

@@ -69,14 +69,15 @@ class PagingRuntime:
         self.checksums: dict[int, tuple[float, float]] = {}  # model layer -> sums of the placed stacks
 
     # ------------------------------------------------------------------ which layer is what
-    def _position(self, layer: int) -> int:
+    def position(self, layer: int) -> int:
+        """Where model layer `layer` runs among the MoE layers (the pager's index)."""
         if layer not in self.index:
             raise ConfigError(f"model layer {layer} is not an MoE layer of the plan (MoE layers "
                               f"{self.moe_layers[0]}..{self.moe_layers[-1]})")
         return self.index[layer]
 
     def is_paged(self, layer: int) -> bool:
-        self._position(layer)
+        self.position(layer)
         return layer in self.paged_layers
 
     @property
@@ -86,7 +87,7 @@ class PagingRuntime:
     # ------------------------------------------------------------------ placing experts
     def landing(self, layer: int, pin_memory: bool = True) -> Landing:
         """Per-tier destinations for a checkpoint's experts of a paged layer."""
-        i = self._position(layer)
+        i = self.position(layer)
         tiers = self.tiers[i]
 
         def host_stack(n: int, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,20 +99,20 @@ class PagingRuntime:
                        host_stack(tiers.count(Tier.COMPRESSED), False))
 
     def place_landed(self, layer: int, landing: Landing) -> None:
-        i = self._position(layer)
+        i = self.position(layer)
         self._set(i, LayerTiers.from_parts(self.tiers[i], self.layout, self.device, landing.resident, landing.host,
                                            landing.compressed))
 
     def place(self, layer: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
         """A paged layer's full stacks (any device): split into its tiers, copies kept."""
-        i = self._position(layer)
+        i = self.position(layer)
         self.checksums[layer] = (float(w13.double().sum()), float(w2.double().sum()))
         self._set(i, LayerTiers(w13, w2, self.tiers[i], self.layout, self.device, what=f"layer {layer}",
                                 resident_into=self.arena.resident(i) if layer in self.paged_layers else None))
 
     def keep_resident(self, layer: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
         """An all-resident layer keeps the stacks it has (vLLM's own parameters): no copy."""
-        i = self._position(layer)
+        i = self.position(layer)
         if layer in self.paged_layers:
             raise ConfigError(f"model layer {layer} is paged in the plan, not all resident")
         empty = tuple(torch.empty((0, *t.shape[1:]), dtype=t.dtype) for t in (w13, w2))
@@ -137,9 +138,6 @@ class PagingRuntime:
             self._pager = ExpertPager(self.layers, self.plan.prefetch_depth, self.device, slots=self.slots,
                                       arena=self.arena)
         return self._pager
-
-    def position(self, layer: int) -> int:
-        return self._position(layer)
 
     @property
     def gpu_bytes(self) -> int:
