@@ -87,7 +87,7 @@ def main() -> None:
 
     runtime = None
     if plan is not None:
-        from fluxmoe.vllm_plugin.experts import current_runtime
+        from fluxmoe.vllm_plugin.runtime import current_runtime
 
         runtime = current_runtime()
     if a.corrupt:

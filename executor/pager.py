@@ -80,6 +80,7 @@ class RuntimeStats:
     """Runtime feedback the planner can read: per layer, waits and achieved bandwidths."""
 
     layers: list[LayerStats] = field(default_factory=list)
+    samples: int = 0  # steps whose timings were read into `layers` (the latest one is kept)
 
     @property
     def total_wait_ms(self) -> float:
@@ -90,15 +91,42 @@ class RuntimeStats:
         ms = sum(s.h2d_ms for s in self.layers)
         return sum(s.h2d_bytes for s in self.layers) / ms / 1e6 if ms else 0.0
 
+    @property
+    def decode_gbps(self) -> float:
+        ms = sum(s.decode_ms for s in self.layers)
+        return sum(s.decode_bytes for s in self.layers) / ms / 1e6 if ms else 0.0
+
+
+class _LayerMarks:
+    """Timing events of one paged layer, made once and recorded every step. `external=True`
+    makes a record inside a CUDA-graph capture a node of the graph, so replays time too."""
+
+    NAMES = ("h2d", "h2d_end", "decode", "decode_end", "wait", "wait_end")
+
+    def __init__(self):
+        for name in self.NAMES:
+            setattr(self, name, torch.cuda.Event(enable_timing=True, external=True))
+
+    def complete(self) -> bool:
+        return all(getattr(self, name).query() for name in self.NAMES)
+
+    def read_into(self, stats: LayerStats, h2d_bytes: int, decode_bytes: int) -> None:
+        stats.wait_ms = self.wait.elapsed_time(self.wait_end)
+        stats.h2d_bytes, stats.decode_bytes = h2d_bytes, decode_bytes
+        stats.h2d_ms = self.h2d.elapsed_time(self.h2d_end)
+        stats.decode_ms = self.decode.elapsed_time(self.decode_end)
+
 
 class ExpertPager:
     """Pages the experts of a stack of MoE layers (indexed 0..L-1 in execution order)."""
 
     def __init__(self, layers: list[LayerTiers], prefetch_depth: int, device: torch.device | str,
-                 slots: int | None = None, cpu_order: CpuOrder = "lazy", arena: ExpertArena | None = None):
+                 slots: int | None = None, cpu_order: CpuOrder = "lazy", arena: ExpertArena | None = None,
+                 telemetry: bool = False):
         """slots: staging slots per buffer (a plan's staging_slots / (depth + 1)); None sizes
         the pool to the most paged layer. arena: where the staging buffers and the paged layers'
-        resident stacks were carved (see `ExpertPager.build`)."""
+        resident stacks were carved (see `ExpertPager.build`). telemetry: time every step (also
+        inside CUDA graphs) and count steps on the device, for `harvest()` to read without a sync."""
         if prefetch_depth < 0:
             raise ConfigError(f"prefetch_depth: must be >= 0, got {prefetch_depth!r}")
         self.device = torch.device(device)
@@ -121,10 +149,13 @@ class ExpertPager:
         # Every layer's weights sit in the same places every step: views made once, here.
         self.weights = [self._layer_weights(i, t) for i, t in enumerate(layers)]
         self.stats = RuntimeStats([LayerStats() for _ in layers])
-        self._pending: dict[int, tuple[list, dict]] = {}
-        self._waits: list = []
-        self._timed = False
+        self._pending: dict[int, list] = {}
+        self._marks: list[_LayerMarks | None] = [None] * len(layers)
+        self._timed = False  # this step records timing events
+        self._read_at_end = False  # end_step syncs and reads them (a harness asked for stats)
         self._forked = False
+        self.telemetry = telemetry
+        self.steps = torch.zeros((), dtype=torch.int64, device=self.device)  # counted on the device
         # Issue layer l + depth + 1 as soon as layer l releases its buffer. Off inside piecewise
         # CUDA-graph captures, where that copy could only overlap the end of the capture.
         self.prefetch_on_release = True
@@ -155,9 +186,13 @@ class ExpertPager:
 
     # ------------------------------------------------------------------ per layer
     def begin_step(self, stats: bool = False) -> None:
-        """Fork the side streams from the compute stream; this also orders slot reuse across steps."""
-        self._timed, self._pending, self._waits = stats and self.streams.cuda, {}, [None] * len(self.layers)
-        self._forked = False
+        """Fork the side streams from the compute stream; this also orders slot reuse across steps.
+        stats=True: this step is timed and `end_step` reads the timings (a host sync)."""
+        self._read_at_end = stats and self.streams.cuda
+        self._timed = self.streams.cuda and (stats or self.telemetry)
+        self._pending, self._forked = {}, False
+        if self.telemetry:
+            self.steps.add_(1)
         if not any(self.paged):
             return
         self.pool.released = [None] * self.pool.buffers
@@ -180,10 +215,10 @@ class ExpertPager:
             return
         s = self.streams
         s.follow_caller()
-        for layer, (events, marks) in self._pending.items():
+        for layer, events in self._pending.items():
             for event in events:
                 s.wait(s.compute, event)
-            self._pending[layer] = ([], marks)
+            self._pending[layer] = []
         self.pool.released = [None] * self.pool.buffers  # compute is past every release now
         self._forked = False
 
@@ -201,18 +236,25 @@ class ExpertPager:
             self._fork()
         for side in (s.copy, s.decode):
             s.wait(side, pool.released[b])
-        marks = {"h2d": s.record(s.copy, True), "decode": s.record(s.decode, True)} if self._timed else {}
+        marks = self._layer_marks(layer) if self._timed else None
+        if marks is not None:
+            marks.h2d.record(s.copy)
+            marks.decode.record(s.decode)
         w13, w2 = pool.buffer(b)
         events = []
         if tiers.host_ids:
             events.append(s.launch(s.copy, lambda: tiers.copy_host_into(w13, w2)))
         if tiers.compressed_ids:
             events.append(s.launch(s.decode, lambda: tiers.decode_compressed_into(w13, w2, s.decode)))
-        if self._timed:
-            marks["h2d_end"], marks["decode_end"] = s.record(s.copy, True), s.record(s.decode, True)
-            e = self.layout.expert_numel * 2
-            marks["bytes"] = (len(tiers.host_ids) * e, len(tiers.compressed_ids) * e)
-        self._pending[layer] = (events, marks)
+        if marks is not None:
+            marks.h2d_end.record(s.copy)
+            marks.decode_end.record(s.decode)
+        self._pending[layer] = events
+
+    def _layer_marks(self, layer: int) -> _LayerMarks:
+        if self._marks[layer] is None:
+            self._marks[layer] = _LayerMarks()
+        return self._marks[layer]
 
     def wait(self, layer: int) -> LayerWeights:
         """The compute stream waits (on the device) until layer `layer`'s experts are in place."""
@@ -220,12 +262,13 @@ class ExpertPager:
             if layer not in self._pending:
                 raise RuntimeError(f"layer {layer} was never prefetched this step")
             s = self.streams
-            events, marks = self._pending[layer]
-            before = s.record(s.compute, True) if self._timed else None
-            for event in events:
+            marks = self._marks[layer] if self._timed else None
+            if marks is not None:
+                marks.wait.record(s.compute)
+            for event in self._pending[layer]:
                 s.wait(s.compute, event)
-            if self._timed:
-                self._waits[layer] = (before, s.record(s.compute, True), marks)
+            if marks is not None:
+                marks.wait_end.record(s.compute)
         return self.weights[layer]
 
     def release(self, layer: int) -> None:
@@ -255,22 +298,31 @@ class ExpertPager:
             self.prefetch(layer + self.depth + 1)
 
     def end_step(self) -> None:
-        """After the last layer: read stats if they were asked for (syncs), drop CPU leftovers."""
+        """After the last layer: read stats if this step was asked for them (syncs), drop CPU leftovers."""
         self.streams.drop_pending()
-        if not self._timed:
-            return
-        torch.cuda.synchronize(self.device)  # stats are read after the step, off the hot path
-        for layer_stats, timing in zip(self.stats.layers, self._waits):
-            if timing is None:  # nothing paged in this layer
-                layer_stats.wait_ms = 0.0
+        if self._read_at_end:
+            torch.cuda.synchronize(self.device)  # stats are read after the step, off the hot path
+            self._read_marks()
+
+    def harvest(self) -> bool:
+        """Read the timings of the latest step whose events have all completed, without a sync
+        (False, stats unchanged, if a step is still in flight or nothing was timed). Call it
+        between steps: a step's events are recorded together, so complete ones are one step's."""
+        marked = [m for m in self._marks if m is not None]
+        if not marked or not all(m.complete() for m in marked):
+            return False
+        self._read_marks()
+        return True
+
+    def _read_marks(self) -> None:
+        e = self.layout.expert_numel * 2
+        for layer_stats, marks, tiers in zip(self.stats.layers, self._marks, self.layers):
+            if marks is None:  # nothing paged in this layer
+                layer_stats.wait_ms = layer_stats.h2d_ms = layer_stats.decode_ms = 0.0
                 layer_stats.h2d_bytes = layer_stats.decode_bytes = 0
-                layer_stats.h2d_ms = layer_stats.decode_ms = 0.0
-                continue
-            before, after, marks = timing
-            layer_stats.wait_ms = before.elapsed_time(after)
-            layer_stats.h2d_bytes, layer_stats.decode_bytes = marks["bytes"]
-            layer_stats.h2d_ms = marks["h2d"].elapsed_time(marks["h2d_end"])
-            layer_stats.decode_ms = marks["decode"].elapsed_time(marks["decode_end"])
+            else:
+                marks.read_into(layer_stats, len(tiers.host_ids) * e, len(tiers.compressed_ids) * e)
+        self.stats.samples += 1
 
     # ------------------------------------------------------------------ accounting
     @property

@@ -351,11 +351,15 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
     from fluxmoe.report import plan_table
     from fluxmoe.serve import prepare
+    from fluxmoe.vllm_plugin.endpoint import STATS_PATH
+    from fluxmoe.vllm_plugin.stats import DEFAULT_INTERVAL_S, INTERVAL_ENV
 
     launch = prepare(args, args.vllm_args, lambda profile: make_plan(args, profile, _workload(args)))
     print(plan_table(launch.plan))
     print(f"\nplan written to {launch.plan_path}")
     print(f"vLLM gets --gpu-memory-utilization {launch.gpu_memory_utilization} (the plan's budget)")
+    print(f"pager stats: GET {STATS_PATH} (same --api-key as the API), and a log line every "
+          f"${INTERVAL_ENV} seconds (default {DEFAULT_INTERVAL_S:g})")
     print("starting: " + " ".join(shlex.quote(a) for a in launch.argv), flush=True)
     if args.dry_run:
         return
@@ -449,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "FluxMoE does not know go to `vllm serve` unchanged (e.g. --port, --api-key, "
                                    "--max-model-len); the server binds to 127.0.0.1 unless --host is given. "
                                    "Bad inputs (no config.json, a plan for another model or GPU, a budget below "
-                                   "the smallest plan) are refused before vLLM starts.")
+                                   "the smallest plan) are refused before vLLM starts. The pager's stats are "
+                                   "served at GET /v1/fluxmoe/stats, which asks the same --api-key as the API.")
     p.add_argument("--gpu-budget", dest="budget", default=None, help="GPU memory budget, e.g. 46GiB")
     p.add_argument("--plan", default=None, help="serve this saved plan (refused if made for another model/GPU)")
     _planning_arguments(p)

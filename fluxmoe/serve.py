@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fluxmoe.errors import ConfigError
+from fluxmoe.vllm_plugin.endpoint import STATS_PATH, StatsEndpoint
+from fluxmoe.vllm_plugin.worker import EXTENSION as WORKER_EXTENSION
 
 # Options that FluxMoE sets from the plan: giving them too would make vLLM run another budget.
 PLAN_OWNED = ("--gpu-memory-utilization",)
@@ -77,7 +79,7 @@ def prepare(args, vllm_args: list[str], make_plan) -> Launch:
     from fluxmoe.vllm_plugin.runtime import check_plan_for_model
 
     for option in PLAN_OWNED:
-        if any(a == option or a.startswith(option + "=") for a in vllm_args):
+        if _given(option, vllm_args):
             raise ConfigError(f"{option}: set by FluxMoE from the plan's budget; give --gpu-budget instead")
     config = model_config(args.model)
     spec = profiles.load_model(args.model)
@@ -99,10 +101,32 @@ def prepare(args, vllm_args: list[str], make_plan) -> Launch:
     plan_path = _plan_file(plan, args.save_plan)
     vllm = shutil.which("vllm") or "vllm"
     argv = [vllm, "serve", str(args.model), "--gpu-memory-utilization", f"{utilization}", "--dtype", "bfloat16"]
-    if not any(a == "--max-num-seqs" or a.startswith("--max-num-seqs=") for a in vllm_args):
+    if not _given("--max-num-seqs", vllm_args):
         argv += ["--max-num-seqs", str(plan.max_num_seqs)]
-    if not any(a == "--host" or a.startswith("--host=") for a in vllm_args):
+    if not _given("--host", vllm_args):
         argv += ["--host", "127.0.0.1"]  # localhost unless told otherwise
+    if not _given("--worker-extension-cls", vllm_args):
+        argv += ["--worker-extension-cls", WORKER_EXTENSION]  # answers the stats endpoint
     argv += list(vllm_args)
     env = dict(os.environ, **{PLAN_ENV: str(plan_path.resolve())})
+    env["VLLM_PLUGINS"] = _plugins_with_stats(os.environ.get("VLLM_PLUGINS"))
     return Launch(plan, plan_path, argv, env, utilization)
+
+
+def _given(option: str, args: list[str]) -> bool:
+    return any(a == option or a.startswith(option + "=") for a in args)
+
+
+def _plugins_with_stats(allowed: str | None) -> str:
+    """vLLM loads endpoint plugins only when VLLM_PLUGINS names them, and then loads only the
+    general plugins it names: keep every general plugin that would have loaded, add ours."""
+    from importlib.metadata import entry_points
+
+    if allowed is None:
+        names = [ep.name for ep in entry_points(group="vllm.general_plugins")]
+    else:
+        names = [n for n in allowed.split(",") if n]
+    for ours in ("fluxmoe", StatsEndpoint.name):
+        if ours not in names:
+            names.append(ours)
+    return ",".join(names)

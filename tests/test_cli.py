@@ -177,6 +177,8 @@ def test_serve_starts_vllm_with_the_plans_budget_on_localhost(tmp_path, capsys):
     assert command.startswith("starting: ") and " serve " in command
     assert "--gpu-memory-utilization 0.329 " in command  # 46 GiB of the H200 profile's 139.8 GiB
     assert "--host 127.0.0.1" in command and command.endswith("--port 9000 --load-format dummy")
+    assert "--worker-extension-cls fluxmoe.vllm_plugin.worker.FluxMoEWorkerExtension" in command
+    assert "GET /v1/fluxmoe/stats (same --api-key as the API)" in out
     assert saved.exists() and json.loads(saved.read_text()) == json.loads(Path(plan).read_text())
 
 

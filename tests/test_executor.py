@@ -233,6 +233,6 @@ def test_join_mid_step_keeps_results_exact(stack, cpu_order):
         out = moe_layer(out, router, weights.fused.experts() if weights.fused else weights.experts, K)
         pager.after_layer(layer)
         pager.join()
-        assert all(events == [] for events, _ in pager._pending.values())
+        assert all(events == [] for events in pager._pending.values())
     pager.end_step()
     assert torch.equal(out, reference_forward(x, routers, stacks, K))

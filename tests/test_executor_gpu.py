@@ -63,3 +63,31 @@ def test_a_decode_step_captures_in_a_cuda_graph(qwen_like, mix, depth):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("mix", ["host", "mixed"])
+def test_telemetry_times_cuda_graph_replays_without_a_sync(qwen_like, mix):
+    """With telemetry, every step (graph replays included) records its timing events and counts
+    itself on the device; `harvest` reads them once complete, never waiting."""
+    stack, x, expected = _paged(qwen_like, mix, 1, tokens=8)
+    pager = stack.pager
+    pager.telemetry = True
+    stack.forward(x)
+    torch.cuda.synchronize()
+    assert pager.harvest() and pager.stats.samples == 1
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = stack.forward(x)
+    torch.cuda.synchronize()
+    pager.stats.layers[0].wait_ms = -1.0  # must be overwritten by the replay's timings
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)
+    assert pager.harvest() and pager.stats.samples == 2
+    assert int(pager.steps) == 1 + 3  # the eager step and three replays (a capture runs nothing)
+    spec = qwen_like[0]
+    host = sum(t == "host" for t in TIER_MIXES[mix](spec.num_experts))
+    assert pager.stats.layers[0].h2d_bytes == host * pager.layout.expert_numel * 2
+    assert pager.stats.layers[0].wait_ms >= 0.0
+    assert pager.stats.h2d_gbps > 1.0

@@ -27,16 +27,12 @@ from vllm.model_executor.offloader.base import BaseOffloader, get_offloader, set
 
 from executor.tiers import ExpertLayout
 from fluxmoe.errors import ConfigError
-from fluxmoe.vllm_plugin.runtime import PagingRuntime, check_plan_for_model
+from fluxmoe.vllm_plugin.runtime import PagingRuntime, check_plan_for_model, current_runtime, set_current_runtime
+from fluxmoe.vllm_plugin.stats import interval_from_env
 
 log = logging.getLogger("fluxmoe")
 
 _plan_path: str | None = None
-_runtime: PagingRuntime | None = None
-
-
-def current_runtime() -> PagingRuntime | None:
-    return _runtime
 
 
 def _model_layer(layer_name: str) -> int:
@@ -54,9 +50,8 @@ def _is_dummy_load() -> bool:
 
 def _runtime_for(moe_config, params_dtype, quant_config) -> PagingRuntime:
     """The process's runtime, made when the first MoE layer is built (before any weight loads)."""
-    global _runtime
-    if _runtime is not None:
-        return _runtime
+    if current_runtime() is not None:
+        return current_runtime()
     from vllm.config import get_current_vllm_config
 
     from planner.plan import Plan
@@ -71,13 +66,15 @@ def _runtime_for(moe_config, params_dtype, quant_config) -> PagingRuntime:
     if config.parallel_config.enable_expert_parallel:
         raise ConfigError("FluxMoE plans do not run with expert parallelism yet")
     layout = ExpertLayout(moe_config.hidden_dim, moe_config.intermediate_size_per_partition)
-    _runtime = PagingRuntime(plan, layout, torch.device("cuda", torch.cuda.current_device()))
-    set_offloader(_JoiningOffloader(get_offloader(), _runtime))
-    paged = len(_runtime.paged_layers)
+    runtime = PagingRuntime(plan, layout, torch.device("cuda", torch.cuda.current_device()),
+                            stats_interval_s=interval_from_env())
+    set_current_runtime(runtime)
+    set_offloader(_JoiningOffloader(get_offloader(), runtime))
+    paged = len(runtime.paged_layers)
     log.info("FluxMoE: plan %s, budget %.2f GiB, %d of %d MoE layers paged, depth %d, %d staging slots per buffer",
-             _plan_path, plan.budget_bytes / 2**30, paged, len(_runtime.moe_layers), plan.prefetch_depth,
-             _runtime.slots)
-    return _runtime
+             _plan_path, plan.budget_bytes / 2**30, paged, len(runtime.moe_layers), plan.prefetch_depth,
+             runtime.slots)
+    return runtime
 
 
 def _piecewise_capture() -> bool:
@@ -101,7 +98,10 @@ class _JoiningOffloader(BaseOffloader):
         self.inner.post_init()
 
     def sync_prev_onload(self) -> None:
+        """Before every CUDA-graph capture and replay: also a host hook between steps for stats."""
         self.inner.sync_prev_onload()
+        if self.runtime.reporter is not None:
+            self.runtime.reporter.poll()
         pager = self.runtime._pager
         if pager is not None and pager.streams.cuda:
             compute = torch.cuda.current_stream()
@@ -202,6 +202,8 @@ class PagedRoutedExperts(RoutedExperts):
         from vllm.model_executor.layers.fused_moe import override_config
 
         pager, position = runtime.pager, self.fluxmoe_position
+        if position == 0 and runtime.reporter is not None:
+            runtime.reporter.poll()  # eager steps (no graph replay hook); cheap unless a line is due
         pager.prefetch_on_release = not _piecewise_capture()
         weights = pager.before_layer(position)
         if weights.fused is None:

@@ -53,8 +53,13 @@ def check_plan_for_model(plan, hf_config: dict, tensor_parallel: int = 1) -> Non
 
 
 class PagingRuntime:
-    def __init__(self, plan, layout: ExpertLayout, device: torch.device | str):
+    def __init__(self, plan, layout: ExpertLayout, device: torch.device | str, stats_interval_s: float | None = None):
+        """stats_interval_s: time every step and report (a log line every that many seconds,
+        0 for none, and `self.reporter.snapshot()`); None: no stats."""
+        from fluxmoe.vllm_plugin.stats import StatsReporter
+
         self.plan, self.layout, self.device = plan, layout, torch.device(device)
+        self.reporter = StatsReporter(self, stats_interval_s) if stats_interval_s is not None else None
         self.moe_layers = sorted(lp.layer for lp in plan.layers)
         self.index = {layer: i for i, layer in enumerate(self.moe_layers)}
         self.tiers = [plan.layer(layer).tiers() for layer in self.moe_layers]
@@ -136,8 +141,15 @@ class PagingRuntime:
             if missing:
                 raise RuntimeError(f"MoE layers {missing} were never placed: the pager cannot start")
             self._pager = ExpertPager(self.layers, self.plan.prefetch_depth, self.device, slots=self.slots,
-                                      arena=self.arena)
+                                      arena=self.arena, telemetry=self.reporter is not None)
         return self._pager
+
+    def stats(self) -> dict:
+        """The pager's latest stats (see `StatsReporter.snapshot`); empty layers if not timed."""
+        if self.reporter is None:
+            return {"paged_layers": len(self.paged_layers), "moe_layers": len(self.moe_layers), "steps": 0,
+                    "timed_steps": 0, "layers": [], "stats": "off"}
+        return self.reporter.snapshot()
 
     @property
     def gpu_bytes(self) -> int:
@@ -145,3 +157,16 @@ class PagingRuntime:
         layers keep vLLM's own parameters and are not counted here)."""
         compressed = sum(t.gpu_bytes[Tier.COMPRESSED] for t in self.layers if t is not None)
         return (self.arena.nbytes if self.arena is not None else 0) + compressed
+
+
+_current: PagingRuntime | None = None
+
+
+def current_runtime() -> PagingRuntime | None:
+    """This process's runtime (one per vLLM worker), or None where no plan runs."""
+    return _current
+
+
+def set_current_runtime(runtime: PagingRuntime | None) -> None:
+    global _current
+    _current = runtime
