@@ -77,6 +77,10 @@ def main() -> None:
               seed=0)
     if a.max_num_seqs:
         kw["max_num_seqs"] = a.max_num_seqs
+    if plan is not None:
+        from fluxmoe.vllm_plugin.worker import EXTENSION
+
+        kw["worker_extension_cls"] = EXTENSION  # collective_rpc("fluxmoe_stats"), as the endpoint calls it
     if a.gdn_prefill_backend:
         kw["gdn_prefill_backend"] = a.gdn_prefill_backend
     if a.capture_sizes and not a.eager:
@@ -120,7 +124,9 @@ def main() -> None:
         res["fluxmoe"] = dict(pager_ran=runtime._pager is not None, paged_layers=len(runtime.paged_layers), moe_layers=len(runtime.moe_layers),
                               gpu_expert_bytes=runtime.gpu_bytes, depth=runtime.plan.prefetch_depth,
                               slots=runtime.slots, plan_kv_bytes=runtime.plan.kv_cache_bytes,
-                              host_bytes=sum(t.host_bytes for t in runtime.layers if t is not None))
+                              host_bytes=sum(t.host_bytes for t in runtime.layers if t is not None),
+                              encode_s=round(runtime.encode_seconds, 2),
+                              compressed_experts=sum(len(t.compressed_ids) for t in runtime.layers if t is not None), stats=llm.collective_rpc("fluxmoe_stats"))
     def probe(model):
         """Per MoE layer: the class, backend and kernel vLLM built, and sums of the expert stacks."""
         found = []

@@ -17,15 +17,21 @@ tok.save("/tmp/mixtral-tiny-tok/tokenizer.json")
 json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "t0", "bos_token": "t1", "eos_token": "t2",
            "model_max_length": 4096}, open("/tmp/mixtral-tiny-tok/tokenizer_config.json", "w"))
 PY
+KEY=fluxmoe-check-key
+export FLUXMOE_STATS_INTERVAL=2  # a pager log line every 2 s
 python3 -m fluxmoe.cli serve --model $MODEL --plan bench/plans/mixtral-tiny-mixed.json --port $PORT --load-format dummy \
-    --max-model-len 1024 > /tmp/serve.log 2>&1 &
+    --max-model-len 1024 --api-key $KEY > /tmp/serve.log 2>&1 &
 SERVER=$!
 for i in $(seq 1 90); do curl -sf http://127.0.0.1:$PORT/health > /dev/null && break; sleep 2; done
 echo "server up after ~$((i * 2)) s"
-vllm bench serve --backend vllm --base-url http://127.0.0.1:$PORT --model $MODEL --tokenizer $MODEL \
+OPENAI_API_KEY=$KEY vllm bench serve --backend vllm --base-url http://127.0.0.1:$PORT --model $MODEL --tokenizer $MODEL \
     --dataset-name random --random-input-len 64 --random-output-len 32 --num-prompts 32 --ignore-eos 2>&1 \
     | grep -E "Successful|Failed|throughput|TTFT|TPOT|Benchmark duration|Error|error" | head -20
+echo "--- stats endpoint: without the key (expect 401), then with it"
+curl -s -o /dev/null -w "%{http_code}\n" http://127.0.0.1:$PORT/v1/fluxmoe/stats
+curl -s -H "Authorization: Bearer $KEY" http://127.0.0.1:$PORT/v1/fluxmoe/stats | tee /tmp/stats.json | head -c 1500; echo
 echo "--- server log (FluxMoE lines, errors)"
 grep -E "FluxMoE|fluxmoe|Error|Traceback|KV cache size" /tmp/serve.log | head -10
+grep -E "FluxMoE pager" /tmp/serve.log | tail -3
 sed -n 1,8p /tmp/serve.log
 kill $SERVER; sleep 2; pkill -f "vllm serve" || true

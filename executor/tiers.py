@@ -13,6 +13,8 @@ one contiguous run of slots.
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass
 
 import torch
@@ -135,7 +137,11 @@ class LayerTiers:
 
     def _adopt(self, resident, host, compressed, device: torch.device) -> None:
         self.resident, self.host = resident, host
+        start = time.perf_counter()
         self.compressed = tuple(_CompressedStack(t, device) for t in compressed) if compressed else None
+        if self.compressed and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.encode_seconds = time.perf_counter() - start if compressed else 0.0  # load time, reported
 
     @classmethod
     def from_parts(cls, tiers: list[Tier], layout: ExpertLayout, device: torch.device,

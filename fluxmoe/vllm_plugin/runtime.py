@@ -9,6 +9,7 @@ pager sees the MoE layers in execution order.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,8 @@ from executor.pager import ExpertPager
 from executor.tiers import ExpertLayout, LayerTiers
 from fluxmoe.errors import ConfigError
 from fluxmoe.names import Tier
+
+log = logging.getLogger("fluxmoe")
 
 
 @dataclass
@@ -123,6 +126,11 @@ class PagingRuntime:
         empty = tuple(torch.empty((0, *t.shape[1:]), dtype=t.dtype) for t in (w13, w2))
         self._set(i, LayerTiers.from_parts(self.tiers[i], self.layout, self.device, (w13, w2), empty, None))
 
+    @property
+    def encode_seconds(self) -> float:
+        """Time spent encoding compressed experts at load (on the GPU), all layers."""
+        return sum(t.encode_seconds for t in self.layers if t is not None)
+
     def _set(self, i: int, tiers: LayerTiers) -> None:
         if self._pager is not None:
             raise RuntimeError("the pager is already running: layers cannot be placed again")
@@ -142,6 +150,10 @@ class PagingRuntime:
                 raise RuntimeError(f"MoE layers {missing} were never placed: the pager cannot start")
             self._pager = ExpertPager(self.layers, self.plan.prefetch_depth, self.device, slots=self.slots,
                                       arena=self.arena, telemetry=self.reporter is not None)
+            compressed = sum(len(t.compressed_ids) for t in self.layers)
+            if compressed:
+                log.info("FluxMoE: %d compressed experts were encoded at load in %.1f s", compressed,
+                         self.encode_seconds)
         return self._pager
 
     def stats(self) -> dict:
