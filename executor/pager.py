@@ -249,6 +249,8 @@ class ExpertPager:
         if marks is not None:
             marks.h2d_end.record(s.copy)
             marks.decode_end.record(s.decode)
+            # Compute must join past the marks too, or a CUDA-graph capture ends with unjoined work.
+            events = [s.record(s.copy), s.record(s.decode)]
         self._pending[layer] = events
 
     def _layer_marks(self, layer: int) -> _LayerMarks:
