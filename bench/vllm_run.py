@@ -44,8 +44,21 @@ def main() -> None:
                          "of tokens could see the experts")
     ap.add_argument("--gdn-prefill-backend", default="",
                     help="Qwen3-Next's linear attention prefill (the GPU machine has no flashinfer: 'triton')")
+    ap.add_argument("--cpu-offload-gb", type=float, default=0.0, help="vLLM's UVA offloader (vLLM-O)")
+    ap.add_argument("--offload-prefetch", default="",
+                    help="vLLM's prefetch offloader: GROUP/NUM_IN_GROUP/PREFETCH_STEP, e.g. 4/3/1")
+    ap.add_argument("--offload-params", default="w13_weight,w2_weight",
+                    help="parameter names either offloader offloads (default: the experts)")
+    ap.add_argument("--fast-dummy", action="store_true",
+                    help="fill dummy weights of host-held (offloaded) params on the GPU with the same generator, "
+                         "then copy: the same values, minutes less start-up (vLLM fills them on one CPU thread)")
+    ap.add_argument("--trace", default="", help="take prompt/output lengths from this Azure trace CSV (first "
+                                                "--num-prompts rows, capped to fit --max-model-len)")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=0)
     ap.add_argument("--label", default="")
     a = ap.parse_args()
+    if a.fast_dummy:
+        _fast_dummy()
     if a.dummy_scale:
         from vllm.model_executor.model_loader import weight_utils
 
@@ -70,13 +83,24 @@ def main() -> None:
 
     vocab = json.load(open(os.path.join(a.model, "config.json")))["vocab_size"]
     rng = random.Random(0)
-    prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(100, vocab - 100) for _ in range(a.input_len)])
-               for _ in range(a.num_prompts)]
+    lengths = _lengths(a)
+    prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(100, vocab - 100) for _ in range(n_in)])
+               for n_in, _ in lengths]
     kw = dict(model=a.model, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               gpu_memory_utilization=round(util, 4), enforce_eager=a.eager, max_model_len=a.max_model_len,
               seed=0)
     if a.max_num_seqs:
         kw["max_num_seqs"] = a.max_num_seqs
+    if a.max_num_batched_tokens:
+        kw["max_num_batched_tokens"] = a.max_num_batched_tokens
+    offload = set(a.offload_params.split(",")) if a.offload_params else set()
+    if a.cpu_offload_gb:
+        kw.update(cpu_offload_gb=a.cpu_offload_gb, cpu_offload_params=offload)
+    if a.offload_prefetch:
+        group, num, step = (int(x) for x in a.offload_prefetch.split("/"))
+        kw.update(offload_backend="prefetch", offload_group_size=group, offload_num_in_group=num,
+                  offload_prefetch_step=step, offload_params=offload)
+    kw["disable_log_stats"] = False  # per-request first/last token times for TTFT and TPOT
     if plan is not None:
         from fluxmoe.vllm_plugin.worker import EXTENSION
 
@@ -102,9 +126,10 @@ def main() -> None:
         runtime.layers[target].resident[0][0].mul_(-1)  # one resident expert, read through its arena span
 
     if a.greedy:
-        sp = SamplingParams(temperature=0.0, max_tokens=a.output_len, ignore_eos=True, logprobs=1)
+        sp = [SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True, logprobs=1) for _, n_out in lengths]
     else:
-        sp = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=a.output_len, ignore_eos=True, seed=0)
+        sp = [SamplingParams(temperature=1.0, top_p=1.0, max_tokens=n_out, ignore_eos=True, seed=0)
+              for _, n_out in lengths]
     llm.generate([prompts[0]], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)  # warm-up
     torch.cuda.synchronize()
     t1 = time.perf_counter()
@@ -119,7 +144,9 @@ def main() -> None:
                num_gpu_blocks=cache.num_gpu_blocks, block_size=cache.block_size,
                kv_tokens=(cache.num_gpu_blocks or 0) * cache.block_size,
                gpu=torch.cuda.get_device_name(0), gpu_total_bytes=total,
-               max_allocated_bytes=torch.cuda.max_memory_allocated())
+               max_allocated_bytes=torch.cuda.max_memory_allocated(), **_latencies(outs),
+               settings={k: (sorted(v) if isinstance(v, set) else v) for k, v in kw.items()
+                         if k not in ("model", "skip_tokenizer_init")})
     if runtime is not None:
         res["fluxmoe"] = dict(pager_ran=runtime._pager is not None, paged_layers=len(runtime.paged_layers), moe_layers=len(runtime.moe_layers),
                               gpu_expert_bytes=runtime.gpu_bytes, depth=runtime.plan.prefetch_depth,
@@ -151,6 +178,64 @@ def main() -> None:
         res["logprobs"] = [[float(step[t].logprob) for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
                            for o in outs]
     print("RESULT " + json.dumps(res), flush=True)
+
+
+def _lengths(a) -> list[tuple[int, int]]:
+    """(prompt, output) tokens per request: fixed, or the trace's first rows that fit."""
+    if not a.trace:
+        return [(a.input_len, a.output_len)] * a.num_prompts
+    import csv
+
+    rows = []
+    with open(a.trace) as f:
+        for row in csv.DictReader(f):
+            n_in, n_out = int(row["ContextTokens"]), max(1, int(row["GeneratedTokens"]))
+            if n_in + n_out <= a.max_model_len:
+                rows.append((n_in, n_out))
+            if len(rows) == a.num_prompts:
+                break
+    return rows
+
+
+def _latencies(outs) -> dict:
+    """TTFT and TPOT percentiles from vLLM's per-request timestamps (engine-core clock)."""
+    import numpy as np
+
+    ttft, tpot = [], []
+    for o in outs:
+        m = o.metrics
+        if m is None or not m.first_token_ts:
+            continue
+        ttft.append(m.first_token_ts - m.queued_ts)
+        n = len(o.outputs[0].token_ids)
+        if n > 1:
+            tpot.append((m.last_token_ts - m.first_token_ts) / (n - 1))
+    out = {}
+    for name, xs in (("ttft", ttft), ("tpot", tpot)):
+        if xs:
+            out[f"{name}_p50_s"], out[f"{name}_p99_s"] = (round(float(np.percentile(xs, q)), 5) for q in (50, 99))
+    return out
+
+
+def _fast_dummy() -> None:
+    """vLLM fills a CPU-held dummy param on one CPU thread (about 50 MB/s); fill it on the GPU
+    with the same generator and seed and copy, so it holds what a GPU-held param would."""
+    import torch
+    from vllm.model_executor.model_loader import dummy_loader, weight_utils
+
+    original = weight_utils.initialize_single_dummy_weight
+
+    def fill(param, low=-1e-3, high=1e-3, seed=1234):
+        if param.device.type != "cpu" or not torch.is_floating_point(param) or torch.finfo(param.dtype).bits < 16:
+            return original(param, low, high, seed)
+        g = torch.Generator(device="cuda")
+        g.manual_seed(seed)
+        tmp = torch.empty(param.shape, dtype=param.dtype, device="cuda")
+        tmp.uniform_(low, high, generator=g)
+        param.copy_(tmp)
+
+    weight_utils.initialize_single_dummy_weight = fill
+    dummy_loader.initialize_single_dummy_weight = fill
 
 
 if __name__ == "__main__":

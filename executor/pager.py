@@ -155,7 +155,8 @@ class ExpertPager:
         self._read_at_end = False  # end_step syncs and reads them (a harness asked for stats)
         self._forked = False
         self.telemetry = telemetry
-        self.steps = torch.zeros((), dtype=torch.int64, device=self.device)  # counted on the device
+        with torch.inference_mode(False):  # vLLM builds the pager in inference mode, and steps outside it
+            self.steps = torch.zeros((), dtype=torch.int64, device=self.device)  # counted on the device
         # Issue layer l + depth + 1 as soon as layer l releases its buffer. Off inside piecewise
         # CUDA-graph captures, where that copy could only overlap the end of the capture.
         self.prefetch_on_release = True
