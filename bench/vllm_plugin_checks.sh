@@ -8,8 +8,9 @@ set -u
 export FLUXMOE_RESULTS_DIR=${FLUXMOE_RESULTS_DIR:-bench/results}
 export FLUXMOE_STATS_INTERVAL=${FLUXMOE_STATS_INTERVAL:-5}
 mkdir -p "$FLUXMOE_RESULTS_DIR"
-step() {
+step() {  # SKIP="name ..." skips steps
   local name=$1; shift
+  case " ${SKIP:-} " in *" $name "*) echo "STEP $name skipped"; return;; esac
   local t=$SECONDS
   "$@" > "$FLUXMOE_RESULTS_DIR/$name.log" 2>&1
   echo "STEP $name rc=$? $((SECONDS - t))s"

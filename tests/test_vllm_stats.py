@@ -81,6 +81,17 @@ def test_a_timed_step_names_the_layer_that_waited_most(served):
                                               "3 paged layers (most: layer 2, 1.500 ms), H2D 40.0 GB/s, decode 0.0 GB/s")
 
 
+def test_a_pager_built_in_inference_mode_counts_steps_outside_it(served):
+    """vLLM builds the pager inside inference mode, then captures graphs outside it."""
+    runtime, step, *_ = served
+    with torch.inference_mode():
+        pager = runtime.pager
+    step()
+    with torch.inference_mode():
+        step()
+    assert int(pager.steps) == 2
+
+
 def test_without_stats_nothing_is_counted(served):
     runtime, *_ = served
     quiet = PagingRuntime(runtime.plan, runtime.layout, "cpu")
