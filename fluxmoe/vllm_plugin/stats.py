@@ -85,7 +85,8 @@ class StatsReporter:
             self._steps = int(self._steps_host)
         if self._steps_copied is None or self._steps_copied.query():
             if self._steps_host is None:
-                self._steps_host = torch.zeros((), dtype=steps.dtype, pin_memory=True)
+                with torch.inference_mode(False):  # written in and out of vLLM's inference mode
+                    self._steps_host = torch.zeros((), dtype=steps.dtype, pin_memory=True)
             self._steps_host.copy_(steps, non_blocking=True)
             self._steps_copied = torch.cuda.Event()
             self._steps_copied.record()
