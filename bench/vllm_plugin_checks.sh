@@ -18,6 +18,6 @@ step() {  # SKIP="name ..." skips steps
 step gpu_tests python3 -m pytest -q -m gpu tests/test_executor_gpu.py
 step encode_time python3 bench/encode_time.py
 step identity_mixtral_tiny python3 bench/vllm_identity.py --model models/mixtral-tiny --base bench/plans/mixtral-tiny.json
-step identity_qwen3_next_tiny python3 bench/vllm_identity.py --model models/qwen3-next-tiny --base bench/plans/qwen3-next-tiny.json
 step serve_check bash bench/vllm_serve_check.sh
+step identity_qwen3_next_tiny python3 bench/vllm_identity.py --model models/qwen3-next-tiny --base bench/plans/qwen3-next-tiny.json
 echo ALL DONE

@@ -1,0 +1,257 @@
+#!/usr/bin/env python3
+"""End to end on the H200: FluxMoE against vLLM's own offloaders, same machine, same workload,
+each beside the simulator's prediction (GPU machine, vLLM 0.26.0 carried; see
+../shared/device/README.md).
+
+Each system runs in its own process (bench/vllm_run.py: offline engine, dummy weights,
+token-id prompts, fixed lengths or the Azure code trace's) with a time limit; results are
+written to bench/results/e2e_<setting>_<date>.json after every run, so nothing is lost when
+a later run fails or the machine goes back. Systems, per setting:
+- plain vLLM, where the model fits the budget;
+- vLLM's UVA offloader (`cpu_offload_gb`) at several sizes, and vLLM's prefetch offloader
+  (group / number offloaded per group / prefetch step) at several settings, experts only
+  (`*_params=w13_weight,w2_weight`); the fastest of each is that baseline's figure;
+- FluxMoE with every non-resident expert on the host (the plan's compressed ones moved there);
+- FluxMoE with the planner's plan (simulator-verified, as `fluxmoe plan` picks it).
+Settings too slow for one machine's 30 minutes run on a stand-in of the model with fewer
+layers at a budget scaled to keep the same share of each layer's bytes on the GPU
+(`standin_budget`); the table says so.
+
+    python3 bench/e2e.py --setting a40_standin [--only fluxmoe_plan,uva_16]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+RESULTS = os.environ.get("FLUXMOE_RESULTS_DIR", os.path.join(ROOT, "bench", "results"))
+GiB = 2**30
+TRACE = os.path.join(ROOT, "simulator", "traces", "azure_llm_2023_code_head.csv")
+
+
+def standin_budget(full, standin, budget: float) -> float:
+    """A budget for `standin` (same layers, fewer of them) that keeps what `budget` leaves per
+    layer of `full` after vLLM's reserve and the embeddings, which do not scale with layers."""
+    from planner.memory import vllm_reserve_bytes
+
+    fixed_full = vllm_reserve_bytes(full) + full.embedding_params * 2
+    fixed_standin = vllm_reserve_bytes(standin) + standin.embedding_params * 2
+    return fixed_standin + (budget - fixed_full) * standin.num_layers / full.num_layers
+
+
+@dataclass
+class Setting:
+    model: str
+    budget_gib: float
+    input_len: int = 512
+    output_len: int = 128
+    num_prompts: int = 256
+    trace: bool = False
+    max_model_len: int = 2048
+    plain: bool = False
+    uva_gib: list[float] = field(default_factory=list)
+    prefetch: list[str] = field(default_factory=list)
+    note: str = ""
+    timeout_s: int = 540
+
+
+def _standin_46() -> float:
+    import profiles
+
+    return round(standin_budget(profiles.load_model(os.path.join(ROOT, "models/mixtral-8x7b")),
+                                profiles.load_model(os.path.join(ROOT, "models/mixtral-8x7b-8layers")), 46 * GiB) / GiB, 2)
+
+
+SETTINGS = {
+    # A40-class budget: 46 GiB of Mixtral-8x7B, on the 8-layer stand-in (the offloaders need
+    # minutes to load the full model and the prefetch one exceeds host RAM at this budget).
+    "a40_standin": lambda: Setting("models/mixtral-8x7b-8layers", _standin_46(), uva_gib=[13.0, 16.0, 19.0],
+                                   prefetch=["8/5/1", "8/6/1", "8/7/1"],
+                                   note="Mixtral-8x7B at 46 GiB, as its 8-layer stand-in at the scaled budget"),
+    "a40_standin_code": lambda: Setting("models/mixtral-8x7b-8layers", _standin_46(), trace=True, num_prompts=256,
+                                        max_model_len=8192, uva_gib=[16.0, 19.0], prefetch=["8/6/1", "8/7/1"],
+                                        note="as a40_standin, with the Azure code trace's lengths"),
+    "fits_short": lambda: Setting("models/mixtral-8x7b", 0.9 * 139.8, plain=True, note="fits: short prompts"),
+    "fits_long": lambda: Setting("models/mixtral-8x7b", 0.9 * 139.8, input_len=4096, output_len=512, num_prompts=128,
+                                 max_model_len=4608, plain=True, note="fits: long prompts, KV-starved"),
+}
+
+
+def run(args: list[str], log, timeout_s: int) -> dict:
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "vllm_run.py"), *args], capture_output=True,
+                              text=True, cwd=ROOT, timeout=timeout_s)
+    except subprocess.TimeoutExpired as e:
+        log.write(f"\n===== {' '.join(args)} (timed out after {timeout_s} s)\n{(e.stdout or b'')[-5000:]!r}\n")
+        return {"error": f"did not finish in {timeout_s} s"}
+    log.write(f"\n===== {' '.join(args)} (rc {proc.returncode}, {time.perf_counter() - t:.0f} s)\n")
+    log.write(proc.stdout[-20000:] + proc.stderr[-20000:])
+    log.flush()
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"error": " | ".join(tail)[-600:]}
+
+
+def plans(setting: Setting, out_dir: str) -> dict[str, str]:
+    """The planner's plan for the setting, and the same with compressed experts on the host."""
+    import profiles
+    from fluxmoe.names import Tier
+    from planner.plan import LayerPlan
+    from simulator.compare import verified_optimize
+
+    profile = profiles.Profile(profiles.load_model(os.path.join(ROOT, setting.model)), profiles.load_gpu("h200"))
+    plan = verified_optimize(profile, int(setting.budget_gib * GiB), workload(setting))
+    host = dataclasses.replace(plan, layers=[LayerPlan(layer=lp.layer, resident=list(lp.resident), compressed=[],
+                                                       host=sorted([*lp.host, *lp.compressed])) for lp in plan.layers])
+    paths = {}
+    for name, p in (("fluxmoe_plan", plan), ("fluxmoe_host", host)):
+        paths[name] = os.path.join(out_dir, f"{name}.json")
+        p.save(paths[name])
+    assert all(t in (Tier.RESIDENT, Tier.HOST) for lp in host.layers for t in lp.tiers())
+    return paths
+
+
+def workload(setting: Setting):
+    """What vllm_run.py serves: fixed lengths, or the trace's first requests that fit, all at t=0."""
+    from simulator.workload import Request, Workload, parse_workload
+
+    if setting.trace:
+        from bench.vllm_run import _lengths
+
+        args = argparse.Namespace(trace=TRACE, num_prompts=setting.num_prompts, max_model_len=setting.max_model_len)
+        return Workload("code-trace lengths", [Request(i, 0.0, n_in, n_out)
+                                               for i, (n_in, n_out) in enumerate(_lengths(args))])
+    return parse_workload(f"fixed:n={setting.num_prompts},prompt={setting.input_len},output={setting.output_len}")
+
+
+def predictions(setting: Setting, plan_paths: dict[str, str]) -> dict[str, dict]:
+    """The simulator's figures for the systems it models (FluxMoE plans, plain vLLM, UVA offload)."""
+    import profiles
+    from planner.memory import MemoryModel
+    from planner.plan import Plan
+    from simulator.engine import simulate
+    from fluxmoe.names import System
+
+    profile = profiles.Profile(profiles.load_model(os.path.join(ROOT, setting.model)), profiles.load_gpu("h200"))
+    wl, budget = workload(setting), int(setting.budget_gib * GiB)
+    memory = MemoryModel.of(profile)
+    out = {}
+    for name, path in plan_paths.items():
+        out[name] = simulate(profile, wl, plan=Plan.load(path), keep_timeline=False)
+    if setting.plain:
+        b = memory.baseline(System.VLLM, budget)
+        out["plain"] = simulate(profile, wl, system="vllm", kv_cache_bytes=b.kv_cache_bytes,
+                                max_num_seqs=min(b.max_num_seqs, 256), keep_timeline=False)
+    for gib in setting.uva_gib:
+        b = memory.baseline(System.VLLM_OFFLOAD, budget, int(gib * GiB))
+        try:
+            out[f"uva_{gib:g}"] = simulate(profile, wl, system="vllm_offload", kv_cache_bytes=b.kv_cache_bytes,
+                                           max_num_seqs=min(b.max_num_seqs, 256), offload_bytes=gib * GiB,
+                                           keep_timeline=False)
+        except Exception as e:  # noqa: BLE001 - a setting the simulator cannot hold is reported, not fatal
+            out[f"uva_{gib:g}"] = str(e)
+    return {k: (v if isinstance(v, str) else {"output_tok_s": round(v.output_tokens_per_s, 1),
+                                               "total_tok_s": round(v.tokens_per_s, 1)}) for k, v in out.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--setting", required=True, choices=sorted(SETTINGS))
+    ap.add_argument("--only", default="", help="comma-separated system names")
+    a = ap.parse_args()
+    setting = SETTINGS[a.setting]()
+    date = datetime.date.today().isoformat()
+    out_dir = os.path.join(RESULTS, f"e2e_{a.setting}")
+    os.makedirs(out_dir, exist_ok=True)
+    util = round(setting.budget_gib * GiB / _gpu_total(), 4)
+    common = ["--model", setting.model, "--util", str(util), "--num-prompts", str(setting.num_prompts),
+              "--input-len", str(setting.input_len), "--output-len", str(setting.output_len),
+              "--max-model-len", str(setting.max_model_len), "--fast-dummy", "--max-num-seqs", "256"]
+    if setting.trace:
+        common += ["--trace", TRACE]
+    plan_paths = plans(setting, out_dir)
+    systems = []
+    if setting.plain:
+        systems.append(("plain", []))
+    systems += [(f"uva_{g:g}", ["--cpu-offload-gb", str(g)]) for g in setting.uva_gib]
+    systems += [(f"prefetch_{p.replace('/', '_')}", ["--offload-prefetch", p]) for p in setting.prefetch]
+    systems += [(name, ["--plan", path]) for name, path in plan_paths.items()]
+    if a.only:
+        systems = [s for s in systems if s[0] in a.only.split(",")]
+    commit = os.environ.get("FLUXMOE_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                                                capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    report = {"what": "offline throughput and latency, one engine per process, dummy weights", "setting": a.setting,
+              "note": setting.note, "config": dataclasses.asdict(setting), "util": util, "date": date,
+              "commit": commit, "runs": {}, "predicted": {}}
+    path = os.path.join(RESULTS, f"e2e_{a.setting}_{date}.json")
+
+    def save():
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+
+    try:
+        report["predicted"] = predictions(setting, plan_paths)
+    except Exception as e:  # noqa: BLE001 - the measurement still runs
+        report["predicted"] = {"error": repr(e)}
+    save()
+    with open(os.path.join(out_dir, f"runs_{date}.log"), "a") as log:
+        for name, extra in systems:
+            r = run([*common, *extra, "--label", name], log, setting.timeout_s)
+            r.pop("probe", None)
+            report["runs"][name] = r
+            report["device"] = r.get("gpu", report.get("device"))
+            save()
+            print(name, "error: " + r["error"] if "error" in r else f"{r['output_tok_s']} output tok/s", flush=True)
+    print(table(report))
+
+
+def table(report: dict) -> str:
+    runs, predicted = report["runs"], report["predicted"]
+    ok = {k: v for k, v in runs.items() if "error" not in v}
+    best = {}
+    for family in ("plain", "uva", "prefetch"):
+        cands = [(v["output_tok_s"], k) for k, v in ok.items() if k.split("_")[0] == family]
+        if cands:
+            best[family] = max(cands)
+    lines = [f"{report['setting']}: {report['note']} (util {report['util']})",
+             f"{'system':<16} {'out tok/s':>9} {'total':>8} {'TTFT p50/p99 s':>15} {'TPOT p50/p99 ms':>16} "
+             f"{'KV tok':>7} {'start s':>7} {'sim out':>8} {'sim err':>7}"]
+    for name, r in runs.items():
+        if "error" in r:
+            lines.append(f"{name:<16} {r['error'][:100]}")
+            continue
+        p = predicted.get(name)
+        sim = p["output_tok_s"] if isinstance(p, dict) else None
+        err = f"{(sim / r['output_tok_s'] - 1) * 100:+.0f}%" if sim else "-"
+        lines.append(f"{name:<16} {r['output_tok_s']:>9.1f} {r['total_tok_s']:>8.1f} "
+                     f"{r.get('ttft_p50_s', 0):>7.2f}/{r.get('ttft_p99_s', 0):<7.2f} "
+                     f"{r.get('tpot_p50_s', 0) * 1e3:>8.1f}/{r.get('tpot_p99_s', 0) * 1e3:<7.1f} "
+                     f"{r['kv_tokens'] / 1e3:>6.0f}k {r['startup_s']:>7.0f} "
+                     f"{sim if sim else '-':>8} {err:>7}")
+    ours = ok.get("fluxmoe_plan")
+    if ours:
+        for family, (value, name) in best.items():
+            lines.append(f"FluxMoE plan / best {family} ({name}): {ours['output_tok_s'] / value:.2f}x output tok/s")
+    return "\n".join(lines)
+
+
+def _gpu_total() -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory
+
+
+if __name__ == "__main__":
+    main()
