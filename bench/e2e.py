@@ -188,8 +188,9 @@ def main() -> None:
     systems += [(f"uva_{g:g}", ["--cpu-offload-gb", str(g)]) for g in setting.uva_gib]
     systems += [(f"prefetch_{p.replace('/', '_')}", ["--offload-prefetch", p]) for p in setting.prefetch]
     systems += [(name, ["--plan", path]) for name, path in plan_paths.items()]
-    if a.only:
-        systems = [s for s in systems if s[0] in a.only.split(",")]
+    if a.only:  # in the order given
+        named = dict(systems)
+        systems = [(n, named[n]) for n in a.only.split(",") if n in named]
     commit = os.environ.get("FLUXMOE_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
                                                                 capture_output=True, text=True, cwd=ROOT).stdout.strip()
     report = {"what": "offline throughput and latency, one engine per process, dummy weights", "setting": a.setting,

@@ -20,10 +20,10 @@ PY
 KEY=fluxmoe-check-key
 export FLUXMOE_STATS_INTERVAL=2  # a pager log line every 2 s
 python3 -m fluxmoe.cli serve --model $MODEL --plan bench/plans/mixtral-tiny-mixed.json --port $PORT --load-format dummy \
-    --max-model-len 1024 --api-key $KEY > /tmp/serve.log 2>&1 &
+    --max-model-len 1024 --max-num-seqs 16 --api-key $KEY > /tmp/serve.log 2>&1 &
 SERVER=$!
 for i in $(seq 1 90); do curl -sf http://127.0.0.1:$PORT/health > /dev/null && break; sleep 2; done
-echo "server up after ~$((i * 2)) s"
+curl -sf http://127.0.0.1:$PORT/health > /dev/null && echo "server up after ~$((i * 2)) s" || echo "server NOT up after $((i * 2)) s"
 OPENAI_API_KEY=$KEY vllm bench serve --backend vllm --base-url http://127.0.0.1:$PORT --model $MODEL --tokenizer $MODEL \
     --dataset-name random --random-input-len 64 --random-output-len 32 --num-prompts 32 --ignore-eos 2>&1 \
     | grep -E "Successful|Failed|throughput|TTFT|TPOT|Benchmark duration|Error|error" | head -20
