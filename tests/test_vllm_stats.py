@@ -92,6 +92,27 @@ def test_a_pager_built_in_inference_mode_counts_steps_outside_it(served):
     assert int(pager.steps) == 2
 
 
+def test_lines_reach_the_handler_vllm_installs(served, monkeypatch):
+    """vLLM's processes print only what reaches the handler on its "vllm" logger."""
+    import logging
+
+    runtime, step, clock, _ = served
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    vllm_logger = logging.getLogger("vllm")
+    monkeypatch.setattr(vllm_logger, "handlers", [handler])
+    monkeypatch.setattr(vllm_logger, "propagate", False)
+    vllm_logger.setLevel(logging.INFO)
+    runtime.reporter.emit = stats.log.info
+    step()
+    clock.now += 31.0
+    runtime.reporter.poll()
+    assert [r.getMessage() for r in records] == ["FluxMoE: 10 compressed experts were encoded at load in "
+                                                 f"{runtime.encode_seconds:.1f} s",  # when the pager was built
+                                                 "FluxMoE pager: 1 steps, no timed step read yet"]
+
+
 def test_without_stats_nothing_is_counted(served):
     runtime, *_ = served
     quiet = PagingRuntime(runtime.plan, runtime.layout, "cpu")

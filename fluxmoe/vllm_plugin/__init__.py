@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 
 PLAN_ENV = "FLUXMOE_PLAN"
+# Under "vllm.": vLLM's processes configure that logger tree (handler, level); a logger of our
+# own name would print nothing there.
+LOG_NAME = "vllm.fluxmoe"
 
 
 def register() -> None:

@@ -27,10 +27,11 @@ from vllm.model_executor.offloader.base import BaseOffloader, get_offloader, set
 
 from executor.tiers import ExpertLayout
 from fluxmoe.errors import ConfigError
+from fluxmoe.vllm_plugin import LOG_NAME
 from fluxmoe.vllm_plugin.runtime import PagingRuntime, check_plan_for_model, current_runtime, set_current_runtime
 from fluxmoe.vllm_plugin.stats import interval_from_env
 
-log = logging.getLogger("fluxmoe")
+log = logging.getLogger(LOG_NAME)
 
 _plan_path: str | None = None
 

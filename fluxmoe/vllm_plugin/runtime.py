@@ -19,8 +19,9 @@ from executor.pager import ExpertPager
 from executor.tiers import ExpertLayout, LayerTiers
 from fluxmoe.errors import ConfigError
 from fluxmoe.names import Tier
+from fluxmoe.vllm_plugin import LOG_NAME
 
-log = logging.getLogger("fluxmoe")
+log = logging.getLogger(LOG_NAME)
 
 
 @dataclass

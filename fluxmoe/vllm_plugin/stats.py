@@ -18,10 +18,12 @@ from typing import Callable
 
 import torch
 
+from fluxmoe.vllm_plugin import LOG_NAME
+
 INTERVAL_ENV = "FLUXMOE_STATS_INTERVAL"  # seconds between log lines; 0 turns the log line off
 DEFAULT_INTERVAL_S = 30.0
 
-log = logging.getLogger("fluxmoe")
+log = logging.getLogger(LOG_NAME)
 
 
 def interval_from_env() -> float:
