@@ -95,7 +95,9 @@ class HardwareProfile:
     kernel_overhead_s: float = 4e-6
     # Fixed cost per engine step outside the layers (scheduling, sampling, launch gaps).
     step_overhead_s: float = 1.5e-3
-    # Token rows per GEMM tile; vLLM's UVA offload re-reads host weights once per tile.
+    # Token rows per GEMM tile; vLLM's UVA offload re-reads host weights once per tile. The
+    # H200 profile has 128: BLOCK_SIZE_M of vLLM 0.26's tuned fused-MoE config for Mixtral's
+    # shape on the H200 at 256+ tokens, which also fits the measured UVA run (bench/calibration.json).
     offload_tile_tokens: int = 64
     # Measured expert-FFN time against tokens per expert, keyed "hidden x intermediate".
     expert_ffn_s: dict[str, Curve] = field(default_factory=dict)

@@ -1,0 +1,48 @@
+"""The simulator against real runs on the H200 (bench/calibration.json): each point names the
+result file and run it was measured in, and is replayed here in the simulator. A change that
+moves the simulator away from a measurement by more than the point's tolerance fails."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import profiles
+from fluxmoe.names import System
+from planner.memory import MemoryModel
+from planner.plan import Plan
+from simulator.engine import simulate
+from simulator.workload import parse_workload
+
+ROOT = Path(__file__).resolve().parent.parent
+CALIBRATION = json.loads((ROOT / "bench" / "calibration.json").read_text())
+GiB = 2**30
+
+
+def _model(name: str) -> str:
+    return str(ROOT / name) if "/" in name else name
+
+
+@pytest.mark.parametrize("point", CALIBRATION["points"], ids=lambda p: p["run"] + "@" + Path(p["source"]).stem)
+def test_the_simulator_reproduces_a_measured_run(point):
+    run = json.loads((ROOT / point["source"]).read_text())["runs"][point["run"]]
+    assert run["gpu"] == "NVIDIA H200" if "gpu" in run else True
+    profile = profiles.Profile(profiles.load_model(_model(point["model"])), profiles.load_gpu("h200"))
+    workload = parse_workload(point["workload"])
+    assert run["prompt_tokens"] == sum(r.prompt_tokens for r in workload.requests)  # the same requests
+    assert run["output_tokens"] == sum(r.output_tokens for r in workload.requests)
+    budget = int(run["util"] * run["gpu_total_bytes"])  # what vLLM's --gpu-memory-utilization means
+    if point["system"] == "fluxmoe":
+        plan = Plan.load(ROOT / point["plan"])
+        assert plan.budget_bytes == pytest.approx(budget, rel=0.002)  # the run served this plan's budget
+        result = simulate(profile, workload, plan=plan, keep_timeline=False)
+    else:
+        system = System(point["system"])
+        offload = int(point.get("offload_gib", 0) * GiB)
+        footprint = MemoryModel.of(profile).baseline(system, budget, offload)
+        result = simulate(profile, workload, system=system.value, kv_cache_bytes=footprint.kv_cache_bytes,
+                          max_num_seqs=min(footprint.max_num_seqs, len(workload)), offload_bytes=offload,
+                          keep_timeline=False)
+    error = result.output_tokens_per_s / run["output_tok_s"] - 1
+    assert abs(error) <= point["tolerance"], f"simulated {result.output_tokens_per_s:.1f} vs measured " \
+                                             f"{run['output_tok_s']} output tok/s ({error:+.1%})"
