@@ -28,12 +28,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 RESULTS = os.environ.get("FLUXMOE_RESULTS_DIR", os.path.join(ROOT, "bench", "results"))
+from bench.vllm_run import launch  # noqa: E402
+
 GiB = 2**30
 TRACE = os.path.join(ROOT, "simulator", "traces", "azure_llm_2023_code_head.csv")
 
@@ -84,24 +85,6 @@ SETTINGS = {
     "fits_long": lambda: Setting("models/mixtral-8x7b", 0.9 * 139.8, input_len=4096, output_len=512, num_prompts=128,
                                  max_model_len=4608, plain=True, note="fits: long prompts, KV-starved"),
 }
-
-
-def run(args: list[str], log, timeout_s: int) -> dict:
-    t = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "vllm_run.py"), *args], capture_output=True,
-                              text=True, cwd=ROOT, timeout=timeout_s)
-    except subprocess.TimeoutExpired as e:
-        log.write(f"\n===== {' '.join(args)} (timed out after {timeout_s} s)\n{(e.stdout or b'')[-5000:]!r}\n")
-        return {"error": f"did not finish in {timeout_s} s"}
-    log.write(f"\n===== {' '.join(args)} (rc {proc.returncode}, {time.perf_counter() - t:.0f} s)\n")
-    log.write(proc.stdout[-20000:] + proc.stderr[-20000:])
-    log.flush()
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"error": " | ".join(tail)[-600:]}
 
 
 def plans(setting: Setting, out_dir: str) -> dict[str, str]:
@@ -209,7 +192,7 @@ def main() -> None:
     save()
     with open(os.path.join(out_dir, f"runs_{date}.log"), "a") as log:
         for name, extra in systems:
-            r = run([*common, *extra, "--label", name], log, setting.timeout_s)
+            r = launch([*common, *extra, "--label", name], log, setting.timeout_s)
             r.pop("probe", None)
             report["runs"][name] = r
             report["device"] = r.get("gpu", report.get("device"))

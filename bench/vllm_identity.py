@@ -20,12 +20,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 RESULTS = os.environ.get("FLUXMOE_RESULTS_DIR", os.path.join(ROOT, "bench", "results"))
 
+from bench.vllm_run import launch  # noqa: E402
 from fluxmoe.names import Tier  # noqa: E402
 from planner.plan import LayerPlan, Plan  # noqa: E402
 
@@ -53,20 +53,6 @@ def variants(plan: Plan) -> dict[str, Plan]:
             "compressed_d0": with_tiers(plan, every(Tier.COMPRESSED), 0),
             "per_layer_d1": with_tiers(plan, per_layer, 1),
             "per_expert_d2": with_tiers(plan, per_expert, 2)}
-
-
-def run(args: list[str], log) -> dict:
-    t = time.perf_counter()
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "vllm_run.py"), *args], capture_output=True,
-                          text=True, cwd=ROOT)
-    log.write(f"\n===== {' '.join(args)} (rc {proc.returncode}, {time.perf_counter() - t:.0f} s)\n")
-    log.write(proc.stdout[-20000:] + proc.stderr[-20000:])
-    log.flush()
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"error": " | ".join(tail)}
 
 
 def main() -> None:
@@ -102,7 +88,7 @@ def main() -> None:
     results = {}
     with open(os.path.join(out_dir, f"vllm_identity_{name}_{date}.log"), "w") as log:
         for label, extra, _ in runs:
-            results[label] = run([*common, *extra, "--label", label], log)
+            results[label] = launch([*common, *extra, "--label", label], log)
             print(label, "error" if "error" in results[label] else "ok", flush=True)
     rows = []
     for label, _, reference in runs:

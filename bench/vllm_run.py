@@ -180,6 +180,29 @@ def main() -> None:
     print("RESULT " + json.dumps(res), flush=True)
 
 
+def launch(args: list[str], log, timeout_s: float | None = None) -> dict:
+    """Run this script in its own process with `args`; its RESULT, or {"error": ...}. The
+    process's output goes to `log`."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True,
+                              cwd=root, timeout=timeout_s)
+    except subprocess.TimeoutExpired as e:
+        log.write(f"\n===== {' '.join(args)} (timed out after {timeout_s} s)\n{(e.stdout or b'')[-5000:]!r}\n")
+        return {"error": f"did not finish in {timeout_s} s"}
+    log.write(f"\n===== {' '.join(args)} (rc {proc.returncode}, {time.perf_counter() - t:.0f} s)\n")
+    log.write(proc.stdout[-20000:] + proc.stderr[-20000:])
+    log.flush()
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"error": " | ".join(tail)[-600:]}
+
+
 def _lengths(a) -> list[tuple[int, int]]:
     """(prompt, output) tokens per request: fixed, or the trace's first rows that fit."""
     if not a.trace:
