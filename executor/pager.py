@@ -56,6 +56,10 @@ class LayerWeights:
         return cls(tuple(g for g in groups if g.expert_ids), tuple(views), fused)
 
 
+def _gbps(nbytes: int, ms: float) -> float:
+    return nbytes / ms / 1e6 if ms else 0.0
+
+
 @dataclass
 class LayerStats:
     """What one layer measured in the last step with stats on."""
@@ -68,11 +72,11 @@ class LayerStats:
 
     @property
     def h2d_gbps(self) -> float:
-        return self.h2d_bytes / self.h2d_ms / 1e6 if self.h2d_ms else 0.0
+        return _gbps(self.h2d_bytes, self.h2d_ms)
 
     @property
     def decode_gbps(self) -> float:
-        return self.decode_bytes / self.decode_ms / 1e6 if self.decode_ms else 0.0
+        return _gbps(self.decode_bytes, self.decode_ms)
 
 
 @dataclass
@@ -88,13 +92,11 @@ class RuntimeStats:
 
     @property
     def h2d_gbps(self) -> float:
-        ms = sum(s.h2d_ms for s in self.layers)
-        return sum(s.h2d_bytes for s in self.layers) / ms / 1e6 if ms else 0.0
+        return _gbps(sum(s.h2d_bytes for s in self.layers), sum(s.h2d_ms for s in self.layers))
 
     @property
     def decode_gbps(self) -> float:
-        ms = sum(s.decode_ms for s in self.layers)
-        return sum(s.decode_bytes for s in self.layers) / ms / 1e6 if ms else 0.0
+        return _gbps(sum(s.decode_bytes for s in self.layers), sum(s.decode_ms for s in self.layers))
 
 
 class _LayerMarks:

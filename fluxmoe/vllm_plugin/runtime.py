@@ -160,8 +160,9 @@ class PagingRuntime:
     def stats(self) -> dict:
         """The pager's latest stats (see `StatsReporter.snapshot`); empty layers if not timed."""
         if self.reporter is None:
-            return {"paged_layers": len(self.paged_layers), "moe_layers": len(self.moe_layers), "steps": 0,
-                    "timed_steps": 0, "layers": [], "stats": "off"}
+            from fluxmoe.vllm_plugin.stats import header
+
+            return {**header(self), "stats": "off"}
         return self.reporter.snapshot()
 
     @property

@@ -39,6 +39,13 @@ def interval_from_env() -> float:
     return value
 
 
+def header(runtime) -> dict:
+    """What every stats answer carries, timed or not."""
+    return {"paged_layers": len(runtime.paged_layers), "moe_layers": len(runtime.moe_layers),
+            "prefetch_depth": runtime.plan.prefetch_depth, "gpu_expert_bytes": runtime.gpu_bytes,
+            "steps": 0, "timed_steps": 0, "layers": []}
+
+
 class StatsReporter:
     def __init__(self, runtime, interval_s: float = DEFAULT_INTERVAL_S,
                  clock: Callable[[], float] = time.monotonic, emit: Callable[[str], None] = log.info):
@@ -61,9 +68,7 @@ class StatsReporter:
         """What the pager measured in its latest completed timed step, with the step count."""
         runtime = self.runtime
         pager = runtime._pager
-        out = {"paged_layers": len(runtime.paged_layers), "moe_layers": len(runtime.moe_layers),
-               "prefetch_depth": runtime.plan.prefetch_depth, "gpu_expert_bytes": runtime.gpu_bytes,
-               "steps": 0, "timed_steps": 0, "layers": []}
+        out = header(runtime)
         if pager is None or not runtime.paged_layers:
             return out
         if not _capturing():
