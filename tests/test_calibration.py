@@ -26,7 +26,7 @@ def _model(name: str) -> str:
 @pytest.mark.parametrize("point", CALIBRATION["points"], ids=lambda p: p["run"] + "@" + Path(p["source"]).stem)
 def test_the_simulator_reproduces_a_measured_run(point):
     run = json.loads((ROOT / point["source"]).read_text())["runs"][point["run"]]
-    assert run["gpu"] == "NVIDIA H200" if "gpu" in run else True
+    assert run["gpu"] == "NVIDIA H200"
     profile = profiles.Profile(profiles.load_model(_model(point["model"])), profiles.load_gpu("h200"))
     workload = parse_workload(point["workload"])
     assert run["prompt_tokens"] == sum(r.prompt_tokens for r in workload.requests)  # the same requests
