@@ -124,8 +124,8 @@ def predictions(setting: Setting, plan_paths: dict[str, str]) -> dict[str, dict]
     import profiles
     from planner.memory import MemoryModel
     from planner.plan import Plan
+    from simulator.compare import baseline_settings
     from simulator.engine import simulate
-    from fluxmoe.names import System
 
     profile = profiles.Profile(profiles.load_model(os.path.join(ROOT, setting.model)), profiles.load_gpu("h200"))
     wl, budget = workload(setting), int(setting.budget_gib * GiB)
@@ -133,18 +133,15 @@ def predictions(setting: Setting, plan_paths: dict[str, str]) -> dict[str, dict]
     out = {}
     for name, path in plan_paths.items():
         out[name] = simulate(profile, wl, plan=Plan.load(path), keep_timeline=False)
-    if setting.plain:
-        b = memory.baseline(System.VLLM, budget)
-        out["plain"] = simulate(profile, wl, system="vllm", kv_cache_bytes=b.kv_cache_bytes,
-                                max_num_seqs=min(b.max_num_seqs, 256), keep_timeline=False)
-    for gib in setting.uva_gib:
-        b = memory.baseline(System.VLLM_OFFLOAD, budget, int(gib * GiB))
+    baselines = [("plain", "vllm", 0)] if setting.plain else []
+    baselines += [(f"uva_{gib:g}", "vllm_offload", int(gib * GiB)) for gib in setting.uva_gib]
+    for name, system, offload in baselines:
+        config = baseline_settings(memory, system, budget, offload)
+        config["max_num_seqs"] = min(config["max_num_seqs"], 256)  # as the runs pass --max-num-seqs
         try:
-            out[f"uva_{gib:g}"] = simulate(profile, wl, system="vllm_offload", kv_cache_bytes=b.kv_cache_bytes,
-                                           max_num_seqs=min(b.max_num_seqs, 256), offload_bytes=gib * GiB,
-                                           keep_timeline=False)
+            out[name] = simulate(profile, wl, system=system, keep_timeline=False, **config)
         except Exception as e:  # noqa: BLE001 - a setting the simulator cannot hold is reported, not fatal
-            out[f"uva_{gib:g}"] = str(e)
+            out[name] = str(e)
     return {k: (v if isinstance(v, str) else {"output_tok_s": round(v.output_tokens_per_s, 1),
                                                "total_tok_s": round(v.tokens_per_s, 1)}) for k, v in out.items()}
 

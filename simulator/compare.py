@@ -46,13 +46,15 @@ def offload_settings(profile: Profile, plan: Plan, workload: Workload, steps: in
     sizes = {int(planned["offload_bytes"])}
     if least <= most:
         sizes |= {int(least + (most - least) * i / max(1, steps - 1)) for i in range(steps)}
-    configs = []
-    for offload in sorted(sizes):
-        footprint = mem.baseline(System.VLLM_OFFLOAD, plan.budget_bytes, offload)
-        if footprint.kv_cache_bytes > 0:
-            configs.append(dict(kv_cache_bytes=footprint.kv_cache_bytes, max_num_seqs=footprint.max_num_seqs,
-                                offload_bytes=offload))
-    return configs
+    configs = [baseline_settings(mem, System.VLLM_OFFLOAD, plan.budget_bytes, offload) for offload in sorted(sizes)]
+    return [c for c in configs if c["kv_cache_bytes"] > 0]
+
+
+def baseline_settings(memory, system: System | str, budget: int, offload_bytes: int = 0) -> dict:
+    """KV, batch cap and offload bytes of a baseline in `budget` (its KV is what its weights leave)."""
+    footprint = memory.baseline(System(system), budget, offload_bytes)
+    return dict(kv_cache_bytes=footprint.kv_cache_bytes, max_num_seqs=footprint.max_num_seqs,
+                offload_bytes=offload_bytes)
 
 
 def simulate_systems(profile: Profile, plan: Plan, workload: Workload, systems=SYSTEMS, tune_offload: bool = True,

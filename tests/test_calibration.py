@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 import profiles
-from fluxmoe.names import System
 from planner.memory import MemoryModel
 from planner.plan import Plan
+from simulator.compare import baseline_settings
 from simulator.engine import simulate
 from simulator.workload import parse_workload
 
@@ -37,12 +37,10 @@ def test_the_simulator_reproduces_a_measured_run(point):
         assert plan.budget_bytes == pytest.approx(budget, rel=0.002)  # the run served this plan's budget
         result = simulate(profile, workload, plan=plan, keep_timeline=False)
     else:
-        system = System(point["system"])
-        offload = int(point.get("offload_gib", 0) * GiB)
-        footprint = MemoryModel.of(profile).baseline(system, budget, offload)
-        result = simulate(profile, workload, system=system.value, kv_cache_bytes=footprint.kv_cache_bytes,
-                          max_num_seqs=min(footprint.max_num_seqs, len(workload)), offload_bytes=offload,
-                          keep_timeline=False)
+        config = baseline_settings(MemoryModel.of(profile), point["system"], budget,
+                                   int(point.get("offload_gib", 0) * GiB))
+        config["max_num_seqs"] = min(config["max_num_seqs"], len(workload))
+        result = simulate(profile, workload, system=point["system"], keep_timeline=False, **config)
     error = result.output_tokens_per_s / run["output_tok_s"] - 1
     assert abs(error) <= point["tolerance"], f"simulated {result.output_tokens_per_s:.1f} vs measured " \
                                              f"{run['output_tok_s']} output tok/s ({error:+.1%})"
