@@ -1,12 +1,16 @@
 """The residency search behind `planner.optimize(profile, budget)`: the best predicted plan.
 
-For each candidate (batch size B, prefetch depth D) a small MILP (PuLP, CBC) chooses how many
-of each MoE layer's experts are resident, compressed or on the host, minimizing the cost
-model's steady-state step time under the GPU budget (FlexGen's shape: epigraph variables for
-the max of GPU time and link time, one stall variable per layer for transfers the prefetch
-window cannot hide). Candidates are visited best upper bound first (B over the all-resident
-step time) and pruned once none can beat the best plan found, so the result is the optimum
-over the whole candidate grid while solving only a few MILPs.
+For each candidate (batch size B, prefetch depth D) a small MILP (PuLP, HiGHS in-process)
+chooses how many of each MoE layer's experts are resident, compressed or on the host,
+minimizing the cost model's steady-state step time under the GPU budget (FlexGen's shape:
+epigraph variables for the max of GPU time and link time, one stall variable per layer for
+transfers the prefetch window cannot hide). Two passes, branch-and-bound across candidates:
+1. candidates in order of an upper bound (B over the all-resident step time), each solved
+   as LPs (one per staging slot count for models with few experts) whose roundings are real
+   plans, until no candidate's upper bound beats the best plan found;
+2. a MILP, with a cutoff at the best plan's rate, only for (candidate, slot count) whose LP
+   bound beats the best plan by more than the gap, best bound first.
+The answer is within the gap of the optimum over the whole candidate grid.
 """
 
 from __future__ import annotations
@@ -24,17 +28,16 @@ from planner.cost_model import BATCH_GRID, CostModel, StepShape, TierCounts
 from planner.memory import VLLM_MAX_NUM_SEQS, MemoryModel
 from planner.plan import (BaselinePrediction, LayerPlan, Plan, PlanInputs, Prediction,
                           WorkloadShape)
+from planner.solver import solver
 from profiles.registry import Profile
 
 PREFETCH_DEPTHS = (0, 1, 2, 3)
 SLOT_ENUMERATION_MAX_EXPERTS = 16
 # The MILP stops on a node count, never on the clock alone, so a plan does not depend on how
 # busy the machine is; the wall-clock guard is a safety net whose hit the plan reports.
-# 100 nodes: on the slowest Mixtral-8x7B budgets of the H200 (91-100 GiB) the same plans as
-# 2000 nodes in 2.3-7.4 s instead of 4.8-16.1 s (2 cores). Switching CBC's cuts off as well was
-# faster still (0.6-2.8 s) but missed the brute-force optimum of small cases by up to 2%.
+# 100 nodes: with CBC, the same plans as 2000 nodes on the slowest Mixtral-8x7B budgets of the
+# H200 (91-100 GiB) at a third of the time.
 MILP_NODE_LIMIT = 100
-MILP_OPTIONS: tuple[str, ...] = ()
 MILP_SAFETY_TIME_LIMIT_S = 60.0
 
 
@@ -48,6 +51,39 @@ class Candidate:
     step_time_s: float
     staging_slots: int
     status: str
+
+
+@dataclass(frozen=True)
+class Relaxation:
+    """One (batch, depth) after its LPs: the bound on its step time for each slot count the
+    LPs fixed (None: slots free), and its best rounding."""
+
+    batch: int
+    depth: int
+    bounds_s: dict[int | None, float]
+    rounding: Candidate | None
+
+    @property
+    def bound_s(self) -> float:
+        return min(self.bounds_s.values())
+
+    def certified(self, gap: float) -> bool:
+        return self.rounding is not None and self.rounding.step_time_s <= self.bound_s * (1 + gap)
+
+
+@dataclass
+class _PlacementModel:
+    """A built placement LP and the handles that re-solving it changes."""
+
+    prob: pulp.LpProblem
+    tiers: list[tuple[pulp.LpVariable, pulp.LpVariable, pulp.LpVariable]]  # (resident, compressed, host) per layer
+    slots: pulp.LpVariable
+    step_time: pulp.LpVariable
+    unit: float  # seconds per unit of time in the model
+
+    @property
+    def integer_variables(self) -> list[pulp.LpVariable]:
+        return [v for layer in self.tiers for v in layer] + [self.slots]
 
 
 class _Problem:
@@ -64,6 +100,7 @@ class _Problem:
         self.kv_per_seq = self.mem.kv_per_sequence(workload.prompt_tokens + workload.output_tokens)
         self.gap = mip_gap
         self.safety_hits = 0
+        self._models: dict[tuple[int, int, bool], _PlacementModel] = {}
 
     def step(self, batch: int) -> StepShape:
         return StepShape.steady_decode(batch, self.workload.prompt_tokens, self.workload.output_tokens)
@@ -72,25 +109,27 @@ class _Problem:
         """No placement at this depth needs less GPU memory for experts than this."""
         return self.mem.least_expert_bytes(depth)
 
-    def _build(self, batch: int, depth: int, integer: bool, minimize_memory: bool, slots_fixed: int | None = None):
-        """The placement model for one (batch, depth): variables per MoE layer, epigraph for time."""
+    def _model(self, batch: int, depth: int, minimize_memory: bool) -> _PlacementModel:
+        """The placement model for one (batch, depth): variables per MoE layer, epigraph for time.
+        Built once and re-solved with other slot bounds, integrality or cutoffs: building it in
+        PuLP costs as much as HiGHS solving it."""
+        key = (batch, depth, minimize_memory)
+        if key in self._models:
+            return self._models[key]
         m, cost = self.model, self.cost
         step = self.step(batch)
-        # Times enter the model in units of the step's compute, so they are O(1) for CBC: in seconds
-        # a small model's step (tens of microseconds) fell under the solver's tolerances, and it
-        # called a placement 1.5% slower than the best "optimal" (found by brute force).
+        # Times enter the model in units of the step's compute, so they are O(1) for the solver: in
+        # seconds a small model's step (tens of microseconds) fell under the solver's tolerances, and
+        # it called a placement 1.5% slower than the best "optimal" (found by brute force).
         unit = max(sum(cost.layer_compute_s(step)), 1e-30)
         compute = [t / unit for t in cost.layer_compute_s(step)]
         decode_s, transfer_s = cost.decode_s_per_expert / unit, cost.transfer_s_per_expert / unit
         eb, ceb, E = self.mem.expert_bytes, self.mem.compressed_expert_bytes, m.num_experts
-        cat = "Integer" if integer else "Continuous"
         prob = pulp.LpProblem("placement", pulp.LpMinimize)
-        r = {l: pulp.LpVariable(f"r{l}", 0, E, cat=cat) for l in m.moe_layers}
-        c = {l: pulp.LpVariable(f"c{l}", 0, E, cat=cat) for l in m.moe_layers}
-        h = {l: pulp.LpVariable(f"h{l}", 0, E, cat=cat) for l in m.moe_layers}
-        # Staging slots per buffer of the pool.
-        slots = pulp.LpVariable("slots", 0 if slots_fixed is None else slots_fixed,
-                                E if slots_fixed is None else slots_fixed, cat=cat)
+        r = {l: pulp.LpVariable(f"r{l}", 0, E) for l in m.moe_layers}
+        c = {l: pulp.LpVariable(f"c{l}", 0, E) for l in m.moe_layers}
+        h = {l: pulp.LpVariable(f"h{l}", 0, E) for l in m.moe_layers}
+        slots = pulp.LpVariable("slots", 0, E)  # staging slots per buffer of the pool
         step_time = pulp.LpVariable("step_time", 0)
         for l in m.moe_layers:
             prob += r[l] + c[l] + h[l] == E
@@ -115,15 +154,28 @@ class _Problem:
             if self.tpot_limit_s is not None:
                 prob += step_time + cost.fixed_s(step) / unit <= self.tpot_limit_s / unit
             prob += step_time
+        model = _PlacementModel(prob, [(r[l], c[l], h[l]) for l in m.moe_layers], slots, step_time, unit)
+        self._models[key] = model
+        return model
+
+    def _build(self, batch: int, depth: int, integer: bool, minimize_memory: bool, slots_fixed: int | None = None,
+               cutoff_s: float | None = None):
+        """Solve the placement model: integer or relaxed, slots fixed or free, and with a cutoff
+        only placements faster than `cutoff_s` (seconds, before the step's fixed part)."""
+        model = self._model(batch, depth, minimize_memory)
+        prob, E = model.prob, self.model.num_experts
+        for var in model.integer_variables:
+            var.cat = pulp.LpInteger if integer else pulp.LpContinuous
+        model.slots.lowBound, model.slots.upBound = (0, E) if slots_fixed is None else (slots_fixed, slots_fixed)
         started = time.perf_counter()
-        prob.solve(pulp.PULP_CBC_CMD(msg=False, gapRel=self.gap, threads=1, maxNodes=MILP_NODE_LIMIT,
-                                     timeLimit=MILP_SAFETY_TIME_LIMIT_S, options=list(MILP_OPTIONS)))
+        prob.solve(solver(self.gap, MILP_NODE_LIMIT, MILP_SAFETY_TIME_LIMIT_S,
+                          None if cutoff_s is None else cutoff_s / model.unit))
         if time.perf_counter() - started >= MILP_SAFETY_TIME_LIMIT_S:
             self.safety_hits += 1
         if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
             return None
-        values = [(r[l].value(), c[l].value(), h[l].value()) for l in m.moe_layers]
-        return prob, values, pulp.value(prob.objective) * (1 if minimize_memory else unit)  # seconds or bytes
+        values = [tuple(v.value() for v in layer) for layer in model.tiers]
+        return prob, values, pulp.value(prob.objective) * (1 if minimize_memory else model.unit)  # seconds or bytes
 
     def memory_bytes(self, tiers: list[TierCounts], depth: int, batch: int) -> float:
         """GPU bytes a placement needs: fixed part, KV for `batch`, experts, staging."""
@@ -156,6 +208,12 @@ class _Problem:
                 order = room[1:] + [i for i in order if i not in room]
             return counts
 
+        def even(total: int, caps: list[int]) -> list[int]:
+            """`total` spread evenly around the cycle of layers (stalls and their windows are cyclic)."""
+            n = len(caps)
+            counts = [min(cap, (i + 1) * total // n - i * total // n) for i, cap in enumerate(caps)]
+            return counts
+
         host_total = sum(h for _, _, h in values)
         comp_total = sum(c for _, c, _ in values)
         for extra_h in (0, 1, 2):
@@ -163,37 +221,45 @@ class _Problem:
             for extra_c in (0, 1, 2):
                 cs = spread([c for _, c, _ in values], math.ceil(comp_total - 1e-6) + extra_c, [E - x for x in hs])
                 out.append([TierCounts(E - hi - ci, ci, hi) for hi, ci in zip(hs, cs)])
+                he = even(math.ceil(host_total - 1e-6) + extra_h, [E] * len(values))
+                ce = even(math.ceil(comp_total - 1e-6) + extra_c, [E - x for x in he])
+                out.append([TierCounts(E - hi - ci, ci, hi) for hi, ci in zip(he, ce)])
         return out
 
-    def solve(self, batch: int, depth: int, incumbent_rate: float = 0.0) -> Candidate | None:
-        """Best placement for one (batch, depth); None if none fits or none can beat `incumbent_rate`.
-
-        The LP relaxation gives a lower bound on the step time; a rounding of it that is
-        within `gap` of that bound is accepted (certified), otherwise the MILP decides.
-        """
+    def relax(self, batch: int, depth: int, incumbent_rate: float = 0.0) -> Relaxation | None:
+        """The LP bound for one (batch, depth) and the best integer rounding of its LP solutions;
+        None if nothing fits or the bound cannot beat `incumbent_rate`."""
         step = self.step(batch)
         fixed = self.cost.fixed_s(step)
         relaxed = self._build(batch, depth, integer=False, minimize_memory=False)
         if relaxed is None or batch / (relaxed[2] + fixed) <= incumbent_rate:
             return None
-        relaxations = [relaxed]
+        relaxations = [(None, relaxed)]
         if self.model.num_experts <= SLOT_ENUMERATION_MAX_EXPERTS:
             # Few, large experts: a fractional slot count makes the LP bound weak. The least LP
             # bound over every integer slot count is still a bound, and a much tighter one.
-            relaxations = [x for s in range(self.model.num_experts + 1)
+            relaxations = [(s, x) for s in range(self.model.num_experts + 1)
                            if (x := self._build(batch, depth, False, False, slots_fixed=s)) is not None]
         if not relaxations:
             return None
-        bound = min(x[2] for x in relaxations) + fixed
+        bounds = {slots: x[2] + fixed for slots, x in relaxations}
         rounded = [(self.cost.step_time(tiers, step, depth).total_s, tiers)
-                   for x in relaxations for tiers in self._roundings(x[1]) if self._fits(tiers, depth, batch)]
+                   for _, x in relaxations for tiers in self._roundings(x[1]) if self._fits(tiers, depth, batch)]
+        rounded = [(t, tiers) for t, tiers in rounded if self.tpot_limit_s is None or t <= self.tpot_limit_s]
+        best = None
         if rounded:
             t, tiers = min(rounded, key=lambda x: x[0])
-            if t <= bound * (1 + self.gap) and (self.tpot_limit_s is None or t <= self.tpot_limit_s):
-                gap = max(0.0, t / bound - 1)
-                return Candidate(batch, depth, tiers, t, max(x.paged for x in tiers),
-                                 f"LP rounding, within {gap:.2%} of the LP bound")
-        solved = self._build(batch, depth, integer=True, minimize_memory=False)
+            best = Candidate(batch, depth, tiers, t, max(x.paged for x in tiers),
+                             f"LP rounding, within {max(0.0, t / min(bounds.values()) - 1):.2%} of its LP bound")
+        return Relaxation(batch, depth, bounds, best)
+
+    def milp(self, batch: int, depth: int, incumbent_rate: float = 0.0, slots: int | None = None) -> Candidate | None:
+        """The MILP's placement for one (batch, depth) and staging slot count (None: any), among
+        those faster than `incumbent_rate` by more than the gap (closer ones cannot matter, and
+        proving that none exists is where a MILP spends its time)."""
+        step = self.step(batch)
+        cutoff = (batch / (incumbent_rate * (1 + self.gap)) - self.cost.fixed_s(step)) if incumbent_rate > 0 else None
+        solved = self._build(batch, depth, integer=True, minimize_memory=False, slots_fixed=slots, cutoff_s=cutoff)
         if solved is None:
             return None
         prob, values, _ = solved
@@ -374,7 +440,17 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
     def threshold() -> float:
         return rate(kept[-1]) if len(kept) >= top_k else 0.0
 
+    def keep(cand: Candidate | None) -> None:
+        if cand is None or (limit is not None and cand.step_time_s > limit):
+            return
+        if len(kept) < top_k or rate(cand) > threshold() * (1 + 1e-12):
+            kept.append(cand)
+            kept.sort(key=lambda c: -rate(c))
+            del kept[top_k:]
+
+    # Pass 1: every candidate's LP bound and best rounding (cheap); the roundings are real plans.
     seen_resident: set[int] = set()
+    uncertified: list[Relaxation] = []
     for bound, batch, depth in order:
         if kept and bound <= threshold() * (1 + 1e-12):
             break
@@ -386,16 +462,23 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
                 continue
             seen_resident.add(batch)
             tiers = [TierCounts(m.num_experts, 0, 0)] * m.num_moe_layers
-            cand = Candidate(batch, 0, tiers, p.cost.step_time(tiers, p.step(batch), 0).total_s, 0, "all resident")
-        else:
-            solved += 1
-            cand = p.solve(batch, depth, threshold())
-        if cand is None or (limit is not None and cand.step_time_s > limit):
+            keep(Candidate(batch, 0, tiers, p.cost.step_time(tiers, p.step(batch), 0).total_s, 0, "all resident"))
             continue
-        if len(kept) < top_k or rate(cand) > threshold() * (1 + 1e-12):
-            kept.append(cand)
-            kept.sort(key=lambda c: -rate(c))
-            del kept[top_k:]
+        solved += 1
+        relaxed = p.relax(batch, depth, threshold())
+        if relaxed is None:
+            continue
+        keep(relaxed.rounding)
+        if not relaxed.certified(mip_gap):
+            uncertified.append(relaxed)
+    # Pass 2: a MILP only where an LP bound (per slot count, the tighter model) could beat the
+    # k-th best plan by more than the gap, best bound first, asking only for placements that beat it.
+    bounds = sorted((r.batch / bound_s, r.batch, r.depth, slots)
+                    for r in uncertified for slots, bound_s in r.bounds_s.items())
+    for bound_rate, batch, depth, slots in reversed(bounds):
+        if len(kept) >= top_k and bound_rate <= threshold() * (1 + mip_gap):
+            break
+        keep(p.milp(batch, depth, threshold(), slots))
     if not kept:
         raise p.infeasible(min(prefetch_depths))
     elapsed = time.perf_counter() - started

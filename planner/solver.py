@@ -1,0 +1,65 @@
+"""The MILP/LP solver behind the planner: HiGHS in-process, through PuLP.
+
+In-process matters for speed: the planner solves a few hundred small LPs per plan, and CBC
+through PuLP starts a process for each (about 40 ms, most of Mixtral's 8 s worst case on 2
+cores). PuLP 3.3's HiGHS wrapper does not know HiGHS's node-limit status, so a MILP stopped at
+its node limit raised; `_HiGHS` reports it as an integer-feasible stop, as CBC's wrapper does.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pulp
+from pulp import constants
+
+_banner_lock = threading.Lock()
+_banner_shown = False
+
+
+def _silence_banner() -> None:
+    """HiGHS prints a copyright banner to C stdout on the first `Highs()` of a process, whatever
+    its options: construct that first one with fd 1 pointed at /dev/null, so that `fluxmoe plan`
+    and notebooks print only their own output."""
+    global _banner_shown
+    with _banner_lock:
+        if _banner_shown:
+            return
+        import highspy
+
+        saved = os.dup(1)
+        try:
+            with open(os.devnull, "w") as null:
+                os.dup2(null.fileno(), 1)
+                highspy.Highs()
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        _banner_shown = True
+
+
+class _HiGHS(pulp.HiGHS):
+    """PuLP's HiGHS, plus the node-limit stop (HighsModelStatus.kSolutionLimit)."""
+
+    def findSolutionValues(self, lp):
+        import highspy
+
+        if lp.solverModel.getModelStatus() != highspy.HighsModelStatus.kSolutionLimit:
+            return super().findSolutionValues(lp)
+        found = bool(lp.solverModel.getInfo().primal_solution_status)
+        if found:
+            for var, value in zip(lp.variables(), lp.solverModel.getSolution().col_value):
+                var.varValue = value
+        solution = constants.LpSolutionIntegerFeasible if found else constants.LpSolutionNoSolutionFound
+        status = constants.LpStatusOptimal if found else constants.LpStatusNotSolved
+        lp.assignStatus(status, solution)
+        return status, solution
+
+
+def solver(gap: float, node_limit: int, time_limit_s: float, cutoff: float | None = None) -> pulp.LpSolver:
+    """One thread (plans must not depend on the machine), relative gap, node limit, safety time
+    limit; `cutoff`: only solutions whose objective is below it matter."""
+    _silence_banner()
+    options = {} if cutoff is None else {"objective_bound": cutoff}
+    return _HiGHS(msg=False, gapRel=gap, threads=1, timeLimit=time_limit_s, mip_max_nodes=node_limit, **options)
