@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from executor.arena import ExpertArena, FusedWeights
+from executor.landing import LandingRing
 from executor.staging import StagingPool
 from executor.streams import CpuOrder, Streams
 from executor.tiers import ExpertLayout, LayerTiers
@@ -147,6 +148,7 @@ class ExpertPager:
         self.arena = arena
         storage = [arena.buffer(b) for b in range(buffers)] if arena is not None and any(self.paged) else None
         self.pool = StagingPool(buffers, slots, layout, self.device, storage=storage)
+        self.landing = self._landing_ring(layers)
         self.streams = Streams(self.device, cpu_order)
         # Every layer's weights sit in the same places every step: views made once, here.
         self.weights = [self._layer_weights(i, t) for i, t in enumerate(layers)]
@@ -177,6 +179,20 @@ class ExpertPager:
                   for i, ((w13, w2), t) in enumerate(zip(stacks, tiers))]
         return cls(layers, prefetch_depth, device, slots=slots, cpu_order=cpu_order, arena=arena)
 
+    def _landing_ring(self, layers: list[LayerTiers]) -> LandingRing | None:
+        """Landing slots for the largest host-compressed chunk, and every chunk's GPU decoder for
+        each slot, made here so that nothing is allocated on the hot path or inside a capture."""
+        chunks = [c for t in layers for stack in t.host_compressed or () for c in stack]
+        if not chunks:
+            return None
+        ring = LandingRing(max(c.nbytes for c in chunks), self.device)
+        if self.device.type == "cuda":
+            from executor.codec.triton_decode import DeviceDecoder
+
+            for chunk in chunks:
+                chunk.decoders = {s: DeviceDecoder(ring.view(s, chunk.encoded)) for s in range(ring.slots)}
+        return ring
+
     def _layer_weights(self, index: int, tiers: LayerTiers) -> LayerWeights:
         groups = [ExpertGroup(*tiers.resident, tuple(tiers.resident_ids))]
         fused = None
@@ -200,6 +216,8 @@ class ExpertPager:
             return
         self.pool.released = [None] * self.pool.buffers
         self.pool.holder = [None] * self.pool.buffers
+        if self.landing is not None:
+            self.landing.reset()
         self._fork()
 
     def _fork(self) -> None:
@@ -223,6 +241,8 @@ class ExpertPager:
                 s.wait(s.compute, event)
             self._pending[layer] = []
         self.pool.released = [None] * self.pool.buffers  # compute is past every release now
+        if self.landing is not None:
+            self.landing.reset()
         self._forked = False
 
     def prefetch(self, layer: int) -> None:
@@ -249,12 +269,38 @@ class ExpertPager:
             events.append(s.launch(s.copy, lambda: tiers.copy_host_into(w13, w2)))
         if tiers.compressed_ids:
             events.append(s.launch(s.decode, lambda: tiers.decode_compressed_into(w13, w2, s.decode)))
+        if tiers.host_compressed_ids:
+            events.append(self._land_and_decode(tiers, w13, w2))
         if marks is not None:
             marks.h2d_end.record(s.copy)
             marks.decode_end.record(s.decode)
             # Compute must join past the marks too, or a CUDA-graph capture ends with unjoined work.
             events = [s.record(s.copy), s.record(s.decode)]
         self._pending[layer] = events
+
+    def _land_and_decode(self, tiers: LayerTiers, w13: torch.Tensor, w2: torch.Tensor):
+        """Each host-compressed chunk: copy its bytes into a landing slot once the slot's last
+        decode is done, then decode them into the chunk's staging slots. The event after the last."""
+        s, ring = self.streams, self.landing
+        done = None
+        for chunk, out in tiers.host_compressed_chunks(w13, w2):
+            slot = ring.take()
+            s.wait(s.copy, ring.free[slot])
+            landed = s.launch(s.copy, lambda c=chunk, v=ring.view(slot, chunk.encoded):
+                              v.payload.copy_(c.encoded.payload, non_blocking=True))
+            s.wait(s.decode, landed)
+            done = s.launch(s.decode, lambda c=chunk, v=ring.view(slot, chunk.encoded), o=out, sl=slot:
+                            self._decode_chunk(c, v, o, sl))
+            ring.free[slot] = done
+        return done
+
+    def _decode_chunk(self, chunk, landed, out: torch.Tensor, slot: int) -> None:
+        if chunk.decoders:
+            chunk.decoders[slot].decode_into(out, self.streams.decode)
+        else:  # CPU: the reference decoder
+            from executor.codec import decode
+
+            out.copy_(decode(landed))
 
     def _layer_marks(self, layer: int) -> _LayerMarks:
         if self._marks[layer] is None:
@@ -326,7 +372,8 @@ class ExpertPager:
                 layer_stats.wait_ms = layer_stats.h2d_ms = layer_stats.decode_ms = 0.0
                 layer_stats.h2d_bytes = layer_stats.decode_bytes = 0
             else:
-                marks.read_into(layer_stats, len(tiers.host_ids) * e, len(tiers.compressed_ids) * e)
+                marks.read_into(layer_stats, len(tiers.host_ids) * e + tiers.host_compressed_bytes,
+                                (len(tiers.compressed_ids) + len(tiers.host_compressed_ids)) * e)
         self.stats.samples += 1
 
     # ------------------------------------------------------------------ accounting
@@ -337,7 +384,8 @@ class ExpertPager:
     @property
     def gpu_bytes(self) -> dict[str, int]:
         """GPU memory by use: resident and compressed experts, staging pool."""
-        out = {Tier.RESIDENT.value: 0, Tier.COMPRESSED.value: 0, "staging": self.pool.nbytes}
+        out = {Tier.RESIDENT.value: 0, Tier.COMPRESSED.value: 0, "staging": self.pool.nbytes,
+               "landing": self.landing.nbytes if self.landing is not None else 0}
         for tiers in self.layers:
             for tier, n in tiers.gpu_bytes.items():
                 out[tier.value] += n

@@ -6,16 +6,19 @@ vLLM keeps a layer's experts as `w13_weight[E, 2I/tp, H]` (gate and up projectio
 - host: pinned host stacks, copied over PCIe into the layer's staging slots (one copy per
   matrix for the whole layer);
 - compressed: FXMC-encoded stacks on the GPU (chunks of at most `CODEC_CHUNK_NUMEL` elements,
-  so kernel offsets stay in int32), decoded into the staging slots.
-Staged experts take slots in the order host first, then compressed, so each tier lands in
-one contiguous run of slots.
+  so kernel offsets stay in int32), decoded into the staging slots;
+- host-compressed: FXMC-encoded chunks (about `HOST_CHUNK_BYTES` of bf16 each) in pinned host
+  memory, copied over PCIe into a landing slot (executor/landing.py) and decoded from there
+  into the staging slots: about 0.68 of the host tier's link bytes.
+Staged experts take slots in the order host, host-compressed, compressed, so each tier lands
+in one contiguous run of slots.
 """
 
 from __future__ import annotations
 
 import time
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +26,9 @@ from fluxmoe.errors import ConfigError
 from fluxmoe.names import Tier, parse_tier
 
 CODEC_CHUNK_NUMEL = 1 << 30
+# bf16 bytes per host-compressed chunk (at least one expert): small enough that two landing
+# slots cost little GPU memory, large enough that each copy runs at the link's full rate.
+HOST_CHUNK_BYTES = 128 << 20
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,37 @@ class _CompressedStack:
                 decoder.decode_into(target, stream)
 
 
+@dataclass
+class HostChunk:
+    """Experts first..first+n of one stacked matrix of the host-compressed tier, encoded, with
+    the payload pinned on the host; `decoders` per landing slot (GPU only, built by the pager)."""
+
+    first: int
+    n: int
+    encoded: "EncodedTensor"  # noqa: F821 (executor.codec)
+    decoders: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return self.encoded.header.payload_bytes
+
+
+def encode_host_chunks(stack: torch.Tensor, device: torch.device) -> list[HostChunk]:
+    """Encode a stack of experts in chunks where `device` is (the GPU encodes ~10 GB/s), and
+    keep each payload in pinned host memory (plain host memory without CUDA)."""
+    from executor.codec import encode
+
+    per_expert = stack[0].numel() if len(stack) else 1
+    step = max(1, min(HOST_CHUNK_BYTES // (2 * per_expert), CODEC_CHUNK_NUMEL // per_expert))
+    chunks = []
+    for first in range(0, len(stack), step):
+        encoded = encode(stack[first:first + step].to(device))
+        payload = torch.empty(encoded.payload.shape, dtype=torch.uint8, pin_memory=device.type == "cuda")
+        payload.copy_(encoded.payload)
+        chunks.append(HostChunk(first, min(step, len(stack) - first), type(encoded)(encoded.header, payload)))
+    return chunks
+
+
 class LayerTiers:
     """One MoE layer's experts split into the three tiers as a plan says."""
 
@@ -127,46 +164,58 @@ class LayerTiers:
         resident = take(self.resident_ids, resident_into)
         host = take(self.host_ids, where=torch.device("cpu"), pin_memory=pin and bool(self.host_ids))
         compressed = take(self.compressed_ids, where=w13.device) if self.compressed_ids else None
-        self._adopt(resident, host, compressed, device)
+        host_compressed = take(self.host_compressed_ids, where=w13.device) if self.host_compressed_ids else None
+        self._adopt(resident, host, compressed, device, host_compressed)
 
     def _sort_ids(self, tiers: list[Tier], layout: ExpertLayout) -> None:
         self.layout, self.num_experts = layout, len(tiers)
         self.resident_ids = [e for e, t in enumerate(tiers) if t is Tier.RESIDENT]
         self.host_ids = [e for e, t in enumerate(tiers) if t is Tier.HOST]
+        self.host_compressed_ids = [e for e, t in enumerate(tiers) if t is Tier.HOST_COMPRESSED]
         self.compressed_ids = [e for e, t in enumerate(tiers) if t is Tier.COMPRESSED]
 
-    def _adopt(self, resident, host, compressed, device: torch.device) -> None:
+    def _adopt(self, resident, host, compressed, device: torch.device, host_compressed=None) -> None:
         self.resident, self.host = resident, host
         start = time.perf_counter()
         self.compressed = tuple(_CompressedStack(t, device) for t in compressed) if compressed else None
-        if self.compressed and device.type == "cuda":
+        # (w13 chunks, w2 chunks) of the host-compressed experts
+        self.host_compressed = (tuple(encode_host_chunks(t, device) for t in host_compressed)
+                                if host_compressed else None)
+        encoded = compressed or host_compressed
+        if encoded and device.type == "cuda":
             torch.cuda.synchronize(device)
-        self.encode_seconds = time.perf_counter() - start if compressed else 0.0  # load time, reported
+        self.encode_seconds = time.perf_counter() - start if encoded else 0.0  # load time, reported
 
     @classmethod
     def from_parts(cls, tiers: list[Tier], layout: ExpertLayout, device: torch.device,
                    resident: tuple[torch.Tensor, torch.Tensor], host: tuple[torch.Tensor, torch.Tensor],
-                   compressed: tuple[torch.Tensor, torch.Tensor] | None) -> "LayerTiers":
+                   compressed: tuple[torch.Tensor, torch.Tensor] | None,
+                   host_compressed: tuple[torch.Tensor, torch.Tensor] | None = None) -> "LayerTiers":
         """A layer whose experts were loaded straight into their tiers (rows in expert id order):
-        resident on the GPU, host pinned; compressed as bf16 anywhere, encoded here."""
+        resident on the GPU, host pinned; compressed and host-compressed as bf16 anywhere,
+        encoded here."""
         self = cls.__new__(cls)
         self._sort_ids(tiers, layout)
         for ids, part, name in ((self.resident_ids, resident, "resident"), (self.host_ids, host, "host"),
-                                (self.compressed_ids, compressed, "compressed")):
+                                (self.compressed_ids, compressed, "compressed"),
+                                (self.host_compressed_ids, host_compressed, "host-compressed")):
             if ids and (part is None or len(part[0]) != len(ids)):
                 raise ConfigError(f"{name} experts: {len(ids)} expected")
-        self._adopt(resident, host, compressed if self.compressed_ids else None, device)
+        self._adopt(resident, host, compressed if self.compressed_ids else None, device,
+                    host_compressed if self.host_compressed_ids else None)
         return self
 
     @property
     def staged_ids(self) -> list[int]:
-        """Experts that need a staging slot, in slot order (host first, then compressed)."""
-        return self.host_ids + self.compressed_ids
+        """Experts that need a staging slot, in slot order (host, host-compressed, compressed)."""
+        return self.host_ids + self.host_compressed_ids + self.compressed_ids
 
     def tier_of(self, expert: int) -> Tier:
-        if expert in self.resident_ids:
-            return Tier.RESIDENT
-        return Tier.HOST if expert in self.host_ids else Tier.COMPRESSED
+        for tier, ids in ((Tier.RESIDENT, self.resident_ids), (Tier.HOST, self.host_ids),
+                          (Tier.HOST_COMPRESSED, self.host_compressed_ids)):
+            if expert in ids:
+                return tier
+        return Tier.COMPRESSED
 
     @property
     def gpu_bytes(self) -> dict[Tier, int]:
@@ -175,7 +224,20 @@ class LayerTiers:
 
     @property
     def host_bytes(self) -> int:
-        return sum(t.numel() * 2 for t in self.host)
+        return sum(t.numel() * 2 for t in self.host) + self.host_compressed_bytes
+
+    @property
+    def host_compressed_bytes(self) -> int:
+        """Encoded bytes of the host-compressed tier: what crosses the link for it each step."""
+        return sum(c.nbytes for stack in self.host_compressed or () for c in stack)
+
+    def host_compressed_chunks(self, w13: torch.Tensor, w2: torch.Tensor):
+        """(chunk, its staging slots) for every host-compressed chunk, w13's then w2's, in the
+        slots after the host ones."""
+        start = len(self.host_ids)
+        for stack, out in zip(self.host_compressed or (), (w13, w2)):
+            for chunk in stack:
+                yield chunk, out[start + chunk.first:start + chunk.first + chunk.n]
 
     def copy_host_into(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
         """Host experts into the first slots of a buffer (run on the copy stream)."""
@@ -185,6 +247,6 @@ class LayerTiers:
 
     def decode_compressed_into(self, w13: torch.Tensor, w2: torch.Tensor, stream) -> None:
         """Compressed experts into the slots after the host ones (run on the decode stream)."""
-        start, n = len(self.host_ids), len(self.compressed_ids)
+        start, n = len(self.host_ids) + len(self.host_compressed_ids), len(self.compressed_ids)
         self.compressed[0].decode_into(w13[start:start + n], stream)
         self.compressed[1].decode_into(w2[start:start + n], stream)

@@ -17,6 +17,18 @@ H, I, E, K, LAYERS = 32, 48, 4, 2, 4
 CPU = torch.device("cpu")
 MIXED = [["resident", "compressed", "host", "host"], ["host"] * E, ["compressed"] * E,
          ["host", "resident", "resident", "compressed"]]
+# every tier, host-compressed among them, in each layer's own mix
+ALL_TIERS = [["host-compressed", "compressed", "host", "resident"], ["host-compressed"] * E,
+             ["resident", "host-compressed", "host-compressed", "compressed"], ["host", "host-compressed", "host", "host"]]
+
+
+@pytest.fixture
+def one_expert_chunks(monkeypatch):
+    """Host-compressed chunks of one expert each, so every layer has several and the two
+    landing slots are reused within a layer and across layers."""
+    import executor.tiers
+
+    monkeypatch.setattr(executor.tiers, "HOST_CHUNK_BYTES", 1)
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +43,7 @@ def stack():
     ([["host"] * E] * LAYERS, 1),
     ([["compressed"] * E] * LAYERS, 2),
     (MIXED, 0), (MIXED, 1), (MIXED, 2),
+    ([["host-compressed"] * E] * LAYERS, 1), (ALL_TIERS, 0), (ALL_TIERS, 2),
 ])
 def test_paged_forward_equals_plain_torch_bit_for_bit(stack, tiers, depth, cpu_order):
     routers, stacks = stack
@@ -99,7 +112,7 @@ def test_staged_experts_sit_in_vllm_layout_with_their_expert_ids(stack):
 def _plan(model_layers=LAYERS):
     model = tiny_model(model_layers, E)
     profile = Profile(model, tiny_gpu(1.0))
-    return profile, planner.optimize(profile, 680 * 1024, reserve_bytes=16 << 10, max_num_seqs=8)
+    return profile, planner.optimize(profile, 660 * 1024, reserve_bytes=16 << 10, max_num_seqs=8)
 
 
 def test_experts_are_placed_as_the_plan_says_keyed_by_layer_index(stack):
@@ -170,7 +183,8 @@ def test_a_layer_never_prefetched_is_an_error(stack):
 
 # ---------------------------------------------------------------- one kernel call per paged layer
 @pytest.mark.parametrize("cpu_order", ["lazy", "eager"])
-@pytest.mark.parametrize("tiers,depth", [([["host"] * E] * LAYERS, 1), (MIXED, 0), (MIXED, 1), (MIXED, 2)])
+@pytest.mark.parametrize("tiers,depth", [([["host"] * E] * LAYERS, 1), (MIXED, 0), (MIXED, 1), (MIXED, 2),
+                                         (ALL_TIERS, 1)])
 def test_fused_spans_equal_plain_torch_bit_for_bit(stack, tiers, depth, cpu_order):
     """Each paged layer read as one arena span through its expert -> row remap (the vLLM path)."""
     routers, stacks = stack
@@ -236,3 +250,48 @@ def test_join_mid_step_keeps_results_exact(stack, cpu_order):
         assert all(events == [] for events in pager._pending.values())
     pager.end_step()
     assert torch.equal(out, reference_forward(x, routers, stacks, K))
+
+
+# ---------------------------------------------------------------- the host-compressed tier
+@pytest.mark.parametrize("cpu_order", ["lazy", "eager"])
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_host_compressed_chunks_through_two_landing_slots_stay_bit_exact(stack, one_expert_chunks, depth,
+                                                                         cpu_order):
+    routers, stacks = stack
+    x = torch.randn(5, H, dtype=torch.bfloat16)
+    paged = PagedMoEStack(routers, stacks, ALL_TIERS, K, depth, CPU, cpu_order=cpu_order, fused=True)
+    chunks = [len(stack) for t in paged.pager.layers for stack in t.host_compressed or ()]
+    assert chunks == [1, 1, 4, 4, 2, 2, 1, 1]  # one expert per chunk: w13's, then w2's, per layer
+    expected = reference_forward(x, routers, stacks, K)
+    assert torch.equal(paged.forward(x), expected)
+    assert torch.equal(paged.forward(x), expected)
+
+
+def test_a_landing_slot_rewritten_before_its_decode_corrupts_the_layer(stack, one_expert_chunks, monkeypatch):
+    """Lazy CPU order: without the copy stream's wait for the slot's last decode, chunk k + 2
+    lands over chunk k before chunk k is decoded."""
+    routers, stacks = stack
+    x = torch.randn(5, H, dtype=torch.bfloat16)
+    paged = PagedMoEStack(routers, stacks, [["host-compressed"] * E] * LAYERS, K, 0, CPU, cpu_order="lazy")
+    streams = paged.pager.streams
+    real_wait = streams.wait
+    monkeypatch.setattr(streams, "wait", lambda stream, event: None if stream is streams.copy else
+                        real_wait(stream, event))
+    from executor.codec import CodecError
+
+    try:  # another chunk's bytes under this chunk's header: wrong weights, or a stream that does not parse
+        assert not torch.equal(paged.forward(x), reference_forward(x, routers, stacks, K))
+    except CodecError:
+        pass
+
+
+def test_host_compressed_experts_hold_encoded_bytes_on_the_host_and_only_landing_slots_on_the_gpu(stack):
+    routers, stacks = stack
+    host = PagedMoEStack(routers, stacks, [["host"] * E] * LAYERS, K, 1, CPU).pager
+    packed = PagedMoEStack(routers, stacks, [["host-compressed"] * E] * LAYERS, K, 1, CPU).pager
+    assert 0 < packed.host_bytes < host.host_bytes  # random weights still code their exponents
+    largest = max(c.nbytes for t in packed.layers for s in t.host_compressed for c in s)
+    assert packed.gpu_bytes["landing"] == 2 * -(-largest // 16) * 16
+    assert host.gpu_bytes["landing"] == 0
+    assert packed.gpu_bytes["staging"] == host.gpu_bytes["staging"]
+    assert [t.tier_of(e).value for t in packed.layers[:1] for e in range(E)] == ["host-compressed"] * E

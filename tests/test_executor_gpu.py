@@ -17,6 +17,8 @@ TIER_MIXES = {
     "host": lambda e: ["host"] * e,
     "compressed": lambda e: ["compressed"] * e,
     "mixed": lambda e: (["resident", "compressed", "host"] * e)[:e],
+    "host-compressed": lambda e: ["host-compressed"] * e,
+    "all tiers": lambda e: (["resident", "compressed", "host", "host-compressed"] * e)[:e],
 }
 
 
@@ -45,11 +47,11 @@ def test_paged_stack_equals_plain_torch_on_the_gpu(qwen_like, mix, depth):
         assert torch.equal(stack.forward(x), expected)
     out = stack.forward(x, stats=True)
     assert torch.equal(out, expected)
-    if mix in ("host", "mixed"):
+    if mix in ("host", "mixed", "host-compressed", "all tiers"):
         assert stack.stats.h2d_gbps > 1.0
 
 
-@pytest.mark.parametrize("mix", ["host", "compressed", "mixed"])
+@pytest.mark.parametrize("mix", ["host", "compressed", "mixed", "host-compressed", "all tiers"])
 @pytest.mark.parametrize("depth", [0, 1, 2])
 def test_a_decode_step_captures_in_a_cuda_graph(qwen_like, mix, depth):
     stack, x, expected = _paged(qwen_like, mix, depth, tokens=8)

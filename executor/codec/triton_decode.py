@@ -188,6 +188,18 @@ def build_luts(k1: int, k2: int, table1: tuple[int, ...], table2: tuple[int, ...
     return lut1, lut2, lut3
 
 
+_luts: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def device_luts(h, device: torch.device):
+    """The lookup tables for a header's widths and tables on `device`, shared by every decoder
+    that needs the same ones (up to 0.5 MB each; a host tier has a decoder per chunk and slot)."""
+    key = (h.k1, h.k2, h.table1, h.table2, str(device))
+    if key not in _luts:
+        _luts[key] = tuple(t.to(device) for t in build_luts(h.k1, h.k2, h.table1, h.table2))
+    return _luts[key]
+
+
 class DeviceDecoder:
     """An encoded tensor made ready for repeated GPU decodes: everything allocated up front."""
 
@@ -197,7 +209,7 @@ class DeviceDecoder:
         self.enc = enc if enc.payload.device.type == "cuda" or INTERPRETED else enc.to(device)
         h = self.enc.header
         where = self.enc.payload.device
-        self.lut1, self.lut2, self.lut3 = (t.to(where) for t in build_luts(h.k1, h.k2, h.table1, h.table2))
+        self.lut1, self.lut2, self.lut3 = device_luts(h, where)
         self.starts = h.section_starts()
         self.words = self.enc.payload.view(torch.int32)  # payload length is a multiple of 16
 
