@@ -11,8 +11,9 @@ a later run fails or the machine goes back. Systems, per setting:
 - vLLM's UVA offloader (`cpu_offload_gb`) at several sizes, and vLLM's prefetch offloader
   (group / number offloaded per group / prefetch step) at several settings, experts only
   (`*_params=w13_weight,w2_weight`); the fastest of each is that baseline's figure;
-- FluxMoE with every non-resident expert on the host (the plan's compressed ones moved there);
-- FluxMoE with the planner's plan (simulator-verified, as `fluxmoe plan` picks it).
+- FluxMoE with every non-resident expert in the bf16 host tier;
+- FluxMoE with the planner's plan made with the paper's three tiers (resident, compressed, host);
+- FluxMoE with the planner's plan (simulator-verified, as `fluxmoe plan` picks it; four tiers).
 Settings too slow for one machine's 30 minutes run on a stand-in of the model with fewer
 layers at a budget scaled to keep the same share of each layer's bytes on the GPU
 (`standin_budget`); the table says so.
@@ -88,18 +89,22 @@ SETTINGS = {
 
 
 def plans(setting: Setting, out_dir: str) -> dict[str, str]:
-    """The planner's plan for the setting, and the same with compressed experts on the host."""
+    """The planner's plan for the setting (all four tiers); its plan with the paper's three tiers
+    (no host-compressed experts); and that one with every paged expert in the bf16 host tier."""
     import profiles
     from fluxmoe.names import Tier
     from planner.plan import LayerPlan
     from simulator.compare import verified_optimize
 
     profile = profiles.Profile(profiles.load_model(os.path.join(ROOT, setting.model)), profiles.load_gpu("h200"))
-    plan = verified_optimize(profile, int(setting.budget_gib * GiB), workload(setting))
-    host = dataclasses.replace(plan, layers=[LayerPlan(layer=lp.layer, resident=list(lp.resident), compressed=[],
-                                                       host=sorted([*lp.host, *lp.compressed])) for lp in plan.layers])
+    budget, wl = int(setting.budget_gib * GiB), workload(setting)
+    plan = verified_optimize(profile, budget, wl)
+    three = verified_optimize(profile, budget, wl, host_compressed=False)
+    host = dataclasses.replace(three, layers=[LayerPlan(layer=lp.layer, resident=list(lp.resident), compressed=[],
+                                                        host=sorted([*lp.host, *lp.compressed]))
+                                              for lp in three.layers])
     paths = {}
-    for name, p in (("fluxmoe_plan", plan), ("fluxmoe_host", host)):
+    for name, p in (("fluxmoe_plan", plan), ("fluxmoe_3tier", three), ("fluxmoe_host", host)):
         paths[name] = os.path.join(out_dir, f"{name}.json")
         p.save(paths[name])
     assert all(t in (Tier.RESIDENT, Tier.HOST) for lp in host.layers for t in lp.tiers())

@@ -3,7 +3,8 @@
 (GPU machine, vLLM 0.26.0 carried as ../shared/device/README.md says).
 
 For a small model folder: plain vLLM (eager, CUDA graphs), then the plugin with experts all in
-the host tier, all compressed, and mixed per layer and per expert, at prefetch depths 0-2, in
+the host tier, all host-compressed, all compressed, and mixed per layer and per expert (all
+four tiers), at prefetch depths 0-2, in
 eager mode and with CUDA graphs (full graphs for decode, piecewise for the prefill batch); and
 a negative control (one resident expert negated after start-up) that must differ. Each run is
 its own process (bench/vllm_run.py). Writes bench/results/vllm_identity_<model>_<date>.json
@@ -29,14 +30,16 @@ from bench.vllm_run import launch  # noqa: E402
 from fluxmoe.names import Tier  # noqa: E402
 from planner.plan import LayerPlan, Plan  # noqa: E402
 
-CYCLE = (Tier.RESIDENT, Tier.HOST, Tier.COMPRESSED)
+CYCLE = (Tier.RESIDENT, Tier.HOST, Tier.COMPRESSED, Tier.HOST_COMPRESSED)
 
 
 def with_tiers(plan: Plan, tiers: dict[int, list[Tier]], depth: int) -> Plan:
     """The plan with these tiers per layer and this prefetch depth (the pool sized to fit)."""
     layers = [LayerPlan(layer=layer, resident=[e for e, t in enumerate(ts) if t is Tier.RESIDENT],
                         compressed=[e for e, t in enumerate(ts) if t is Tier.COMPRESSED],
-                        host=[e for e, t in enumerate(ts) if t is Tier.HOST]) for layer, ts in tiers.items()]
+                        host=[e for e, t in enumerate(ts) if t is Tier.HOST],
+                        host_compressed=[e for e, t in enumerate(ts) if t is Tier.HOST_COMPRESSED])
+              for layer, ts in tiers.items()]
     most = max(sum(t is not Tier.RESIDENT for t in ts) for ts in tiers.values())
     return dataclasses.replace(plan, layers=layers, prefetch_depth=depth, staging_slots=(depth + 1) * most)
 
@@ -46,10 +49,11 @@ def variants(plan: Plan) -> dict[str, Plan]:
     experts = plan.layers[0].num_experts
     every = lambda tier: {layer: [tier] * experts for layer in layers}  # noqa: E731
     per_layer = {layer: ([Tier.RESIDENT] * experts if i == 0 else [Tier.HOST] * experts if i == 1 else
-                         [Tier.COMPRESSED] * experts if i == 2 else [CYCLE[e % 3] for e in range(experts)])
+                         [Tier.COMPRESSED] * experts if i == 2 else [CYCLE[e % len(CYCLE)] for e in range(experts)])
                  for i, layer in enumerate(layers)}
-    per_expert = {layer: [CYCLE[(e + i) % 3] for e in range(experts)] for i, layer in enumerate(layers)}
+    per_expert = {layer: [CYCLE[(e + i) % len(CYCLE)] for e in range(experts)] for i, layer in enumerate(layers)}
     return {"host_d1": with_tiers(plan, every(Tier.HOST), 1),
+            "host_compressed_d1": with_tiers(plan, every(Tier.HOST_COMPRESSED), 1),
             "compressed_d0": with_tiers(plan, every(Tier.COMPRESSED), 0),
             "per_layer_d1": with_tiers(plan, per_layer, 1),
             "per_expert_d2": with_tiers(plan, per_expert, 2)}
@@ -75,6 +79,8 @@ def main() -> None:
     runs = [("plain_graphs", [], "plain_graphs"), ("plain_eager", ["--eager"], "plain_eager"),
             ("plain_eager_again", ["--eager"], "plain_eager"),  # is plain vLLM itself repeatable?
             ("host_d1_graphs", ["--plan", paths["host_d1"]], "plain_graphs"),
+            ("host_compressed_d1_graphs", ["--plan", paths["host_compressed_d1"]], "plain_graphs"),
+            ("host_compressed_d1_eager", ["--plan", paths["host_compressed_d1"], "--eager"], "plain_eager"),
             ("compressed_d0_eager", ["--plan", paths["compressed_d0"], "--eager"], "plain_eager"),
             ("per_layer_d1_graphs", ["--plan", paths["per_layer_d1"]], "plain_graphs"),
             ("per_layer_d1_eager", ["--plan", paths["per_layer_d1"], "--eager"], "plain_eager"),

@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 
 from executor.codec.format import ALIGN, EncodedTensor
-
-LANDING_SLOTS = 2
+from planner.memory import LANDING_SLOTS
 
 
 class LandingRing:

@@ -185,7 +185,8 @@ class ExpertPager:
         chunks = [c for t in layers for stack in t.host_compressed or () for c in stack]
         if not chunks:
             return None
-        ring = LandingRing(max(c.nbytes for c in chunks), self.device)
+        with torch.inference_mode(False):  # written every step, also outside vLLM's inference mode
+            ring = LandingRing(max(c.nbytes for c in chunks), self.device)
         if self.device.type == "cuda":
             from executor.codec.triton_decode import DeviceDecoder
 

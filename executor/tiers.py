@@ -17,18 +17,15 @@ in one contiguous run of slots.
 from __future__ import annotations
 
 import time
-
 from dataclasses import dataclass, field
 
 import torch
 
 from fluxmoe.errors import ConfigError
 from fluxmoe.names import Tier, parse_tier
+from planner.memory import HOST_CHUNK_BYTES  # bf16 bytes per host-compressed chunk
 
 CODEC_CHUNK_NUMEL = 1 << 30
-# bf16 bytes per host-compressed chunk (at least one expert): small enough that two landing
-# slots cost little GPU memory, large enough that each copy runs at the link's full rate.
-HOST_CHUNK_BYTES = 128 << 20
 
 
 @dataclass(frozen=True)

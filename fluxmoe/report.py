@@ -12,12 +12,13 @@ from planner.plan import Plan
 def _layer_rows(plan: Plan) -> list[str]:
     """One row per run of consecutive MoE layers with the same tier counts."""
     rows = []
-    counts = [(lp.layer, len(lp.resident), len(lp.compressed), len(lp.host)) for lp in plan.layers]
+    counts = [(lp.layer, len(lp.resident), len(lp.compressed), len(lp.host), len(lp.host_compressed))
+              for lp in plan.layers]
     for key, run in groupby(counts, key=lambda c: c[1:]):
         run = list(run)
         first, last = run[0][0], run[-1][0]
         span = f"{first}" if first == last else f"{first}-{last}"
-        rows.append(f"  {span:>9}  {key[0]:>9}  {key[1]:>10}  {key[2]:>6}")
+        rows.append(f"  {span:>9}  {key[0]:>9}  {key[1]:>10}  {key[2]:>6}  {key[3]:>15}")
     return rows
 
 
@@ -27,7 +28,7 @@ def plan_table(plan: Plan) -> str:
         f"FluxMoE plan: {plan.model} on {plan.gpu}, budget {format_bytes(plan.budget_bytes)} "
         f"(workload {plan.workload.prompt_tokens} in / {plan.workload.output_tokens} out)",
         "",
-        "  MoE layers   resident  compressed    host",
+        "  MoE layers   resident  compressed    host  host-compressed",
         *_layer_rows(plan),
         "",
         f"  prefetch depth {plan.prefetch_depth}, staging slots {plan.staging_slots}, "
@@ -37,7 +38,7 @@ def plan_table(plan: Plan) -> str:
         f"    non-expert weights   {format_bytes(mem.non_expert_bytes):>12}",
         f"    resident experts     {format_bytes(mem.resident_expert_bytes):>12}",
         f"    compressed experts   {format_bytes(mem.compressed_expert_bytes):>12}",
-        f"    staging pool         {format_bytes(mem.staging_bytes):>12}",
+        f"    staging + landing    {format_bytes(mem.staging_bytes):>12}",
         f"    KV cache             {format_bytes(mem.kv_cache_bytes):>12}",
         f"    reserve              {format_bytes(mem.reserve_bytes):>12}",
         f"  host (pinned) experts  {format_bytes(mem.host_expert_bytes):>12}",
@@ -55,7 +56,7 @@ def plan_table(plan: Plan) -> str:
                      f"{pred.output_tokens_per_s:>14.0f} {pred.tokens_per_s:>13.0f}   {ratio:>11.2f}x")
     if plan.simulated:
         lines += ["", *simulated_lines(plan)]
-    lines += ["", f"  solver: {plan.solver_status}, {plan.candidates_solved} MILPs, {plan.solve_time_s:.2f} s"]
+    lines += ["", f"  solver: {plan.solver_status}, {plan.candidates_solved} candidates, {plan.solve_time_s:.2f} s"]
     return "\n".join(lines)
 
 

@@ -52,11 +52,12 @@ class TierCounts:
     resident: int
     compressed: int
     host: int
+    host_compressed: int = 0
 
     @property
     def paged(self) -> int:
         """Experts that need a staging slot when the layer runs."""
-        return self.compressed + self.host
+        return self.compressed + self.host + self.host_compressed
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,11 @@ class CostModel:
         self._ffn_curve = hw.expert_ffn_s.get(f"{m.hidden_size}x{m.expert_intermediate_size}")
         self.expert_bytes = m.expert_bytes
         self.compressed_expert_bytes = m.expert_bytes * hw.codec.compressed_ratio
-        # Per-expert costs of the two paged tiers.
+        # Per-expert costs of the paged tiers; a host-compressed expert crosses the link encoded
+        # and is decoded like a compressed one.
         self.decode_s_per_expert = m.expert_bytes / (hw.codec.decode_gbps * 1e9)
         self.transfer_s_per_expert = hw.h2d_seconds(m.expert_bytes)
+        self.compressed_transfer_s_per_expert = hw.h2d_seconds(self.compressed_expert_bytes)
         self._compute_cache: dict[StepShape, list[float]] = {}
 
     # ------------------------------------------------------------------ compute
@@ -151,12 +154,20 @@ class CostModel:
         gpu = list(compute)
         transfer = [0.0] * m.num_layers
         for layer, counts in zip(m.moe_layers, tiers):
-            gpu[layer] += counts.compressed * self.decode_s_per_expert
-            transfer[layer] = counts.host * self.transfer_s_per_expert
+            gpu[layer] += self.layer_decode_s(counts)
+            transfer[layer] = self.layer_transfer_s(counts)
         stall = sum(max(0.0, transfer[layer] - self.window_gpu_s(gpu, layer, prefetch_depth))
                     for layer in range(m.num_layers) if transfer[layer] > 0)
         gpu_s, link_s, fixed = sum(gpu), sum(transfer), self.fixed_s(step)
         return StepTime(max(gpu_s + stall, link_s) + fixed, gpu_s, link_s, stall, fixed)
+
+    def layer_decode_s(self, counts: TierCounts) -> float:
+        """GPU time a layer's decodes take (compressed and host-compressed experts)."""
+        return (counts.compressed + counts.host_compressed) * self.decode_s_per_expert
+
+    def layer_transfer_s(self, counts: TierCounts) -> float:
+        """Link time of a layer's host and host-compressed experts."""
+        return counts.host * self.transfer_s_per_expert + counts.host_compressed * self.compressed_transfer_s_per_expert
 
     @staticmethod
     def window_layers(num_layers: int, layer: int, prefetch_depth: int) -> list[int]:
@@ -190,12 +201,14 @@ class CostModel:
         return StepTime(base.total_s + link, base.gpu_s, link, link, base.fixed_s)
 
     def paging_lower_bound_s(self, step: StepShape, bytes_to_free: float, host_bytes: float,
-                             slot_share: float = 0.0) -> float:
+                             slot_share: float = 0.0, host_compressed: bool = False) -> float:
         """No placement that frees `bytes_to_free` of expert memory has a shorter step than this.
 
         Relaxes integrality, staging memory and per-layer stalls: free C compressed experts
         (each saves eb(1 - ratio), costs decode time on the GPU) and H host experts (each saves
-        eb, costs link time); the best split balances GPU and link time.
+        eb, costs link time); the best split balances GPU and link time. With the
+        host-compressed tier allowed, a host expert is costed as the cheaper of both host tiers
+        in each resource (its encoded link time, no GPU time), which keeps this a bound.
         """
         base = self.resident_step_time(step)
         if bytes_to_free <= 0:
@@ -206,6 +219,9 @@ class CostModel:
         saved_c = max(self.expert_bytes - self.compressed_expert_bytes - self.expert_bytes * slot_share, 1e-9)
         td, tx, total = self.decode_s_per_expert, self.transfer_s_per_expert, self.model.total_experts
         h_max = min(total, host_bytes / self.expert_bytes)
+        if host_compressed:
+            tx = self.compressed_transfer_s_per_expert
+            h_max = min(total, host_bytes / self.compressed_expert_bytes)
         if eb <= 0 or h_max * eb + (total - h_max) * saved_c < bytes_to_free:
             return math.inf
 

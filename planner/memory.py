@@ -2,7 +2,7 @@
 
 A FluxMoE configuration holds on the GPU: the non-expert weights, its resident experts (bf16),
 its compressed experts (FXMC, `compressed_ratio` of bf16), a staging pool of
-`(depth + 1) x slots` experts, a reserve (vLLM's activations, CUDA graphs, memory outside torch) and the
+`(depth + 1) x slots` experts (and landing slots if any expert is host-compressed), a reserve (vLLM's activations, CUDA graphs, memory outside torch) and the
 KV cache, which gets whatever is left. A baseline (plain vLLM, vLLM + CPU offload) holds its
 weights less what it offloads, the same reserve, and KV for the rest; vLLM admits requests by
 free KV up to its `max_num_seqs`, so that is the baselines' batch limit everywhere.
@@ -19,6 +19,12 @@ from fluxmoe.units import GiB
 from planner.cost_model import TierCounts
 
 VLLM_MAX_NUM_SEQS = 1024  # vLLM's default on large GPUs; KV decides admission below it
+
+# The host-compressed tier moves each stacked matrix in chunks of about HOST_CHUNK_BYTES of bf16
+# (at least one expert) through LANDING_SLOTS landing slots on the GPU (executor/landing.py):
+# small enough to cost little memory, large enough that each copy runs at the link's rate.
+HOST_CHUNK_BYTES = 128 << 20
+LANDING_SLOTS = 2
 
 # What vLLM 0.26 holds on the GPU besides weights and KV, as its start-up log on the H200 itemizes
 # it (Mixtral-8x7B shape, FluxMoE at 46 GiB, bench/results/vllm_mixtral_2026-11-24.json): peak
@@ -92,29 +98,41 @@ class MemoryModel:
     def staging_bytes(self, depth: int, slots_per_buffer: int) -> int:
         return (depth + 1) * slots_per_buffer * self.expert_bytes
 
+    @property
+    def landing_bytes(self) -> int:
+        """The host-compressed tier's landing slots: the largest chunk (w13's, two thirds of an
+        expert, times the experts per chunk) at the codec's ratio, per slot."""
+        w13 = 2 * self.expert_bytes // 3
+        per_chunk = min(self.model.num_experts, max(1, HOST_CHUNK_BYTES // max(w13, 1)))
+        return math.ceil(LANDING_SLOTS * per_chunk * w13 * self.compressed_ratio)
+
     def expert_gpu_bytes(self, tiers: Sequence[TierCounts]) -> float:
         """Resident and compressed experts (compressed as the codec's mean ratio)."""
         return sum(t.resident * self.expert_bytes + t.compressed * self.compressed_expert_bytes for t in tiers)
 
-    def host_bytes(self, tiers: Sequence[TierCounts]) -> int:
-        return sum(t.host for t in tiers) * self.expert_bytes
+    def host_bytes(self, tiers: Sequence[TierCounts]) -> float:
+        return sum(t.host * self.expert_bytes + t.host_compressed * self.compressed_expert_bytes for t in tiers)
+
+    def paging_bytes(self, tiers: Sequence[TierCounts], depth: int) -> int:
+        """The staging pool, and the landing slots where any expert is host-compressed."""
+        slots = max((t.paged for t in tiers), default=0)
+        landing = self.landing_bytes if any(t.host_compressed for t in tiers) else 0
+        return self.staging_bytes(depth, slots) + landing
 
     def placement_bytes(self, tiers: Sequence[TierCounts], depth: int) -> float:
-        """GPU bytes of a placement before KV: fixed part, experts and staging."""
-        slots = max((t.paged for t in tiers), default=0)
-        return self.fixed_bytes + self.expert_gpu_bytes(tiers) + self.staging_bytes(depth, slots)
+        """GPU bytes of a placement before KV: fixed part, experts, staging and landing."""
+        return self.fixed_bytes + self.expert_gpu_bytes(tiers) + self.paging_bytes(depth=depth, tiers=tiers)
 
     def breakdown(self, tiers: Sequence[TierCounts], depth: int, kv_bytes: int):
         """Where a placement's GPU bytes go, with `kv_bytes` of KV, as a plan reports it."""
         from planner.plan import MemoryBreakdown
 
-        slots = max((t.paged for t in tiers), default=0)
         return MemoryBreakdown(
             non_expert_bytes=self.model.non_expert_bytes,
             resident_expert_bytes=sum(t.resident for t in tiers) * self.expert_bytes,
             compressed_expert_bytes=math.ceil(sum(t.compressed for t in tiers) * self.compressed_expert_bytes),
-            staging_bytes=self.staging_bytes(depth, slots), kv_cache_bytes=kv_bytes, reserve_bytes=self.reserve_bytes,
-            host_expert_bytes=self.host_bytes(tiers))
+            staging_bytes=self.paging_bytes(tiers, depth), kv_cache_bytes=kv_bytes, reserve_bytes=self.reserve_bytes,
+            host_expert_bytes=math.ceil(self.host_bytes(tiers)))
 
     def kv_left(self, budget: int, tiers: Sequence[TierCounts], depth: int) -> int:
         """KV cache bytes a placement leaves in `budget` (negative: it does not fit)."""

@@ -31,19 +31,26 @@ class LayerPlan:
     compressed: list[int]
     host: list[int]
     expert_order: list[int] = field(default_factory=list)
+    host_compressed: list[int] = field(default_factory=list)  # FXMC in pinned host memory
 
     def tier_of(self, expert: int) -> Tier:
-        if expert in self.resident:
-            return Tier.RESIDENT
-        return Tier.COMPRESSED if expert in self.compressed else Tier.HOST
+        for tier, ids in ((Tier.RESIDENT, self.resident), (Tier.COMPRESSED, self.compressed),
+                          (Tier.HOST_COMPRESSED, self.host_compressed)):
+            if expert in ids:
+                return tier
+        return Tier.HOST
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.resident + self.compressed + self.host + self.host_compressed
 
     @property
     def num_experts(self) -> int:
-        return len(self.resident) + len(self.compressed) + len(self.host)
+        return len(self.all_ids)
 
     @property
     def paged(self) -> int:
-        return len(self.compressed) + len(self.host)
+        return len(self.compressed) + len(self.host) + len(self.host_compressed)
 
     def tiers(self) -> list[Tier]:
         """The tier of each expert id, in id order."""
@@ -61,13 +68,14 @@ class PlanInputs:
     milp_node_limit: int
     versions: dict[str, str] = field(default_factory=dict)
     requests: int | None = None  # the workload's request count, where it was known: no batch exceeds it
+    host_compressed: bool = False  # the host-compressed tier was allowed (plans made before it: no)
 
     @classmethod
     def record(cls, **settings) -> "PlanInputs":
         from importlib import metadata
 
         versions = {}
-        for package in ("fluxmoe", "pulp"):
+        for package in ("fluxmoe", "pulp", "highspy"):
             try:
                 versions[package] = metadata.version(package)
             except metadata.PackageNotFoundError:
@@ -95,7 +103,7 @@ class MemoryBreakdown:
     non_expert_bytes: int
     resident_expert_bytes: int
     compressed_expert_bytes: int
-    staging_bytes: int
+    staging_bytes: int  # the staging pool, and the host-compressed tier's landing slots
     kv_cache_bytes: int
     reserve_bytes: int
     host_expert_bytes: int = 0
@@ -210,7 +218,7 @@ class Plan:
                               f"cannot stage the {most} paged experts of the most paged layer")
         seen = set()
         for i, lp in enumerate(self.layers):
-            ids = lp.resident + lp.compressed + lp.host
+            ids = lp.all_ids
             if len(ids) != len(set(ids)):
                 raise ConfigError(f"field 'layers[{i}]': an expert is in two tiers: {sorted(ids)!r}")
             if lp.expert_order and sorted(lp.expert_order) != sorted(ids):
@@ -236,7 +244,7 @@ class Plan:
         """TierCounts per MoE layer, in model layer order."""
         from planner.cost_model import TierCounts
 
-        return [TierCounts(len(lp.resident), len(lp.compressed), len(lp.host))
+        return [TierCounts(len(lp.resident), len(lp.compressed), len(lp.host), len(lp.host_compressed))
                 for lp in sorted(self.layers, key=lambda lp: lp.layer)]
 
     def baseline(self, name: str) -> BaselinePrediction | None:
@@ -256,7 +264,7 @@ class Plan:
                               f"GPU {hw.name!r}")
         experts, model = profile.model.num_experts, profile.model
         if sorted(lp.layer for lp in self.layers) != sorted(model.moe_layers) or any(
-                sorted(lp.resident + lp.compressed + lp.host) != list(range(experts)) for lp in self.layers):
+                sorted(lp.all_ids) != list(range(experts)) for lp in self.layers):
             raise ConfigError(f"plan's layers do not place each of the {experts} experts of each of the "
                               f"{model.num_moe_layers} MoE layers (model layers {model.moe_layers[0]}.."
                               f"{model.moe_layers[-1]}) exactly once")

@@ -76,14 +76,15 @@ class _PlacementModel:
     """A built placement LP and the handles that re-solving it changes."""
 
     prob: pulp.LpProblem
-    tiers: list[tuple[pulp.LpVariable, pulp.LpVariable, pulp.LpVariable]]  # (resident, compressed, host) per layer
+    tiers: list[tuple[pulp.LpVariable, ...]]  # (resident, compressed, host, host-compressed) per layer
     slots: pulp.LpVariable
+    landing: pulp.LpVariable
     step_time: pulp.LpVariable
     unit: float  # seconds per unit of time in the model
 
     @property
     def integer_variables(self) -> list[pulp.LpVariable]:
-        return [v for layer in self.tiers for v in layer] + [self.slots]
+        return [v for layer in self.tiers for v in layer] + [self.slots, self.landing]
 
 
 class _Problem:
@@ -91,12 +92,13 @@ class _Problem:
 
     def __init__(self, profile: Profile, budget_bytes: int, host_budget_bytes: int, workload: WorkloadShape,
                  reserve_bytes: int, tpot_limit_s: float | None, max_num_seqs: int, mip_gap: float = 0.01,
-                 requests: int | None = None):
+                 requests: int | None = None, host_compressed: bool = True):
         self.profile, self.model, self.cost = profile, profile.model, CostModel(profile)
         self.mem = MemoryModel.of(profile, reserve_bytes)
         self.budget, self.host_budget, self.workload = budget_bytes, host_budget_bytes, workload
         self.reserve, self.tpot_limit_s, self.max_num_seqs = reserve_bytes, tpot_limit_s, max_num_seqs
         self.requests = requests
+        self.host_compressed = host_compressed
         self.kv_per_seq = self.mem.kv_per_sequence(workload.prompt_tokens + workload.output_tokens)
         self.gap = mip_gap
         self.safety_hits = 0
@@ -126,27 +128,34 @@ class _Problem:
         decode_s, transfer_s = cost.decode_s_per_expert / unit, cost.transfer_s_per_expert / unit
         eb, ceb, E = self.mem.expert_bytes, self.mem.compressed_expert_bytes, m.num_experts
         prob = pulp.LpProblem("placement", pulp.LpMinimize)
+        transfer_c = cost.compressed_transfer_s_per_expert / unit
+        hc_max = E if self.host_compressed else 0
         r = {l: pulp.LpVariable(f"r{l}", 0, E) for l in m.moe_layers}
         c = {l: pulp.LpVariable(f"c{l}", 0, E) for l in m.moe_layers}
         h = {l: pulp.LpVariable(f"h{l}", 0, E) for l in m.moe_layers}
+        hc = {l: pulp.LpVariable(f"hc{l}", 0, hc_max) for l in m.moe_layers}
+        landing = pulp.LpVariable("landing", 0, 1 if self.host_compressed else 0)  # landing slots held (0/1)
         slots = pulp.LpVariable("slots", 0, E)  # staging slots per buffer of the pool
         step_time = pulp.LpVariable("step_time", 0)
         for l in m.moe_layers:
-            prob += r[l] + c[l] + h[l] == E
-            prob += slots >= c[l] + h[l]
-        gpu = {l: compute[l] + (decode_s * c[l] if l in c else 0) for l in range(m.num_layers)}
+            prob += r[l] + c[l] + h[l] + hc[l] == E
+            prob += slots >= c[l] + h[l] + hc[l]
+            prob += hc[l] <= hc_max * landing
+        gpu = {l: compute[l] + (decode_s * (c[l] + hc[l]) if l in c else 0) for l in range(m.num_layers)}
+        link = {l: transfer_s * h[l] + transfer_c * hc[l] for l in m.moe_layers}
         stalls = []
         for l in m.moe_layers:
             stall = pulp.LpVariable(f"stall{l}", 0)
             window = pulp.lpSum(gpu[j] for j in cost.window_layers(m.num_layers, l, depth))
-            prob += stall >= transfer_s * h[l] - window
+            prob += stall >= link[l] - window
             stalls.append(stall)
         prob += step_time >= pulp.lpSum(gpu.values()) + pulp.lpSum(stalls)
-        prob += step_time >= pulp.lpSum(transfer_s * h[l] for l in m.moe_layers)
+        prob += step_time >= pulp.lpSum(link.values())
         # MemoryModel.placement_bytes, linear in the variables, plus the KV of `batch` sequences.
         memory = (self.mem.fixed_bytes + batch * self.kv_per_seq
-                  + pulp.lpSum(eb * r[l] + ceb * c[l] for l in m.moe_layers) + (depth + 1) * eb * slots)
-        prob += pulp.lpSum(eb * h[l] for l in m.moe_layers) <= self.host_budget
+                  + pulp.lpSum(eb * r[l] + ceb * c[l] for l in m.moe_layers) + (depth + 1) * eb * slots
+                  + self.mem.landing_bytes * landing)
+        prob += pulp.lpSum(eb * h[l] + ceb * hc[l] for l in m.moe_layers) <= self.host_budget
         if minimize_memory:
             prob += memory
         else:
@@ -154,7 +163,8 @@ class _Problem:
             if self.tpot_limit_s is not None:
                 prob += step_time + cost.fixed_s(step) / unit <= self.tpot_limit_s / unit
             prob += step_time
-        model = _PlacementModel(prob, [(r[l], c[l], h[l]) for l in m.moe_layers], slots, step_time, unit)
+        model = _PlacementModel(prob, [(r[l], c[l], h[l], hc[l]) for l in m.moe_layers], slots, landing, step_time,
+                                unit)
         self._models[key] = model
         return model
 
@@ -184,17 +194,19 @@ class _Problem:
     def _fits(self, tiers: list[TierCounts], depth: int, batch: int) -> bool:
         return self.mem.fits(self.budget, self.host_budget, tiers, depth, batch * self.kv_per_seq)
 
-    def _roundings(self, values: list[tuple[float, float, float]]) -> list[list[TierCounts]]:
-        """Integer placements near the LP's: per-layer host ceilings, and roundings that keep
-        the LP's totals of host and compressed experts (largest remainders), a little above."""
+    def _roundings(self, values: list[tuple[float, ...]]) -> list[list[TierCounts]]:
+        """Integer placements near the LP's (values: resident, compressed, host, host-compressed
+        per layer): per-layer ceilings of the host tiers, and roundings that keep the LP's totals
+        per tier, a little above, spread by largest remainders or evenly around the cycle."""
         E = self.model.num_experts
         out = []
         for round_c in (round, math.ceil):
             tiers = []
-            for _, c, h in values:
+            for _, c, h, hc in values:
                 hi = min(E, math.ceil(h - 1e-6))
-                ci = min(E - hi, round_c(c - 1e-6) if round_c is math.ceil else round_c(c))
-                tiers.append(TierCounts(E - hi - ci, ci, hi))
+                hci = min(E - hi, math.ceil(hc - 1e-6))
+                ci = min(E - hi - hci, round_c(c - 1e-6) if round_c is math.ceil else round_c(c))
+                tiers.append(TierCounts(E - hi - hci - ci, ci, hi, hci))
             out.append(tiers)
 
         def spread(fractions: list[float], total: int, caps: list[int]) -> list[int]:
@@ -208,22 +220,23 @@ class _Problem:
                 order = room[1:] + [i for i in order if i not in room]
             return counts
 
-        def even(total: int, caps: list[int]) -> list[int]:
+        def even(fractions: list[float], total: int, caps: list[int]) -> list[int]:
             """`total` spread evenly around the cycle of layers (stalls and their windows are cyclic)."""
             n = len(caps)
-            counts = [min(cap, (i + 1) * total // n - i * total // n) for i, cap in enumerate(caps)]
-            return counts
+            return [min(cap, (i + 1) * total // n - i * total // n) for i, cap in enumerate(caps)]
 
-        host_total = sum(h for _, _, h in values)
-        comp_total = sum(c for _, c, _ in values)
-        for extra_h in (0, 1, 2):
-            hs = spread([h for _, _, h in values], math.ceil(host_total - 1e-6) + extra_h, [E] * len(values))
-            for extra_c in (0, 1, 2):
-                cs = spread([c for _, c, _ in values], math.ceil(comp_total - 1e-6) + extra_c, [E - x for x in hs])
-                out.append([TierCounts(E - hi - ci, ci, hi) for hi, ci in zip(hs, cs)])
-                he = even(math.ceil(host_total - 1e-6) + extra_h, [E] * len(values))
-                ce = even(math.ceil(comp_total - 1e-6) + extra_c, [E - x for x in he])
-                out.append([TierCounts(E - hi - ci, ci, hi) for hi, ci in zip(he, ce)])
+        def total(i: int) -> int:
+            return math.ceil(sum(v[i] for v in values) - 1e-6)
+
+        extra_hc = (0, 1) if total(3) else (0,)
+        for place in (spread, even):
+            for extra_h in (0, 1, 2):
+                hs = place([v[2] for v in values], total(2) + extra_h, [E] * len(values))
+                for more_hc in extra_hc:
+                    hcs = place([v[3] for v in values], total(3) + more_hc, [E - x for x in hs])
+                    for extra_c in (0, 1, 2):
+                        cs = place([v[1] for v in values], total(1) + extra_c, [E - x - y for x, y in zip(hs, hcs)])
+                        out.append([TierCounts(E - hi - hci - ci, ci, hi, hci) for hi, hci, ci in zip(hs, hcs, cs)])
         return out
 
     def relax(self, batch: int, depth: int, incumbent_rate: float = 0.0) -> Relaxation | None:
@@ -385,11 +398,14 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
                     host_budget: int | str | None = None, objective: str = "throughput",
                     tpot_limit_s: float | None = None, reserve_bytes: int | str | None = None,
                     max_num_seqs: int = 1024, prefetch_depths: tuple[int, ...] = PREFETCH_DEPTHS,
-                    mip_gap: float = 0.01, requests: int | None = None) -> list[Plan]:
+                    mip_gap: float = 0.01, requests: int | None = None, host_compressed: bool = True,
+                    paging: bool = True) -> list[Plan]:
     """The `top_k` best plans (best first) by predicted output tokens/s within `budget` GPU bytes.
 
     budget, host_budget, reserve_bytes: bytes or strings like "46GiB". objective: "throughput",
-    or "throughput_under_latency" with `tpot_limit_s` (per-token time). Raises InfeasibleError
+    or "throughput_under_latency" with `tpot_limit_s` (per-token time). host_compressed: may
+    experts be kept FXMC-encoded on the host (False: the three tiers of the paper). paging=False:
+    every expert resident (plain vLLM's configuration), for comparisons. Raises InfeasibleError
     with the smallest workable budget when nothing fits.
     """
     started = time.perf_counter()
@@ -413,7 +429,8 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
     limit = tpot_limit_s if objective == "throughput_under_latency" else None
     if requests is not None and requests < 1:
         raise ConfigError(f"requests: must be >= 1, got {requests!r}")
-    p = _Problem(profile, budget_bytes, host_bytes, workload, reserve, limit, max_num_seqs, mip_gap, requests)
+    p = _Problem(profile, budget_bytes, host_bytes, workload, reserve, limit, max_num_seqs, mip_gap, requests,
+                 host_compressed)
 
     # Visit candidates by their upper bound: B over the all-resident step time.
     order = []
@@ -426,7 +443,8 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
         for depth in sorted(prefetch_depths):
             # Bytes paging must free: the overshoot of all-resident (staging is charged in the bound).
             need = p.mem.offload_for_kv(budget_bytes, batch * p.kv_per_seq)
-            fastest = p.cost.paging_lower_bound_s(step, need, host_bytes, (depth + 1) / m.num_moe_layers)
+            fastest = p.cost.paging_lower_bound_s(step, need, host_bytes, (depth + 1) / m.num_moe_layers,
+                                                  host_compressed)
             if fastest < math.inf:
                 order.append((batch / fastest, batch, depth))
     order.sort(key=lambda x: (-x[0], x[1], x[2]))
@@ -464,6 +482,8 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
             tiers = [TierCounts(m.num_experts, 0, 0)] * m.num_moe_layers
             keep(Candidate(batch, 0, tiers, p.cost.step_time(tiers, p.step(batch), 0).total_s, 0, "all resident"))
             continue
+        if not paging:
+            continue
         solved += 1
         relaxed = p.relax(batch, depth, threshold())
         if relaxed is None:
@@ -483,7 +503,8 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
         raise p.infeasible(min(prefetch_depths))
     elapsed = time.perf_counter() - started
     inputs = PlanInputs.record(reserve_bytes=reserve, max_num_seqs=max_num_seqs, prefetch_depths=list(prefetch_depths),
-                               mip_gap=mip_gap, milp_node_limit=MILP_NODE_LIMIT, requests=requests)
+                               mip_gap=mip_gap, milp_node_limit=MILP_NODE_LIMIT, requests=requests,
+                               host_compressed=host_compressed)
     return [_make_plan(p, c, objective, limit, solved, elapsed, inputs) for c in kept]
 
 
@@ -493,8 +514,10 @@ def _make_plan(p: _Problem, best: Candidate, objective: str, limit: float | None
     layers = []
     for layer, t in zip(m.moe_layers, best.tiers):
         ids = list(range(m.num_experts))  # uniform routing: any order is as hot as another
-        layers.append(LayerPlan(layer, ids[:t.resident], ids[t.resident:t.resident + t.compressed],
-                                ids[t.resident + t.compressed:], expert_order=ids))
+        on_gpu = t.resident + t.compressed
+        layers.append(LayerPlan(layer, ids[:t.resident], ids[t.resident:on_gpu],
+                                ids[on_gpu + t.host_compressed:], expert_order=ids,
+                                host_compressed=ids[on_gpu:on_gpu + t.host_compressed]))
     memory = mem.breakdown(best.tiers, best.depth, 0)
     kv = p.budget - memory.gpu_total_bytes
     memory = replace(memory, kv_cache_bytes=kv)

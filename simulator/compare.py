@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import planner
-from fluxmoe.errors import ConfigError
+from fluxmoe.errors import ConfigError, InfeasibleError
 from fluxmoe.names import System
 from planner.cost_model import BATCH_GRID
 from planner.memory import VLLM_MAX_NUM_SEQS
@@ -98,8 +98,14 @@ def verified_optimize(profile: Profile, budget: int | str, workload: Workload, *
     options.setdefault("requests", len(workload))
     best: tuple[float, Plan, SimulationResult] | None = None
     candidates = planner.candidate_plans(profile, budget, top_k=top_k, **options)
-    # An all-resident plan is plain vLLM's configuration; with vLLM's own admission (by KV, up to
-    # its max_num_seqs) it is exactly plain vLLM, so the pick is never worse than plain vLLM.
+    # The best all-resident plan is plain vLLM's configuration; with vLLM's own admission (by KV,
+    # up to its max_num_seqs) it is exactly plain vLLM, so the pick is never worse than plain vLLM
+    # (the closed form may rank paged plans above it that the simulation does not confirm).
+    if not any(not any(lp.paged for lp in plan.layers) for plan in candidates):
+        try:
+            candidates += planner.candidate_plans(profile, budget, top_k=1, paging=False, **options)
+        except InfeasibleError:
+            pass
     candidates += [replace(plan, max_num_seqs=VLLM_MAX_NUM_SEQS) for plan in candidates
                    if plan.max_num_seqs < VLLM_MAX_NUM_SEQS and not any(lp.paged for lp in plan.layers)]
     for plan in candidates:

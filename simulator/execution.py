@@ -70,8 +70,8 @@ class PagedExecution:
         self.transfer_s = [0.0] * m.num_layers
         self.decode_s = [0.0] * m.num_layers
         for layer, t in zip(m.moe_layers, tiers):
-            self.transfer_s[layer] = t.host * cost.transfer_s_per_expert
-            self.decode_s[layer] = t.compressed * cost.decode_s_per_expert
+            self.transfer_s[layer] = cost.layer_transfer_s(t)
+            self.decode_s[layer] = cost.layer_decode_s(t)
         L = self.num_layers
         # A layer must end its own timeout if a later transfer waits for it to finish.
         watched = [self.transfer_s[(layer + prefetch_depth + 1) % L] > 0 for layer in range(L)]

@@ -48,7 +48,15 @@ def test_a_plans_memory_adds_up_to_its_budget_and_matches_the_memory_model():
     assert plan.memory.gpu_total_bytes == plan.budget_bytes
     tiers = plan.tier_counts()
     assert plan.kv_cache_bytes == pytest.approx(mem.kv_left(plan.budget_bytes, tiers, plan.prefetch_depth), abs=1)
-    assert plan.memory.staging_bytes == mem.staging_bytes(plan.prefetch_depth, plan.slots_per_buffer)
+    assert any(t.host_compressed for t in tiers)  # so the landing slots are held, and counted
+    assert plan.memory.staging_bytes == (mem.staging_bytes(plan.prefetch_depth, plan.slots_per_buffer)
+                                         + mem.landing_bytes)
+    # Mixtral's w13 (2 x 14336 x 4096 bf16 = 224 MiB) is over a chunk: one expert per chunk, two slots
+    assert mem.landing_bytes == math.ceil(2 * (2 * 14336 * 4096 * 2) * profile.hardware.codec.compressed_ratio)
+    three_tiers = planner.optimize(profile, "46GiB", host_compressed=False)
+    assert not any(t.host_compressed for t in three_tiers.tier_counts())
+    assert three_tiers.memory.staging_bytes == mem.staging_bytes(three_tiers.prefetch_depth,
+                                                                 three_tiers.slots_per_buffer)
 
 
 def test_baselines_do_not_change_with_fluxmoes_own_options():

@@ -12,24 +12,30 @@ import planner
 from fluxmoe.errors import ConfigError, InfeasibleError
 from planner.cost_model import CostModel, TierCounts
 from planner.search import BATCH_GRID, PREFETCH_DEPTHS
+from planner.memory import MemoryModel
 from profiles import Profile
 from tests.conftest import tiny_gpu, tiny_model
 
 RESERVE = 16 << 10
 
 
-def brute_force_best(profile: Profile, budget: int, max_num_seqs: int, host_budget: int) -> float:
-    """Best output tokens/s over every placement, depth and batch, checked by the plan's memory rule."""
+def brute_force_best(profile: Profile, budget: int, max_num_seqs: int, host_budget: int,
+                     host_compressed: bool = True) -> float:
+    """Best output tokens/s over every placement (four tiers, or three), depth and batch, checked
+    by the plan's memory rule: experts, staging, landing slots where any expert is host-compressed."""
     m, cost = profile.model, CostModel(profile)
     wl = planner.WorkloadShape()
     kv = m.kv_bytes_per_sequence(wl.prompt_tokens + wl.output_tokens)
-    per_layer = [TierCounts(r, c, m.num_experts - r - c)
-                 for r in range(m.num_experts + 1) for c in range(m.num_experts + 1 - r)]
+    E = m.num_experts
+    per_layer = [TierCounts(r, c, h, E - r - c - h) for r in range(E + 1) for c in range(E + 1 - r)
+                 for h in range(E + 1 - r - c) if host_compressed or r + c + h == E]
+    landing = MemoryModel.of(profile, RESERVE).landing_bytes
     best = 0.0
     for tiers in itertools.product(per_layer, repeat=m.num_moe_layers):
         slots = max(t.paged for t in tiers)
         weights = sum(t.resident * m.expert_bytes + t.compressed * cost.compressed_expert_bytes for t in tiers)
-        if sum(t.host for t in tiers) * m.expert_bytes > host_budget:
+        weights += landing if any(t.host_compressed for t in tiers) else 0
+        if sum(t.host * m.expert_bytes + t.host_compressed * cost.compressed_expert_bytes for t in tiers) > host_budget:
             continue
         for depth in PREFETCH_DEPTHS:
             staging = (depth + 1) * slots * m.expert_bytes
@@ -45,12 +51,14 @@ def brute_force_best(profile: Profile, budget: int, max_num_seqs: int, host_budg
     (2, 4, 400, 1.0), (2, 4, 450, 1.0), (2, 4, 700, 1.0), (2, 4, 1200, 1.0),
     (2, 4, 450, 0.05), (3, 3, 450, 1.0), (3, 3, 600, 0.2), (3, 3, 900, 5.0),
 ])
-def test_plan_equals_the_best_enumerated_placement(layers, experts, budget_kib, pcie):
+@pytest.mark.parametrize("host_compressed", [True, False])
+def test_plan_equals_the_best_enumerated_placement(layers, experts, budget_kib, pcie, host_compressed):
     """The MILP over (batch, depth) candidates finds what trying every placement finds."""
     profile = Profile(tiny_model(layers, experts), tiny_gpu(pcie))
     budget, host = budget_kib * 1024, 4 * 2**20
-    plan = planner.optimize(profile, budget, reserve_bytes=RESERVE, max_num_seqs=64, mip_gap=0, host_budget=host)
-    expected = brute_force_best(profile, budget, 64, host)
+    plan = planner.optimize(profile, budget, reserve_bytes=RESERVE, max_num_seqs=64, mip_gap=0, host_budget=host,
+                            host_compressed=host_compressed)
+    expected = brute_force_best(profile, budget, 64, host, host_compressed)
     assert plan.predicted.output_tokens_per_s == pytest.approx(expected, rel=1e-9)
 
 
@@ -91,7 +99,7 @@ def test_no_plan_exceeds_its_budget(budget_kib, layers, experts, pcie):
     paged = max((len(lp.compressed) + len(lp.host) for lp in plan.layers), default=0)
     assert mem.staging_bytes == (plan.prefetch_depth + 1) * paged * m.expert_bytes
     for lp in plan.layers:  # every expert placed exactly once
-        assert sorted(lp.resident + lp.compressed + lp.host) == list(range(m.num_experts))
+        assert sorted(lp.all_ids) == list(range(m.num_experts))
 
 
 def test_infeasible_budget_names_the_smallest_that_works(tiny_profile):
@@ -148,7 +156,7 @@ def test_paging_beats_cpu_offload_when_memory_bound():
     plan = planner.optimize(profiles.load("mixtral-8x7b", gpu="a40"), "44GiB")
     assert not plan.baseline("vllm").feasible
     assert plan.predicted.output_tokens_per_s > plan.baseline("vllm_offload").prediction.output_tokens_per_s
-    assert any(lp.host for lp in plan.layers)
+    assert any(lp.host or lp.host_compressed for lp in plan.layers)
 
 
 def test_plan_round_trips_through_json(tmp_path):
@@ -216,3 +224,21 @@ def test_no_system_runs_more_sequences_than_there_are_requests():
     assert unlimited.baseline("vllm_offload").prediction.batch_size > 40  # the cap is what binds
     with pytest.raises(ConfigError, match="requests: must be >= 1"):
         planner.optimize(profile, "44.98GiB", requests=0)
+
+
+@pytest.mark.parametrize("layers,experts,budget_kib,pcie", [
+    (2, 4, 550, 0.05), (2, 4, 550, 0.2), (3, 3, 500, 0.05), (3, 3, 500, 1.0), (3, 3, 650, 1.0),
+])
+def test_host_compressed_experts_where_brute_force_says_they_win(layers, experts, budget_kib, pcie, monkeypatch):
+    """One expert per landing chunk, so the landing slots are small enough for the toy budgets:
+    cases where the fourth tier beats the best three-tier placement, found by enumeration."""
+    import planner.memory
+
+    monkeypatch.setattr(planner.memory, "HOST_CHUNK_BYTES", 1)
+    profile = Profile(tiny_model(layers, experts), tiny_gpu(pcie))
+    budget, host = budget_kib * 1024, 4 * 2**20
+    four, three = (brute_force_best(profile, budget, 64, host, allowed) for allowed in (True, False))
+    assert four > three * 1.005
+    plan = planner.optimize(profile, budget, reserve_bytes=RESERVE, max_num_seqs=64, mip_gap=0, host_budget=host)
+    assert plan.predicted.output_tokens_per_s == pytest.approx(four, rel=1e-9)
+    assert any(t.host_compressed for t in plan.tier_counts())

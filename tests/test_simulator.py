@@ -54,9 +54,10 @@ def _plan_in_regime(profile, regime):
     """The plan at the first budget (from 40 GiB up) whose steps are in `regime`."""
     cost = CostModel(profile)
     for gib in range(40, 131, 2):
-        plan = planner.optimize(profile, f"{gib}GiB")
+        # without host-compressed experts, plans that page only compressed experts exist
+        plan = planner.optimize(profile, f"{gib}GiB", host_compressed=regime != "no host experts")
         t = cost.step_time(plan.tier_counts(), StepShape(32, 32, 40), plan.prefetch_depth)
-        paged = any(lp.compressed or lp.host for lp in plan.layers)
+        paged = any(lp.paged for lp in plan.layers)
         if regime == "link-bound" and t.link_s > 10 * t.gpu_s:
             return plan
         if regime == "no host experts" and paged and t.link_s == 0:

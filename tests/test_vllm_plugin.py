@@ -74,7 +74,7 @@ def _forward(runtime, routers, x, top_k):
     return x
 
 
-@pytest.mark.parametrize("variant", ["host_d1", "compressed_d0", "per_layer_d1", "per_expert_d2"])
+@pytest.mark.parametrize("variant", ["host_d1", "host_compressed_d1", "compressed_d0", "per_layer_d1", "per_expert_d2"])
 @pytest.mark.parametrize("how", ["full_stacks", "checkpoint_landing"])
 def test_the_runtime_pages_a_plan_bit_exact(tiny_plans, variant, how):
     """Layers placed as vLLM places them (dummy: full stacks; checkpoint: expert by expert into

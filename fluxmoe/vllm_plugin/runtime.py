@@ -27,19 +27,21 @@ log = logging.getLogger(LOG_NAME)
 @dataclass
 class Landing:
     """Where a paged layer's experts are written while a checkpoint loads (rows in expert id
-    order within each tier): resident rows in the arena, host rows pinned, compressed rows as
-    bf16 in host memory until they are encoded."""
+    order within each tier): resident rows in the arena, host rows pinned, compressed and
+    host-compressed rows as bf16 in host memory until they are encoded."""
 
     tiers: list[Tier]
     resident: tuple[torch.Tensor, torch.Tensor]
     host: tuple[torch.Tensor, torch.Tensor]
     compressed: tuple[torch.Tensor, torch.Tensor]
+    host_compressed: tuple[torch.Tensor, torch.Tensor]
 
     def target(self, expert: int) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
         """The (w13, w2) stacks that hold `expert`, and its row in them."""
         tier = self.tiers[expert]
         row = sum(t is tier for t in self.tiers[:expert])
-        part = {Tier.RESIDENT: self.resident, Tier.HOST: self.host, Tier.COMPRESSED: self.compressed}[tier]
+        part = {Tier.RESIDENT: self.resident, Tier.HOST: self.host, Tier.COMPRESSED: self.compressed,
+                Tier.HOST_COMPRESSED: self.host_compressed}[tier]
         return part, row
 
 
@@ -105,12 +107,13 @@ class PagingRuntime:
 
         pin = pin_memory and self.device.type == "cuda"
         return Landing(tiers, self.arena.resident(i), host_stack(tiers.count(Tier.HOST), pin),
-                       host_stack(tiers.count(Tier.COMPRESSED), False))
+                       host_stack(tiers.count(Tier.COMPRESSED), False),
+                       host_stack(tiers.count(Tier.HOST_COMPRESSED), False))
 
     def place_landed(self, layer: int, landing: Landing) -> None:
         i = self.position(layer)
         self._set(i, LayerTiers.from_parts(self.tiers[i], self.layout, self.device, landing.resident, landing.host,
-                                           landing.compressed))
+                                           landing.compressed, landing.host_compressed))
 
     def place(self, layer: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
         """A paged layer's full stacks (any device): split into its tiers, copies kept."""
@@ -151,10 +154,10 @@ class PagingRuntime:
                 raise RuntimeError(f"MoE layers {missing} were never placed: the pager cannot start")
             self._pager = ExpertPager(self.layers, self.plan.prefetch_depth, self.device, slots=self.slots,
                                       arena=self.arena, telemetry=self.reporter is not None)
-            compressed = sum(len(t.compressed_ids) for t in self.layers)
+            compressed = sum(len(t.compressed_ids) + len(t.host_compressed_ids) for t in self.layers)
             if compressed:
-                log.info("FluxMoE: %d compressed experts were encoded at load in %.1f s", compressed,
-                         self.encode_seconds)
+                log.info("FluxMoE: %d compressed and host-compressed experts were encoded at load in %.1f s",
+                         compressed, self.encode_seconds)
         return self._pager
 
     def stats(self) -> dict:
@@ -170,7 +173,8 @@ class PagingRuntime:
         """GPU bytes held for experts by this runtime (arena and compressed stacks; all-resident
         layers keep vLLM's own parameters and are not counted here)."""
         compressed = sum(t.gpu_bytes[Tier.COMPRESSED] for t in self.layers if t is not None)
-        return (self.arena.nbytes if self.arena is not None else 0) + compressed
+        landing = self._pager.landing.nbytes if self._pager is not None and self._pager.landing is not None else 0
+        return (self.arena.nbytes if self.arena is not None else 0) + compressed + landing
 
 
 _current: PagingRuntime | None = None
