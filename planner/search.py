@@ -141,7 +141,7 @@ class _Problem:
             prob += r[l] + c[l] + h[l] + hc[l] == E
             prob += slots >= c[l] + h[l] + hc[l]
             prob += hc[l] <= hc_max * landing
-        gpu = {l: compute[l] + (decode_s * (c[l] + hc[l]) if l in c else 0) for l in range(m.num_layers)}
+        gpu = {l: compute[l] + (decode_s * c[l] if l in c else 0) for l in range(m.num_layers)}  # cost.layer_decode_s
         link = {l: transfer_s * h[l] + transfer_c * hc[l] for l in m.moe_layers}
         stalls = []
         for l in m.moe_layers:
