@@ -64,6 +64,7 @@ class Setting:
     prefetch: list[str] = field(default_factory=list)
     note: str = ""
     timeout_s: int = 540
+    extra: list[str] = field(default_factory=list)  # more vllm_run.py options for every run
 
 
 def _standin_46() -> float:
@@ -82,6 +83,12 @@ SETTINGS = {
     "a40_standin_code": lambda: Setting("models/mixtral-8x7b-8layers", _standin_46(), trace=True, num_prompts=256,
                                         max_model_len=8192, uva_gib=[16.0, 19.0], prefetch=["8/6/1", "8/7/1"],
                                         note="as a40_standin, with the Azure code trace's lengths"),
+    # Does not fit one H200: Qwen3-Next-80B-A3B (148 GiB of bf16) at 0.9 of the GPU. The prefetch
+    # offloader keeps 2 of every 8 layers' experts on the host (37 GiB; more exceeds host RAM
+    # once pinned beside the UVA runs' needs).
+    "qwen3_next_full": lambda: Setting("models/qwen3-next-80b-a3b", 0.9 * 139.8, uva_gib=[40.0], prefetch=["8/2/1"],
+                                       extra=["--gdn-prefill-backend", "triton"],
+                                       note="Qwen3-Next-80B-A3B at 0.9 of the H200 (does not fit)"),
     "fits_short": lambda: Setting("models/mixtral-8x7b", 0.9 * 139.8, plain=True, note="fits: short prompts"),
     "fits_long": lambda: Setting("models/mixtral-8x7b", 0.9 * 139.8, input_len=4096, output_len=512, num_prompts=128,
                                  max_model_len=4608, plain=True, note="fits: long prompts, KV-starved"),
@@ -166,6 +173,7 @@ def main() -> None:
               "--max-model-len", str(setting.max_model_len), "--fast-dummy", "--max-num-seqs", "256"]
     if setting.trace:
         common += ["--trace", TRACE]
+    common += setting.extra
     plan_paths = plans(setting, out_dir)
     systems = []
     if setting.plain:
