@@ -8,9 +8,8 @@ them, with its expert ids remapped to rows (`FusedWeights.row_of`). One call kee
 per-(token, k) products and its single top-k sum unchanged, where one call per tier would add
 partial sums (a second rounding when top-k > 2).
 
-Rows are laid out buffer by buffer: the resident stacks of the layers that use buffer b are
-split around it, half before and half after, so each span stays short (the kernel's block
-alignment pads per row of the span).
+Rows are laid out as `planner.arena_layout.ArenaLayout` says (the planner checks the same
+layout against vLLM's limit on a call's rows).
 """
 
 from __future__ import annotations
@@ -21,6 +20,9 @@ import torch
 
 from executor.tiers import ExpertLayout
 from fluxmoe.names import Tier
+from planner.arena_layout import ArenaLayout
+
+__all__ = ["ArenaLayout", "ExpertArena", "FusedWeights"]
 
 
 @dataclass(frozen=True)
@@ -39,38 +41,6 @@ class FusedWeights:
     @property
     def rows(self) -> int:
         return len(self.w13)
-
-
-@dataclass(frozen=True)
-class ArenaLayout:
-    """Row ranges of the arena (pure bookkeeping, no tensors)."""
-
-    rows: int
-    buffer_start: tuple[int, ...]
-    resident_start: dict[int, int]  # paged layer -> first row of its resident stack
-    span: dict[int, tuple[int, int]]  # paged layer -> [lo, hi) rows its kernel call reads
-
-    @classmethod
-    def of(cls, tiers: list[list[Tier]], buffers: int, slots: int) -> "ArenaLayout":
-        """tiers[l][e] for every layer in execution order; layer l uses buffer l % buffers."""
-        paged = [l for l, t in enumerate(tiers) if any(x is not Tier.RESIDENT for x in t)]
-        resident = {l: sum(x is Tier.RESIDENT for x in tiers[l]) for l in paged}
-        rows, buffer_start, resident_start = 0, [], {}
-        for b in range(buffers):
-            members = [l for l in paged if l % buffers == b]
-            half = len(members) // 2
-            for l in members[:half]:
-                resident_start[l], rows = rows, rows + resident[l]
-            buffer_start.append(rows)
-            rows += slots
-            for l in members[half:]:
-                resident_start[l], rows = rows, rows + resident[l]
-        span = {}
-        for l in paged:
-            b = buffer_start[l % buffers]
-            r = resident_start[l]
-            span[l] = (min(b, r), max(b + slots, r + resident[l]))
-        return cls(rows, tuple(buffer_start), resident_start, span)
 
 
 class ExpertArena:

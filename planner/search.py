@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import pulp
 
 from fluxmoe.errors import ConfigError, InfeasibleError
 from fluxmoe.names import System
 from fluxmoe.units import format_bytes, format_bytes_up, parse_bytes
+from planner.arena_layout import FUSED_MOE_MAX_ROWS, ArenaLayout
 from planner.cost_model import BATCH_GRID, CostModel, StepShape, TierCounts
 from planner.memory import VLLM_MAX_NUM_SEQS, MemoryModel
 from planner.plan import (BaselinePrediction, LayerPlan, Plan, PlanInputs, Prediction,
@@ -81,10 +82,11 @@ class _PlacementModel:
     landing: pulp.LpVariable
     step_time: pulp.LpVariable
     unit: float  # seconds per unit of time in the model
+    whole: list[pulp.LpVariable] = field(default_factory=list)  # per layer, all resident (whole-layer mode)
 
     @property
     def integer_variables(self) -> list[pulp.LpVariable]:
-        return [v for layer in self.tiers for v in layer] + [self.slots, self.landing]
+        return [v for layer in self.tiers for v in layer] + [self.slots, self.landing, *self.whole]
 
 
 class _Problem:
@@ -92,13 +94,16 @@ class _Problem:
 
     def __init__(self, profile: Profile, budget_bytes: int, host_budget_bytes: int, workload: WorkloadShape,
                  reserve_bytes: int, tpot_limit_s: float | None, max_num_seqs: int, mip_gap: float = 0.01,
-                 requests: int | None = None, host_compressed: bool = True):
+                 requests: int | None = None, host_compressed: bool = True, whole_layer_residents: bool = False):
         self.profile, self.model, self.cost = profile, profile.model, CostModel(profile)
         self.mem = MemoryModel.of(profile, reserve_bytes)
         self.budget, self.host_budget, self.workload = budget_bytes, host_budget_bytes, workload
         self.reserve, self.tpot_limit_s, self.max_num_seqs = reserve_bytes, tpot_limit_s, max_num_seqs
         self.requests = requests
         self.host_compressed = host_compressed
+        # Resident experts only in all-resident layers: keeps every paged layer's fused-MoE call
+        # within vLLM's row limit for models with many experts (planner/arena_layout.py).
+        self.whole_layer_residents = whole_layer_residents
         self.kv_per_seq = self.mem.kv_per_sequence(workload.prompt_tokens + workload.output_tokens)
         self.gap = mip_gap
         self.safety_hits = 0
@@ -141,6 +146,11 @@ class _Problem:
             prob += r[l] + c[l] + h[l] + hc[l] == E
             prob += slots >= c[l] + h[l] + hc[l]
             prob += hc[l] <= hc_max * landing
+        whole = {}
+        if self.whole_layer_residents:
+            for l in m.moe_layers:
+                whole[l] = pulp.LpVariable(f"whole{l}", 0, 1)  # 1: every expert of layer l resident
+                prob += r[l] == E * whole[l]
         gpu = {l: compute[l] + (decode_s * c[l] if l in c else 0) for l in range(m.num_layers)}  # cost.layer_decode_s
         link = {l: transfer_s * h[l] + transfer_c * hc[l] for l in m.moe_layers}
         stalls = []
@@ -164,7 +174,7 @@ class _Problem:
                 prob += step_time + cost.fixed_s(step) / unit <= self.tpot_limit_s / unit
             prob += step_time
         model = _PlacementModel(prob, [(r[l], c[l], h[l], hc[l]) for l in m.moe_layers], slots, landing, step_time,
-                                unit)
+                                unit, list(whole.values()))
         self._models[key] = model
         return model
 
@@ -194,10 +204,12 @@ class _Problem:
     def _fits(self, tiers: list[TierCounts], depth: int, batch: int) -> bool:
         return self.mem.fits(self.budget, self.host_budget, tiers, depth, batch * self.kv_per_seq)
 
-    def _roundings(self, values: list[tuple[float, ...]]) -> list[list[TierCounts]]:
+    def _roundings(self, values: list[tuple[float, ...]], depth: int, batch: int) -> list[list[TierCounts]]:
         """Integer placements near the LP's (values: resident, compressed, host, host-compressed
         per layer): per-layer ceilings of the host tiers, and roundings that keep the LP's totals
         per tier, a little above, spread by largest remainders or evenly around the cycle."""
+        if self.whole_layer_residents:
+            return self._whole_layer_roundings(values, depth, batch)
         E = self.model.num_experts
         out = []
         for round_c in (round, math.ceil):
@@ -239,6 +251,55 @@ class _Problem:
                         out.append([TierCounts(E - hi - hci - ci, ci, hi, hci) for hi, hci, ci in zip(hs, hcs, cs)])
         return out
 
+    def _whole_layer_roundings(self, values: list[tuple[float, ...]], depth: int, batch: int) -> list[list[TierCounts]]:
+        """Roundings with resident experts only in whole layers: the LP's resident layers rounded
+        down (and one fewer), placed where the LP leans most resident or evenly; every other
+        layer paged, with the LP's host and host-compressed totals spread evenly and the rest
+        compressed, then as many compressed experts moved to the host-compressed tier (or the
+        host tier) as the budget needs (paged layers stage all their experts, so the pool grows
+        past the LP's)."""
+        E, L = self.model.num_experts, len(values)
+        whole = sum(v[0] for v in values) / E
+        host, host_c = (math.ceil(sum(v[i] for v in values) - 1e-6) for i in (2, 3))
+        out = []
+        for k in sorted({max(0, math.floor(whole + 1e-6) - 1), min(L, math.floor(whole + 1e-6))}):
+            by_lp = sorted(range(L), key=lambda i: (-values[i][0], i))[:k]
+            evenly = [i * L // k for i in range(k)] if k else []
+            for resident in {tuple(sorted(by_lp)), tuple(evenly)}:
+                paged = [i for i in range(L) if i not in resident]
+                room = len(paged) * E
+                for extra_h in (0, 1, 2):
+                    for more_hc in ((0, 1) if host_c else (0,)):
+                        h_total = min(room, host + extra_h)
+                        hc_total = min(room - h_total, host_c + more_hc)
+                        hs = [(j + 1) * h_total // len(paged) - j * h_total // len(paged) for j in range(len(paged))]
+                        hcs = [min(E - x, (j + 1) * hc_total // len(paged) - j * hc_total // len(paged))
+                               for j, x in enumerate(hs)] if paged else []
+                        tiers = [TierCounts(E, 0, 0, 0)] * L
+                        for i, hi, hci in zip(paged, hs, hcs):
+                            tiers[i] = TierCounts(0, E - hi - hci, hi, hci)
+                        out.append(self._to_host_until_it_fits(tiers, paged, depth, batch))
+        return out
+
+    def _to_host_until_it_fits(self, tiers: list[TierCounts], paged: list[int], depth: int,
+                               batch: int) -> list[TierCounts]:
+        """Move compressed experts of `paged` layers to the host (host-compressed where allowed),
+        evenly, until the placement fits the budget (or none are left)."""
+        over = self.memory_bytes(tiers, depth, batch) - self.budget
+        if over <= 0 or not paged:
+            return tiers
+        saved = self.mem.compressed_expert_bytes
+        if self.host_compressed and not any(t.host_compressed for t in tiers):
+            over += self.mem.landing_bytes
+        moves = math.ceil(over / saved)
+        tiers = list(tiers)
+        for j, i in enumerate(paged):
+            n = min(tiers[i].compressed, (j + 1) * moves // len(paged) - j * moves // len(paged))
+            t = tiers[i]
+            tiers[i] = (TierCounts(0, t.compressed - n, t.host, t.host_compressed + n) if self.host_compressed
+                        else TierCounts(0, t.compressed - n, t.host + n, 0))
+        return tiers
+
     def relax(self, batch: int, depth: int, incumbent_rate: float = 0.0) -> Relaxation | None:
         """The LP bound for one (batch, depth) and the best integer rounding of its LP solutions;
         None if nothing fits or the bound cannot beat `incumbent_rate`."""
@@ -257,7 +318,8 @@ class _Problem:
             return None
         bounds = {slots: x[2] + fixed for slots, x in relaxations}
         rounded = [(self.cost.step_time(tiers, step, depth).total_s, tiers)
-                   for _, x in relaxations for tiers in self._roundings(x[1]) if self._fits(tiers, depth, batch)]
+                   for _, x in relaxations for tiers in self._roundings(x[1], depth, batch)
+                   if self._fits(tiers, depth, batch)]
         rounded = [(t, tiers) for t, tiers in rounded if self.tpot_limit_s is None or t <= self.tpot_limit_s]
         best = None
         if rounded:
@@ -399,14 +461,16 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
                     tpot_limit_s: float | None = None, reserve_bytes: int | str | None = None,
                     max_num_seqs: int = 1024, prefetch_depths: tuple[int, ...] = PREFETCH_DEPTHS,
                     mip_gap: float = 0.01, requests: int | None = None, host_compressed: bool = True,
-                    paging: bool = True) -> list[Plan]:
+                    paging: bool = True, whole_layer_residents: bool | None = None) -> list[Plan]:
     """The `top_k` best plans (best first) by predicted output tokens/s within `budget` GPU bytes.
 
     budget, host_budget, reserve_bytes: bytes or strings like "46GiB". objective: "throughput",
     or "throughput_under_latency" with `tpot_limit_s` (per-token time). host_compressed: may
     experts be kept FXMC-encoded on the host (False: the three tiers of the paper). paging=False:
-    every expert resident (plain vLLM's configuration), for comparisons. Raises InfeasibleError
-    with the smallest workable budget when nothing fits.
+    every expert resident (plain vLLM's configuration), for comparisons. whole_layer_residents:
+    resident experts only in all-resident layers; None: only when a plan would otherwise run a
+    fused-MoE call over more rows than vLLM takes (many experts per layer, planner/arena_layout.py).
+    Raises InfeasibleError with the smallest workable budget when nothing fits.
     """
     started = time.perf_counter()
     hw, m = profile.hardware, profile.model
@@ -430,7 +494,7 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
     if requests is not None and requests < 1:
         raise ConfigError(f"requests: must be >= 1, got {requests!r}")
     p = _Problem(profile, budget_bytes, host_bytes, workload, reserve, limit, max_num_seqs, mip_gap, requests,
-                 host_compressed)
+                 host_compressed, bool(whole_layer_residents))
 
     # Visit candidates by their upper bound: B over the all-resident step time.
     order = []
@@ -501,11 +565,25 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
         keep(p.milp(batch, depth, threshold(), slots))
     if not kept:
         raise p.infeasible(min(prefetch_depths))
+    if whole_layer_residents is None and any(_widest_span(c) > FUSED_MOE_MAX_ROWS for c in kept):
+        return candidate_plans(profile, budget, top_k=top_k, workload=workload, host_budget=host_budget,
+                               objective=objective, tpot_limit_s=tpot_limit_s, reserve_bytes=reserve_bytes,
+                               max_num_seqs=max_num_seqs, prefetch_depths=prefetch_depths, mip_gap=mip_gap,
+                               requests=requests, host_compressed=host_compressed, paging=paging,
+                               whole_layer_residents=True)
     elapsed = time.perf_counter() - started
     inputs = PlanInputs.record(reserve_bytes=reserve, max_num_seqs=max_num_seqs, prefetch_depths=list(prefetch_depths),
                                mip_gap=mip_gap, milp_node_limit=MILP_NODE_LIMIT, requests=requests,
-                               host_compressed=host_compressed)
+                               host_compressed=host_compressed, whole_layer_residents=bool(whole_layer_residents))
     return [_make_plan(p, c, objective, limit, solved, elapsed, inputs) for c in kept]
+
+
+def _widest_span(c: Candidate) -> int:
+    """Rows of the widest fused-MoE call the executor's arena would give this placement."""
+    if not c.staging_slots:
+        return 0
+    counts = [(t.resident, t.paged > 0) for t in c.tiers]
+    return ArenaLayout.of_counts(counts, c.depth + 1, c.staging_slots).widest_span[0]
 
 
 def _make_plan(p: _Problem, best: Candidate, objective: str, limit: float | None, solved: int,

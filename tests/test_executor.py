@@ -295,3 +295,18 @@ def test_host_compressed_experts_hold_encoded_bytes_on_the_host_and_only_landing
     assert host.gpu_bytes["landing"] == 0
     assert packed.gpu_bytes["staging"] == host.gpu_bytes["staging"]
     assert [t.tier_of(e).value for t in packed.layers[:1] for e in range(E)] == ["host-compressed"] * E
+
+
+# ---------------------------------------------------------------- vLLM's limit on one call's rows
+def test_a_span_wider_than_vllms_fused_moe_limit_is_refused_before_anything_is_allocated():
+    """Qwen3-Next's shape as first planned on the H200: 48 paged layers of 512 experts, 106
+    resident each, two buffers of 406 slots: the farthest layer's call would read 1,678 rows."""
+    from planner.arena_layout import FUSED_MOE_MAX_ROWS, ArenaLayout
+
+    mixed = ArenaLayout.of_counts([(106, True)] * 48, buffers=2, slots=406)
+    assert mixed.widest_span[0] == 12 * 106 + 406
+    with pytest.raises(ConfigError, match=r"paged MoE layer \d+ would run one fused-MoE call over 1678 expert rows"):
+        mixed.check_fused_limit()
+    whole = ArenaLayout.of_counts([(512, False)] * 8 + [(0, True)] * 40, buffers=2, slots=512)
+    assert whole.widest_span[0] == 512 <= FUSED_MOE_MAX_ROWS
+    whole.check_fused_limit()

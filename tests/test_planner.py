@@ -242,3 +242,21 @@ def test_host_compressed_experts_where_brute_force_says_they_win(layers, experts
     plan = planner.optimize(profile, budget, reserve_bytes=RESERVE, max_num_seqs=64, mip_gap=0, host_budget=host)
     assert plan.predicted.output_tokens_per_s == pytest.approx(four, rel=1e-9)
     assert any(t.host_compressed for t in plan.tier_counts())
+
+
+def test_plans_for_many_experts_keep_every_fused_call_within_vllms_limit():
+    """Qwen3-Next-80B at 0.9 of the H200: mixing resident and paged experts in every layer gave
+    spans vLLM refused on the H200; the planner keeps residents in whole layers there."""
+    import profiles
+    from planner.arena_layout import FUSED_MOE_MAX_ROWS, ArenaLayout
+
+    profile = profiles.load("qwen3-next-80b-a3b", gpu="h200")
+    plan = planner.optimize(profile, "125.8GiB", workload=planner.WorkloadShape(512, 128), max_num_seqs=256,
+                            requests=256)
+    tiers = [lp.tiers() for lp in sorted(plan.layers, key=lambda lp: lp.layer)]
+    layout = ArenaLayout.of(tiers, plan.prefetch_depth + 1, plan.slots_per_buffer)
+    assert 0 < layout.widest_span[0] <= FUSED_MOE_MAX_ROWS
+    assert plan.inputs.whole_layer_residents
+    assert all(len(lp.resident) in (0, profile.model.num_experts) for lp in plan.layers)
+    mixtral = planner.optimize(profiles.load("mixtral-8x7b", gpu="h200"), "46GiB")
+    assert not mixtral.inputs.whole_layer_residents  # 8 experts: spans are short anyway

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from executor.arena import ExpertArena
+from executor.arena import ArenaLayout, ExpertArena
 from executor.pager import ExpertPager
 from executor.tiers import ExpertLayout, LayerTiers
 from fluxmoe.errors import ConfigError
@@ -73,6 +73,8 @@ class PagingRuntime:
                              if any(x is not Tier.RESIDENT for x in t)}
         self.buffers = plan.prefetch_depth + 1
         self.slots = plan.slots_per_buffer if self.paged_layers else 0
+        if self.paged_layers:  # before any allocation: a call vLLM's kernels would refuse
+            ArenaLayout.of(self.tiers, self.buffers, self.slots).check_fused_limit(f"plan for {plan.model}")
         self.arena = (ExpertArena(self.tiers, self.buffers, self.slots, layout, self.device)
                       if self.paged_layers else None)
         self.layers: list[LayerTiers | None] = [None] * len(self.moe_layers)
