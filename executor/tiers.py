@@ -26,6 +26,10 @@ from fluxmoe.names import Tier, parse_tier
 from planner.memory import HOST_CHUNK_BYTES  # bf16 bytes per host-compressed chunk
 
 CODEC_CHUNK_NUMEL = 1 << 30
+# Encoding on the GPU needs about 16 bytes of temporaries per element (codes, bit planes): chunks
+# of 2^26 elements keep that near 1 GiB. With 2^30 the load of Qwen3-Next-80B at 0.9 of the H200
+# ran out of memory (8 GiB asked, 7.6 GiB free, with the model's tiers already in place).
+ENCODE_CHUNK_NUMEL = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,7 @@ class _CompressedStack:
         from executor.codec import encode
 
         per_expert = stack[0].numel() if len(stack) else 1
-        step = max(1, CODEC_CHUNK_NUMEL // per_expert)
+        step = max(1, min(CODEC_CHUNK_NUMEL, ENCODE_CHUNK_NUMEL) // per_expert)
         self.chunks = []  # (first expert, experts, encoded, GPU decoder or None)
         for first in range(0, len(stack), step):
             part = stack[first:first + step].to(device)
