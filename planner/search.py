@@ -252,8 +252,8 @@ class _Problem:
         return out
 
     def _whole_layer_roundings(self, values: list[tuple[float, ...]], depth: int, batch: int) -> list[list[TierCounts]]:
-        """Roundings with resident experts only in whole layers: the LP's resident layers rounded
-        down (and one fewer), placed where the LP leans most resident or evenly; every other
+        """Roundings with resident experts only in whole layers: a few counts of resident layers
+        around the LP's, placed where the LP leans most resident or evenly; every other
         layer paged, with the LP's host and host-compressed totals spread evenly and the rest
         compressed, then as many compressed experts moved to the host-compressed tier (or the
         host tier) as the budget needs (paged layers stage all their experts, so the pool grows
@@ -262,7 +262,8 @@ class _Problem:
         whole = sum(v[0] for v in values) / E
         host, host_c = (math.ceil(sum(v[i] for v in values) - 1e-6) for i in (2, 3))
         out = []
-        for k in sorted({max(0, math.floor(whole + 1e-6) - 1), min(L, math.floor(whole + 1e-6))}):
+        near = math.floor(whole + 1e-6)
+        for k in range(max(0, near - 3), min(L, near + 2) + 1):
             by_lp = sorted(range(L), key=lambda i: (-values[i][0], i))[:k]
             evenly = [i * L // k for i in range(k)] if k else []
             for resident in {tuple(sorted(by_lp)), tuple(evenly)}:
