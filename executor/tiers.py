@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fluxmoe.errors import ConfigError
-from fluxmoe.names import Tier, parse_tier
+from fluxmoe.names import Tier, parse_tier, tier_among
 from planner.memory import HOST_CHUNK_BYTES  # bf16 bytes per host-compressed chunk
 
 CODEC_CHUNK_NUMEL = 1 << 30
@@ -212,11 +212,8 @@ class LayerTiers:
         return self.host_ids + self.host_compressed_ids + self.compressed_ids
 
     def tier_of(self, expert: int) -> Tier:
-        for tier, ids in ((Tier.RESIDENT, self.resident_ids), (Tier.HOST, self.host_ids),
-                          (Tier.HOST_COMPRESSED, self.host_compressed_ids)):
-            if expert in ids:
-                return tier
-        return Tier.COMPRESSED
+        return tier_among(expert, ((Tier.RESIDENT, self.resident_ids), (Tier.HOST, self.host_ids),
+                                   (Tier.HOST_COMPRESSED, self.host_compressed_ids)), Tier.COMPRESSED)
 
     @property
     def gpu_bytes(self) -> dict[Tier, int]:

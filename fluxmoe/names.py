@@ -29,6 +29,11 @@ class System(StrEnum):
         return {"fluxmoe": "FluxMoE", "vllm": "vLLM", "vllm_offload": "vLLM + CPU offload"}[self.value]
 
 
+def tier_among(expert: int, groups: tuple[tuple[Tier, list[int]], ...], otherwise: Tier) -> Tier:
+    """The tier whose id list holds `expert`, else `otherwise` (the one tier not listed)."""
+    return next((tier for tier, ids in groups if expert in ids), otherwise)
+
+
 def parse_tier(value: str, field: str = "tier") -> Tier:
     from fluxmoe.errors import ConfigError
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from fluxmoe.errors import ConfigError
-from fluxmoe.names import Tier
+from fluxmoe.names import Tier, tier_among
 from fluxmoe.serde import dump_json, load_json
 
 PLAN_SCHEMA_VERSION = 2
@@ -34,11 +34,8 @@ class LayerPlan:
     host_compressed: list[int] = field(default_factory=list)  # FXMC in pinned host memory
 
     def tier_of(self, expert: int) -> Tier:
-        for tier, ids in ((Tier.RESIDENT, self.resident), (Tier.COMPRESSED, self.compressed),
-                          (Tier.HOST_COMPRESSED, self.host_compressed)):
-            if expert in ids:
-                return tier
-        return Tier.HOST
+        return tier_among(expert, ((Tier.RESIDENT, self.resident), (Tier.COMPRESSED, self.compressed),
+                                   (Tier.HOST_COMPRESSED, self.host_compressed)), Tier.HOST)
 
     @property
     def all_ids(self) -> list[int]:
