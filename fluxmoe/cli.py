@@ -79,9 +79,10 @@ def _workload(args):
 
 
 def _planning_options(args) -> dict:
+    options = dict(host_budget=args.host_budget, host_compressed=not args.no_host_compressed)
     if args.tpot_ms is not None:
-        return dict(host_budget=args.host_budget, objective="throughput_under_latency", tpot_limit_s=args.tpot_ms / 1e3)
-    return dict(host_budget=args.host_budget)
+        options.update(objective="throughput_under_latency", tpot_limit_s=args.tpot_ms / 1e3)
+    return options
 
 
 def make_plan(args, profile, workload):
@@ -394,6 +395,8 @@ def _planning_arguments(p: argparse.ArgumentParser) -> None:
                                                                   "best simulated wins")
     p.add_argument("--no-verify", action="store_true", help="take the planner's closed-form best without "
                                                              "simulating candidates")
+    p.add_argument("--no-host-compressed", action="store_true",
+                   help="plan with three tiers (resident, compressed, host): no experts kept FXMC-encoded on the host")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
 
 

@@ -25,6 +25,19 @@ def test_plan_prints_table_and_writes_json(tmp_path, capsys):
     assert Plan.load(out).budget_bytes == 46 * 2**30
 
 
+def test_no_host_compressed_plans_with_the_papers_three_tiers(tmp_path, capsys):
+    four, three = tmp_path / "four.json", tmp_path / "three.json"
+    common = ["plan", "--model", "mixtral-8x7b", "--gpu", "h200", "--budget", "46GiB", "--workload", SMALL]
+    assert main([*common, "--out", str(four)]) == 0
+    assert main([*common, "--no-host-compressed", "--out", str(three)]) == 0
+    from planner import Plan
+
+    assert any(lp.host_compressed for lp in Plan.load(four).layers)
+    plan = Plan.load(three)
+    assert not any(lp.host_compressed for lp in plan.layers) and not plan.inputs.host_compressed
+    assert any(lp.host for lp in plan.layers)
+
+
 def test_plan_and_simulate_pick_the_same_plan(tmp_path, capsys):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     common = ["--model", "mixtral-8x7b", "--budget", "46GiB", "--workload", SMALL]
