@@ -46,3 +46,14 @@ def test_window_layers_wrap_around_to_the_previous_step():
     assert CostModel.window_layers(3, 0, 2) == [2, 1]
     assert CostModel.window_layers(3, 1, 1) == [0]
     assert CostModel.window_layers(3, 2, 5) == [1, 0, 2]
+
+
+def test_a_steady_decode_step_by_hand():
+    """Continuous batching at steady state: each step decodes `batch` tokens and prefills its
+    share of the prompts (batch x prompt / output), at the mean context (prompt + output / 2)."""
+    step = StepShape.steady_decode(4, 512, 128)
+    assert (step.tokens, step.sequences, step.context_tokens) == (4 + 4 * 512 // 128, 4, 512 + 64)
+    one = StepShape.steady_decode(3, 100, 1)  # one output token: the whole prompt in the step
+    assert (one.tokens, one.context_tokens) == (3 + 300, 100.5)
+    assert StepShape.steady_decode(1, 0, 5).tokens == 1  # a step runs at least one token
+    assert StepShape.steady_decode(2, 10, 0).tokens == 2 + 20  # no output: prompts as if one step each
