@@ -260,3 +260,17 @@ def test_plans_for_many_experts_keep_every_fused_call_within_vllms_limit():
     assert all(len(lp.resident) in (0, profile.model.num_experts) for lp in plan.layers)
     mixtral = planner.optimize(profiles.load("mixtral-8x7b", gpu="h200"), "46GiB")
     assert not mixtral.inputs.whole_layer_residents  # 8 experts: spans are short anyway
+
+
+@pytest.mark.parametrize("budget_kib,pcie", [(1400, 0.2), (1900, 1.0), (2000, 0.2)])
+def test_more_than_16_experts_per_layer_against_enumeration(budget_kib, pcie):
+    """20 experts per layer: past SLOT_ENUMERATION_MAX_EXPERTS, so one LP per candidate with
+    the slot count free, then the MILP; it must still find what trying every placement finds
+    (three tiers, to keep the enumeration to seconds)."""
+    profile = Profile(tiny_model(2, 20), tiny_gpu(pcie))
+    budget, host = budget_kib * 1024, 4 * 2**20
+    plan = planner.optimize(profile, budget, reserve_bytes=RESERVE, max_num_seqs=64, mip_gap=0, host_budget=host,
+                            host_compressed=False)
+    assert any(t.paged for t in plan.tier_counts())
+    expected = brute_force_best(profile, budget, 64, host, host_compressed=False)
+    assert plan.predicted.output_tokens_per_s == pytest.approx(expected, rel=1e-9)
