@@ -57,3 +57,34 @@ def test_a_steady_decode_step_by_hand():
     assert (one.tokens, one.context_tokens) == (3 + 300, 100.5)
     assert StepShape.steady_decode(1, 0, 5).tokens == 1  # a step runs at least one token
     assert StepShape.steady_decode(2, 10, 0).tokens == 2 + 20  # no output: prompts as if one step each
+
+
+@pytest.mark.parametrize("model,gpu", [("mixtral-8x7b", "h200"), ("qwen3-30b-a3b", "a40"), ("qwen3-next-80b-a3b", "h200")])
+@pytest.mark.parametrize("host_compressed", [False, True])
+def test_the_paging_bound_is_below_every_placement_that_frees_as_much(model, gpu, host_compressed):
+    """The planner visits candidates by `paging_lower_bound_s` and stops where it cannot beat the
+    best plan: a bound above any real placement would prune the optimum. Random placements,
+    depths and batches: the bound for the bytes a placement frees (net of its staging and
+    landing slots) never exceeds its step time."""
+    import random
+
+    import profiles
+    from planner.memory import MemoryModel
+
+    profile = profiles.load(model, gpu=gpu)
+    cost, mem = CostModel(profile), MemoryModel.of(profile)
+    m, rng = profile.model, random.Random(7)
+    E = m.num_experts
+    for _ in range(60):
+        tiers = []
+        for _ in m.moe_layers:
+            r = rng.randint(0, E)
+            c = rng.randint(0, E - r)
+            hc = rng.randint(0, E - r - c) if host_compressed else 0
+            tiers.append(TierCounts(r, c, E - r - c - hc, hc))
+        depth, batch = rng.randint(0, 3), rng.choice([1, 16, 128, 512])
+        step = StepShape.steady_decode(batch, 512, 128)
+        freed = mem.all_experts_bytes - (mem.placement_bytes(tiers, depth) - mem.fixed_bytes)
+        bound = cost.paging_lower_bound_s(step, freed, mem.host_bytes(tiers), (depth + 1) / m.num_moe_layers,
+                                          host_compressed)
+        assert bound <= cost.step_time(tiers, step, depth).total_s * (1 + 1e-9)
