@@ -180,18 +180,19 @@ class ExpertPager:
         return cls(layers, prefetch_depth, device, slots=slots, cpu_order=cpu_order, arena=arena)
 
     def _landing_ring(self, layers: list[LayerTiers]) -> LandingRing | None:
-        """Landing slots for the largest host-compressed chunk, and every chunk's GPU decoder for
-        each slot, made here so that nothing is allocated on the hot path or inside a capture."""
+        """Landing slots for the largest host-compressed chunk, and every chunk's view of each slot
+        and its GPU decoder there, made here so that nothing is allocated on the hot path or inside a capture."""
         chunks = [c for t in layers for stack in t.host_compressed or () for c in stack]
         if not chunks:
             return None
         with torch.inference_mode(False):  # written every step, also outside vLLM's inference mode
             ring = LandingRing(max(c.nbytes for c in chunks), self.device)
-        if self.device.type == "cuda":
-            from executor.codec.triton_decode import DeviceDecoder
+        for chunk in chunks:
+            chunk.landed = {s: ring.view(s, chunk.encoded) for s in range(ring.slots)}
+            if self.device.type == "cuda":
+                from executor.codec.triton_decode import DeviceDecoder
 
-            for chunk in chunks:
-                chunk.decoders = {s: DeviceDecoder(ring.view(s, chunk.encoded)) for s in range(ring.slots)}
+                chunk.decoders = {s: DeviceDecoder(view) for s, view in chunk.landed.items()}
         return ring
 
     def _layer_weights(self, index: int, tiers: LayerTiers) -> LayerWeights:
@@ -287,21 +288,20 @@ class ExpertPager:
         for chunk, out in tiers.host_compressed_chunks(w13, w2):
             slot = ring.take()
             s.wait(s.copy, ring.free[slot])
-            landed = s.launch(s.copy, lambda c=chunk, v=ring.view(slot, chunk.encoded):
-                              v.payload.copy_(c.encoded.payload, non_blocking=True))
+            landed = s.launch(s.copy, lambda c=chunk, sl=slot:
+                              c.landed[sl].payload.copy_(c.encoded.payload, non_blocking=True))
             s.wait(s.decode, landed)
-            done = s.launch(s.decode, lambda c=chunk, v=ring.view(slot, chunk.encoded), o=out, sl=slot:
-                            self._decode_chunk(c, v, o, sl))
+            done = s.launch(s.decode, lambda c=chunk, o=out, sl=slot: self._decode_chunk(c, o, sl))
             ring.free[slot] = done
         return done
 
-    def _decode_chunk(self, chunk, landed, out: torch.Tensor, slot: int) -> None:
+    def _decode_chunk(self, chunk, out: torch.Tensor, slot: int) -> None:
         if chunk.decoders:
             chunk.decoders[slot].decode_into(out, self.streams.decode)
         else:  # CPU: the reference decoder
             from executor.codec import decode
 
-            out.copy_(decode(landed))
+            out.copy_(decode(chunk.landed[slot]))
 
     def _layer_marks(self, layer: int) -> _LayerMarks:
         if self._marks[layer] is None:

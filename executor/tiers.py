@@ -70,24 +70,30 @@ class ExpertLayout:
             raise ConfigError(f"{what}: expert weights must be bf16, got {w13.dtype} and {w2.dtype}")
 
 
+def _encoded_chunks(stack: torch.Tensor, device: torch.device, max_numel: int):
+    """(first expert, experts, encoded) for runs of whole experts of at most `max_numel`
+    elements (at least one expert), encoded where `device` is."""
+    from executor.codec import encode
+
+    per_expert = stack[0].numel() if len(stack) else 1
+    step = max(1, max_numel // per_expert)
+    for first in range(0, len(stack), step):
+        part = stack[first:first + step]
+        yield first, len(part), encode(part.to(device))
+
+
 class _CompressedStack:
     """One stacked matrix of a layer's compressed experts, FXMC-encoded in chunks of experts."""
 
     def __init__(self, stack: torch.Tensor, device: torch.device):
-        from executor.codec import encode
-
-        per_expert = stack[0].numel() if len(stack) else 1
-        step = max(1, min(CODEC_CHUNK_NUMEL, ENCODE_CHUNK_NUMEL) // per_expert)
         self.chunks = []  # (first expert, experts, encoded, GPU decoder or None)
-        for first in range(0, len(stack), step):
-            part = stack[first:first + step].to(device)
-            encoded = encode(part)
+        for first, n, encoded in _encoded_chunks(stack, device, ENCODE_CHUNK_NUMEL):
             decoder = None
             if device.type == "cuda":
                 from executor.codec.triton_decode import DeviceDecoder
 
                 decoder = DeviceDecoder(encoded)  # lookup tables built once, not per call
-            self.chunks.append((first, len(part), encoded, decoder))
+            self.chunks.append((first, n, encoded, decoder))
 
     @property
     def nbytes(self) -> int:
@@ -113,6 +119,7 @@ class HostChunk:
     first: int
     n: int
     encoded: "EncodedTensor"  # noqa: F821 (executor.codec)
+    landed: dict = field(default_factory=dict)  # per landing slot: the encoded header over that slot's bytes
     decoders: dict = field(default_factory=dict)
 
     @property
@@ -123,21 +130,18 @@ class HostChunk:
 def encode_host_chunks(stack: torch.Tensor, device: torch.device) -> list[HostChunk]:
     """Encode a stack of experts in chunks where `device` is (the GPU encodes ~10 GB/s), and
     keep each payload in pinned host memory (plain host memory without CUDA)."""
-    from executor.codec import encode
+    from executor.codec import EncodedTensor
 
-    per_expert = stack[0].numel() if len(stack) else 1
-    step = max(1, min(HOST_CHUNK_BYTES // (2 * per_expert), CODEC_CHUNK_NUMEL // per_expert))
     chunks = []
-    for first in range(0, len(stack), step):
-        encoded = encode(stack[first:first + step].to(device))
+    for first, n, encoded in _encoded_chunks(stack, device, min(HOST_CHUNK_BYTES // 2, CODEC_CHUNK_NUMEL)):
         payload = torch.empty(encoded.payload.shape, dtype=torch.uint8, pin_memory=device.type == "cuda")
         payload.copy_(encoded.payload)
-        chunks.append(HostChunk(first, min(step, len(stack) - first), type(encoded)(encoded.header, payload)))
+        chunks.append(HostChunk(first, n, EncodedTensor(encoded.header, payload)))
     return chunks
 
 
 class LayerTiers:
-    """One MoE layer's experts split into the three tiers as a plan says."""
+    """One MoE layer's experts split into the four tiers as a plan says."""
 
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor, tiers: list[Tier | str], layout: ExpertLayout,
                  device: torch.device, what: str = "layer",
