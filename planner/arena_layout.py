@@ -2,9 +2,12 @@
 
 A paged layer runs as one fused-MoE call over the span of arena rows that covers its resident
 stack and its staging buffer (executor/arena.py). Rows are laid out buffer by buffer: the
-resident stacks of the layers that use buffer b are split around it, half before and half
-after, so each span stays short (the kernel's block alignment pads per row of the span). The
-planner uses the same layout to keep every span within what vLLM's kernels take.
+layers that use buffer b are split into two fixed groups by position, the first group's
+resident stacks placed before the buffer and the second's after, so each span stays short (the
+kernel's block alignment pads per row of the span). A layer with no paged expert takes no
+rows. Because the groups do not depend on the placement, the widest span of a group is its
+buffer plus the sum of its resident stacks: linear in the placement, so the planner's LP holds
+every span within what vLLM's kernels take.
 """
 
 from __future__ import annotations
@@ -18,6 +21,17 @@ from fluxmoe.names import Tier
 # below 1024 (csrc/moe/moe_align_sum_kernels.cu); seen on the H200 with Qwen3-Next-80B's
 # 512-expert layers, 106 of them resident, 24 layers to a buffer: a 1,678-row span.
 FUSED_MOE_MAX_ROWS = 992
+
+
+def span_groups(num_layers: int, buffers: int) -> list[tuple[list[int], list[int]]]:
+    """Per buffer b, the layers (in execution order, layer l uses buffer l % buffers) whose
+    resident stacks go before it and those that go after it: the first half of its layers and the rest."""
+    out = []
+    for b in range(buffers):
+        members = list(range(b, num_layers, buffers))
+        half = len(members) // 2
+        out.append((members[:half], members[half:]))
+    return out
 
 
 @dataclass(frozen=True)
@@ -39,16 +53,14 @@ class ArenaLayout:
     def of_counts(cls, counts: list[tuple[int, bool]], buffers: int, slots: int) -> "ArenaLayout":
         """(resident experts, paged?) for every layer in execution order."""
         paged = [l for l, (_, is_paged) in enumerate(counts) if is_paged]
-        resident = {l: counts[l][0] for l in paged}
+        resident = {l: counts[l][0] if counts[l][1] else 0 for l in range(len(counts))}
         rows, buffer_start, resident_start = 0, [], {}
-        for b in range(buffers):
-            members = [l for l in paged if l % buffers == b]
-            half = len(members) // 2
-            for l in members[:half]:
+        for before, after in span_groups(len(counts), buffers):
+            for l in before:
                 resident_start[l], rows = rows, rows + resident[l]
             buffer_start.append(rows)
             rows += slots
-            for l in members[half:]:
+            for l in after:
                 resident_start[l], rows = rows, rows + resident[l]
         span = {}
         for l in paged:

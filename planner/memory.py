@@ -10,6 +10,7 @@ free KV up to its `max_num_seqs`, so that is the baselines' batch limit everywhe
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -75,15 +76,16 @@ class MemoryModel:
         return cls(profile.model, profile.hardware.codec.compressed_ratio, reserve)
 
     # ------------------------------------------------------------------ parts
-    @property
+    # Cached: the planner evaluates hundreds of thousands of placements against these.
+    @functools.cached_property
     def expert_bytes(self) -> int:
         return self.model.expert_bytes
 
-    @property
+    @functools.cached_property
     def compressed_expert_bytes(self) -> float:
         return self.model.expert_bytes * self.compressed_ratio
 
-    @property
+    @functools.cached_property
     def fixed_bytes(self) -> int:
         """Held whatever the placement: non-expert weights and the reserve."""
         return self.model.non_expert_bytes + self.reserve_bytes
@@ -98,7 +100,7 @@ class MemoryModel:
     def staging_bytes(self, depth: int, slots_per_buffer: int) -> int:
         return (depth + 1) * slots_per_buffer * self.expert_bytes
 
-    @property
+    @functools.cached_property
     def landing_bytes(self) -> int:
         """The host-compressed tier's landing slots: the largest chunk (w13's, two thirds of an
         expert, times the experts per chunk) at the codec's ratio, per slot."""
@@ -108,10 +110,12 @@ class MemoryModel:
 
     def expert_gpu_bytes(self, tiers: Sequence[TierCounts]) -> float:
         """Resident and compressed experts (compressed as the codec's mean ratio)."""
-        return sum(t.resident * self.expert_bytes + t.compressed * self.compressed_expert_bytes for t in tiers)
+        return (sum(t.resident for t in tiers) * self.expert_bytes
+                + sum(t.compressed for t in tiers) * self.compressed_expert_bytes)
 
     def host_bytes(self, tiers: Sequence[TierCounts]) -> float:
-        return sum(t.host * self.expert_bytes + t.host_compressed * self.compressed_expert_bytes for t in tiers)
+        return (sum(t.host for t in tiers) * self.expert_bytes
+                + sum(t.host_compressed for t in tiers) * self.compressed_expert_bytes)
 
     def paging_bytes(self, tiers: Sequence[TierCounts], depth: int) -> int:
         """The staging pool, and the landing slots where any expert is host-compressed."""

@@ -66,7 +66,7 @@ class PlanInputs:
     versions: dict[str, str] = field(default_factory=dict)
     requests: int | None = None  # the workload's request count, where it was known: no batch exceeds it
     host_compressed: bool = False  # the host-compressed tier was allowed (plans made before it: no)
-    whole_layer_residents: bool = False  # resident experts only in all-resident layers
+    fused_max_rows: int | None = None  # each paged layer's fused-MoE call held to this many rows (None: not held)
 
     @classmethod
     def record(cls, **settings) -> "PlanInputs":

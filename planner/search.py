@@ -24,7 +24,7 @@ import pulp
 from fluxmoe.errors import ConfigError, InfeasibleError
 from fluxmoe.names import System
 from fluxmoe.units import format_bytes, format_bytes_up, parse_bytes
-from planner.arena_layout import FUSED_MOE_MAX_ROWS, ArenaLayout
+from planner.arena_layout import FUSED_MOE_MAX_ROWS, ArenaLayout, span_groups
 from planner.cost_model import BATCH_GRID, CostModel, StepShape, TierCounts
 from planner.memory import VLLM_MAX_NUM_SEQS, MemoryModel
 from planner.plan import (BaselinePrediction, LayerPlan, Plan, PlanInputs, Prediction,
@@ -82,7 +82,7 @@ class _PlacementModel:
     landing: pulp.LpVariable
     step_time: pulp.LpVariable
     unit: float  # seconds per unit of time in the model
-    whole: list[pulp.LpVariable] = field(default_factory=list)  # per layer, all resident (whole-layer mode)
+    whole: list[pulp.LpVariable] = field(default_factory=list)  # per layer, all resident (where spans bind)
 
     @property
     def integer_variables(self) -> list[pulp.LpVariable]:
@@ -94,20 +94,18 @@ class _Problem:
 
     def __init__(self, profile: Profile, budget_bytes: int, host_budget_bytes: int, workload: WorkloadShape,
                  reserve_bytes: int, tpot_limit_s: float | None, max_num_seqs: int, mip_gap: float = 0.01,
-                 requests: int | None = None, host_compressed: bool = True, whole_layer_residents: bool = False):
+                 requests: int | None = None, host_compressed: bool = True):
         self.profile, self.model, self.cost = profile, profile.model, CostModel(profile)
         self.mem = MemoryModel.of(profile, reserve_bytes)
         self.budget, self.host_budget, self.workload = budget_bytes, host_budget_bytes, workload
         self.reserve, self.tpot_limit_s, self.max_num_seqs = reserve_bytes, tpot_limit_s, max_num_seqs
         self.requests = requests
         self.host_compressed = host_compressed
-        # Resident experts only in all-resident layers: keeps every paged layer's fused-MoE call
-        # within vLLM's row limit for models with many experts (planner/arena_layout.py).
-        self.whole_layer_residents = whole_layer_residents
         self.kv_per_seq = self.mem.kv_per_sequence(workload.prompt_tokens + workload.output_tokens)
         self.gap = mip_gap
         self.safety_hits = 0
         self._models: dict[tuple[int, int, bool], _PlacementModel] = {}
+        self._spans_can_bind: dict[int, bool] = {}
 
     def step(self, batch: int) -> StepShape:
         return StepShape.steady_decode(batch, self.workload.prompt_tokens, self.workload.output_tokens)
@@ -147,10 +145,17 @@ class _Problem:
             prob += slots >= c[l] + h[l] + hc[l]
             prob += hc[l] <= hc_max * landing
         whole = {}
-        if self.whole_layer_residents:
+        if self.spans_can_bind(depth):
+            # Each fused-MoE call within vLLM's row limit (planner/arena_layout.py): per group of
+            # layers around a staging buffer, the buffer plus the group's paged layers' resident
+            # stacks. whole[l] = 1 marks an all-resident layer, which takes no arena rows.
             for l in m.moe_layers:
-                whole[l] = pulp.LpVariable(f"whole{l}", 0, 1)  # 1: every expert of layer l resident
-                prob += r[l] == E * whole[l]
+                whole[l] = pulp.LpVariable(f"whole{l}", 0, 1)
+                prob += r[l] >= E * whole[l]
+                prob += r[l] <= E - 1 + whole[l]
+            moe = list(m.moe_layers)
+            for group in (g for pair in span_groups(len(moe), depth + 1) for g in pair):
+                prob += slots + pulp.lpSum(r[moe[i]] - E * whole[moe[i]] for i in group) <= FUSED_MOE_MAX_ROWS
         gpu = {l: compute[l] + (decode_s * c[l] if l in c else 0) for l in range(m.num_layers)}  # cost.layer_decode_s
         link = {l: transfer_s * h[l] + transfer_c * hc[l] for l in m.moe_layers}
         stalls = []
@@ -179,23 +184,67 @@ class _Problem:
         return model
 
     def _build(self, batch: int, depth: int, integer: bool, minimize_memory: bool, slots_fixed: int | None = None,
-               cutoff_s: float | None = None):
+               cutoff_s: float | None = None, start: list[TierCounts] | None = None,
+               whole_fixed: tuple[int, ...] | None = None):
         """Solve the placement model: integer or relaxed, slots fixed or free, and with a cutoff
-        only placements faster than `cutoff_s` (seconds, before the step's fixed part)."""
+        only placements faster than `cutoff_s` (seconds, before the step's fixed part); `start`:
+        a placement that fits, for the MILP to start from; `whole_fixed`: which layers are all
+        resident (1) or paged (0), where spans can bind."""
         model = self._model(batch, depth, minimize_memory)
         prob, E = model.prob, self.model.num_experts
         for var in model.integer_variables:
             var.cat = pulp.LpInteger if integer else pulp.LpContinuous
         model.slots.lowBound, model.slots.upBound = (0, E) if slots_fixed is None else (slots_fixed, slots_fixed)
+        for i, var in enumerate(model.whole):
+            var.lowBound, var.upBound = (0, 1) if whole_fixed is None else (whole_fixed[i], whole_fixed[i])
         started = time.perf_counter()
         prob.solve(solver(self.gap, MILP_NODE_LIMIT, MILP_SAFETY_TIME_LIMIT_S,
-                          None if cutoff_s is None else cutoff_s / model.unit))
+                          None if cutoff_s is None else cutoff_s / model.unit,
+                          None if start is None or not integer else self._start_values(model, start)))
         if time.perf_counter() - started >= MILP_SAFETY_TIME_LIMIT_S:
             self.safety_hits += 1
         if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
             return None
         values = [tuple(v.value() for v in layer) for layer in model.tiers]
         return prob, values, pulp.value(prob.objective) * (1 if minimize_memory else model.unit)  # seconds or bytes
+
+    def spans_can_bind(self, depth: int) -> bool:
+        """Could some placement at this depth give a fused-MoE call more rows than vLLM takes?"""
+        if depth not in self._spans_can_bind:
+            E = self.model.num_experts
+            groups = (g for pair in span_groups(self.model.num_moe_layers, depth + 1) for g in pair)
+            self._spans_can_bind[depth] = any(E + len(g) * (E - 1) > FUSED_MOE_MAX_ROWS for g in groups)
+        return self._spans_can_bind[depth]
+
+    def spans_fit(self, tiers: list[TierCounts], depth: int) -> bool:
+        return not self.spans_can_bind(depth) or _widest_span(tiers, depth) <= FUSED_MOE_MAX_ROWS
+
+    def _span_fixing(self, values: list[tuple[float, ...]], lp_whole: list[float], slots: float,
+                     depth: int) -> tuple[int, ...]:
+        """Which layers to make all resident so that each group's span fits with the LP's
+        residents and slots: in each group, the layers the LP leans most toward all resident."""
+        E, fixing = self.model.num_experts, [0] * len(values)
+        for group in (g for pair in span_groups(len(values), depth + 1) for g in pair):
+            partly = [i for i in group if values[i][0] < E - 1e-6]
+            fits, rows = 0, slots
+            for i in sorted(partly, key=lambda i: (values[i][0], i)):  # fewest residents first
+                if rows + values[i][0] > FUSED_MOE_MAX_ROWS:
+                    break
+                rows, fits = rows + values[i][0], fits + 1
+            by_lean = sorted(group, key=lambda i: (-lp_whole[i], -values[i][0], i))
+            for i in by_lean[:len(partly) - fits]:
+                fixing[i] = 1
+        return tuple(fixing)
+
+    def _start_values(self, model: _PlacementModel, tiers: list[TierCounts]) -> dict[str, float]:
+        """The model's integer variables set to a placement (by name, as the solver takes a start)."""
+        E = self.model.num_experts
+        values = {v.name: x for layer, t in zip(model.tiers, tiers)
+                  for v, x in zip(layer, (t.resident, t.compressed, t.host, t.host_compressed))}
+        values.update({v.name: float(t.resident == E) for v, t in zip(model.whole, tiers)})
+        values[model.slots.name] = max(t.paged for t in tiers)
+        values[model.landing.name] = float(any(t.host_compressed for t in tiers))
+        return values
 
     def memory_bytes(self, tiers: list[TierCounts], depth: int, batch: int) -> float:
         """GPU bytes a placement needs: fixed part, KV for `batch`, experts, staging."""
@@ -208,10 +257,8 @@ class _Problem:
         """Integer placements near the LP's (values: resident, compressed, host, host-compressed
         per layer): per-layer ceilings of the host tiers, and roundings that keep the LP's totals
         per tier, a little above, spread by largest remainders or evenly around the cycle."""
-        if self.whole_layer_residents:
-            return self._whole_layer_roundings(values, depth, batch)
         E = self.model.num_experts
-        out = []
+        out = self._whole_layer_roundings(values, depth, batch) if self.spans_can_bind(depth) else []
         for round_c in (round, math.ceil):
             tiers = []
             for _, c, h, hc in values:
@@ -249,7 +296,8 @@ class _Problem:
                     for extra_c in (0, 1, 2):
                         cs = place([v[1] for v in values], total(1) + extra_c, [E - x - y for x, y in zip(hs, hcs)])
                         out.append([TierCounts(E - hi - hci - ci, ci, hi, hci) for hi, hci, ci in zip(hs, hcs, cs)])
-        return out
+        return [self._to_host_until_it_fits(tiers, [i for i, t in enumerate(tiers) if t.paged], depth, batch)
+                for tiers in out]
 
     def _whole_layer_roundings(self, values: list[tuple[float, ...]], depth: int, batch: int) -> list[list[TierCounts]]:
         """Roundings with resident experts only in whole layers: a few counts of resident layers
@@ -297,8 +345,8 @@ class _Problem:
         for j, i in enumerate(paged):
             n = min(tiers[i].compressed, (j + 1) * moves // len(paged) - j * moves // len(paged))
             t = tiers[i]
-            tiers[i] = (TierCounts(0, t.compressed - n, t.host, t.host_compressed + n) if self.host_compressed
-                        else TierCounts(0, t.compressed - n, t.host + n, 0))
+            tiers[i] = (TierCounts(t.resident, t.compressed - n, t.host, t.host_compressed + n) if self.host_compressed
+                        else TierCounts(t.resident, t.compressed - n, t.host + n, t.host_compressed))
         return tiers
 
     def relax(self, batch: int, depth: int, incumbent_rate: float = 0.0) -> Relaxation | None:
@@ -310,17 +358,32 @@ class _Problem:
         if relaxed is None or batch / (relaxed[2] + fixed) <= incumbent_rate:
             return None
         relaxations = [(None, relaxed)]
+        to_round = [relaxed[1]]
+        if self.spans_can_bind(depth):
+            # The LP's residents in partly resident layers break the span limit once rounded: fix
+            # which layers are all resident, solve the LP again, round that. Fixings: the LP's
+            # leaning (three cuts), and per group of layers around a buffer as many partly resident
+            # layers as its span takes at the LP's slots and residents, the rest all resident.
+            model = self._model(batch, depth, False)
+            lp_whole = [v.value() for v in model.whole]
+            fixings = {tuple(int(w > cut) for w in lp_whole) for cut in (0.001, 0.5, 0.999)}
+            fixings.add(self._span_fixing(relaxed[1], lp_whole, model.slots.value(), depth))
+            for fixing in fixings:
+                if (x := self._build(batch, depth, False, False, whole_fixed=fixing)) is not None:
+                    to_round.append(x[1])
         if self.model.num_experts <= SLOT_ENUMERATION_MAX_EXPERTS:
             # Few, large experts: a fractional slot count makes the LP bound weak. The least LP
             # bound over every integer slot count is still a bound, and a much tighter one.
             relaxations = [(s, x) for s in range(self.model.num_experts + 1)
                            if (x := self._build(batch, depth, False, False, slots_fixed=s)) is not None]
+            # Rounding costs more than the LP: only where the LP's bound beats the incumbent.
+            to_round = [x[1] for _, x in relaxations if batch / (x[2] + fixed) > incumbent_rate]
         if not relaxations:
             return None
         bounds = {slots: x[2] + fixed for slots, x in relaxations}
         rounded = [(self.cost.step_time(tiers, step, depth).total_s, tiers)
-                   for _, x in relaxations for tiers in self._roundings(x[1], depth, batch)
-                   if self._fits(tiers, depth, batch)]
+                   for values in to_round for tiers in self._roundings(values, depth, batch)
+                   if self._fits(tiers, depth, batch) and self.spans_fit(tiers, depth)]
         rounded = [(t, tiers) for t, tiers in rounded if self.tpot_limit_s is None or t <= self.tpot_limit_s]
         best = None
         if rounded:
@@ -329,13 +392,18 @@ class _Problem:
                              f"LP rounding, within {max(0.0, t / min(bounds.values()) - 1):.2%} of its LP bound")
         return Relaxation(batch, depth, bounds, best)
 
-    def milp(self, batch: int, depth: int, incumbent_rate: float = 0.0, slots: int | None = None) -> Candidate | None:
+    def milp(self, batch: int, depth: int, incumbent_rate: float = 0.0, slots: int | None = None,
+             start: Candidate | None = None) -> Candidate | None:
         """The MILP's placement for one (batch, depth) and staging slot count (None: any), among
         those faster than `incumbent_rate` by more than the gap (closer ones cannot matter, and
-        proving that none exists is where a MILP spends its time)."""
+        proving that none exists is where a MILP spends its time). `start`: a placement of this
+        (batch, depth) that fits (its LP rounding), which the MILP starts from where its slots agree."""
         step = self.step(batch)
         cutoff = (batch / (incumbent_rate * (1 + self.gap)) - self.cost.fixed_s(step)) if incumbent_rate > 0 else None
-        solved = self._build(batch, depth, integer=True, minimize_memory=False, slots_fixed=slots, cutoff_s=cutoff)
+        if start is not None and slots is not None and start.staging_slots != slots:
+            start = None
+        solved = self._build(batch, depth, integer=True, minimize_memory=False, slots_fixed=slots, cutoff_s=cutoff,
+                             start=None if start is None else start.tiers)
         if solved is None:
             return None
         prob, values, _ = solved
@@ -462,15 +530,14 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
                     tpot_limit_s: float | None = None, reserve_bytes: int | str | None = None,
                     max_num_seqs: int = 1024, prefetch_depths: tuple[int, ...] = PREFETCH_DEPTHS,
                     mip_gap: float = 0.01, requests: int | None = None, host_compressed: bool = True,
-                    paging: bool = True, whole_layer_residents: bool | None = None) -> list[Plan]:
+                    paging: bool = True) -> list[Plan]:
     """The `top_k` best plans (best first) by predicted output tokens/s within `budget` GPU bytes.
 
     budget, host_budget, reserve_bytes: bytes or strings like "46GiB". objective: "throughput",
     or "throughput_under_latency" with `tpot_limit_s` (per-token time). host_compressed: may
     experts be kept FXMC-encoded on the host (False: the three tiers of the paper). paging=False:
-    every expert resident (plain vLLM's configuration), for comparisons. whole_layer_residents:
-    resident experts only in all-resident layers; None: only when a plan would otherwise run a
-    fused-MoE call over more rows than vLLM takes (many experts per layer, planner/arena_layout.py).
+    every expert resident (plain vLLM's configuration), for comparisons. Every plan keeps each
+    paged layer's fused-MoE call within the rows vLLM takes (planner/arena_layout.py).
     Raises InfeasibleError with the smallest workable budget when nothing fits.
     """
     started = time.perf_counter()
@@ -495,7 +562,7 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
     if requests is not None and requests < 1:
         raise ConfigError(f"requests: must be >= 1, got {requests!r}")
     p = _Problem(profile, budget_bytes, host_bytes, workload, reserve, limit, max_num_seqs, mip_gap, requests,
-                 host_compressed, bool(whole_layer_residents))
+                 host_compressed)
 
     # Visit candidates by their upper bound: B over the all-resident step time.
     order = []
@@ -524,7 +591,7 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
         return rate(kept[-1]) if len(kept) >= top_k else 0.0
 
     def keep(cand: Candidate | None) -> None:
-        if cand is None or (limit is not None and cand.step_time_s > limit):
+        if cand is None or (limit is not None and cand.step_time_s > limit) or not p.spans_fit(cand.tiers, cand.depth):
             return
         if len(kept) < top_k or rate(cand) > threshold() * (1 + 1e-12):
             kept.append(cand)
@@ -558,33 +625,28 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
             uncertified.append(relaxed)
     # Pass 2: a MILP only where an LP bound (per slot count, the tighter model) could beat the
     # k-th best plan by more than the gap, best bound first, asking only for placements that beat it.
-    bounds = sorted((r.batch / bound_s, r.batch, r.depth, slots)
-                    for r in uncertified for slots, bound_s in r.bounds_s.items())
-    for bound_rate, batch, depth, slots in reversed(bounds):
+    bounds = sorted(((r.batch / bound_s, r.batch, r.depth, slots, i)
+                     for i, r in enumerate(uncertified) for slots, bound_s in r.bounds_s.items()),
+                    key=lambda x: x[:3] + (-1 if x[3] is None else x[3],))
+    for bound_rate, batch, depth, slots, i in reversed(bounds):
         if len(kept) >= top_k and bound_rate <= threshold() * (1 + mip_gap):
             break
-        keep(p.milp(batch, depth, threshold(), slots))
+        keep(p.milp(batch, depth, threshold(), slots, uncertified[i].rounding))
     if not kept:
         raise p.infeasible(min(prefetch_depths))
-    if whole_layer_residents is None and any(_widest_span(c) > FUSED_MOE_MAX_ROWS for c in kept):
-        return candidate_plans(profile, budget, top_k=top_k, workload=workload, host_budget=host_budget,
-                               objective=objective, tpot_limit_s=tpot_limit_s, reserve_bytes=reserve_bytes,
-                               max_num_seqs=max_num_seqs, prefetch_depths=prefetch_depths, mip_gap=mip_gap,
-                               requests=requests, host_compressed=host_compressed, paging=paging,
-                               whole_layer_residents=True)
     elapsed = time.perf_counter() - started
     inputs = PlanInputs.record(reserve_bytes=reserve, max_num_seqs=max_num_seqs, prefetch_depths=list(prefetch_depths),
                                mip_gap=mip_gap, milp_node_limit=MILP_NODE_LIMIT, requests=requests,
-                               host_compressed=host_compressed, whole_layer_residents=bool(whole_layer_residents))
+                               host_compressed=host_compressed, fused_max_rows=FUSED_MOE_MAX_ROWS)
     return [_make_plan(p, c, objective, limit, solved, elapsed, inputs) for c in kept]
 
 
-def _widest_span(c: Candidate) -> int:
+def _widest_span(tiers: list[TierCounts], depth: int) -> int:
     """Rows of the widest fused-MoE call the executor's arena would give this placement."""
-    if not c.staging_slots:
+    slots = max(t.paged for t in tiers)
+    if not slots:
         return 0
-    counts = [(t.resident, t.paged > 0) for t in c.tiers]
-    return ArenaLayout.of_counts(counts, c.depth + 1, c.staging_slots).widest_span[0]
+    return ArenaLayout.of_counts([(t.resident, t.paged > 0) for t in tiers], depth + 1, slots).widest_span[0]
 
 
 def _make_plan(p: _Problem, best: Candidate, objective: str, limit: float | None, solved: int,

@@ -40,7 +40,20 @@ def _silence_banner() -> None:
 
 
 class _HiGHS(pulp.HiGHS):
-    """PuLP's HiGHS, plus the node-limit stop (HighsModelStatus.kSolutionLimit)."""
+    """PuLP's HiGHS, plus the node-limit stop (HighsModelStatus.kSolutionLimit) and a MIP start."""
+
+    def __init__(self, start: dict[str, float] | None = None, **options):
+        super().__init__(**options)
+        self.start = start or {}
+
+    def callSolver(self, lp):
+        if self.start:
+            # A partial start (some variables' values): HiGHS completes it with an LP and, if it
+            # is feasible, starts its search from it, so a node-limited stop is never worse.
+            index = {v.name: v.index for v in lp.variables()}
+            names = [n for n in self.start if n in index]
+            lp.solverModel.setSolution(len(names), [index[n] for n in names], [self.start[n] for n in names])
+        super().callSolver(lp)
 
     def findSolutionValues(self, lp):
         import highspy
@@ -57,9 +70,12 @@ class _HiGHS(pulp.HiGHS):
         return status, solution
 
 
-def solver(gap: float, node_limit: int, time_limit_s: float, cutoff: float | None = None) -> pulp.LpSolver:
+def solver(gap: float, node_limit: int, time_limit_s: float, cutoff: float | None = None,
+           start: dict[str, float] | None = None) -> pulp.LpSolver:
     """One thread (plans must not depend on the machine), relative gap, node limit, safety time
-    limit; `cutoff`: only solutions whose objective is below it matter."""
+    limit; `cutoff`: only solutions whose objective is below it matter; `start`: values of some
+    variables (by name) of a known feasible solution."""
     _silence_banner()
     options = {} if cutoff is None else {"objective_bound": cutoff}
-    return _HiGHS(msg=False, gapRel=gap, threads=1, timeLimit=time_limit_s, mip_max_nodes=node_limit, **options)
+    return _HiGHS(start=start, msg=False, gapRel=gap, threads=1, timeLimit=time_limit_s, mip_max_nodes=node_limit,
+                  **options)
