@@ -1,0 +1,115 @@
+"""Routed-only fetch: move over PCIe only the host experts that a step's tokens route to.
+
+A layer's host experts sit in one pinned stack, one row per expert (w13 then w2, flattened).
+A gather kernel reads, through the GPU's unified addressing, only the rows whose flag is set
+and writes each into its staging slot; a row with its flag clear costs its programs one
+masked-off load each. The grid is fixed, so a step that uses it is CUDA-graph capturable:
+which experts move is data, not launch shape. The same fetcher serves two calls per layer and
+step: `fetch(predicted)` ahead of the router (a guess, on a side stream) and `fetch(routed)`
+after it (the misses, on the compute stream); `present` remembers what already landed, so no
+expert moves twice in a step, and the counters (on the device, no host sync) give the bytes
+moved and how many routed experts the guess had brought.
+On the CPU the gather is plain torch indexing, for tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fluxmoe.errors import ConfigError
+
+GATHER_BLOCK = 4096  # elements per program: 8 KiB of bf16, 16-byte loads per thread
+
+
+def routed_experts(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] bool: the experts that any token's top-k picks (no host sync)."""
+    mask = torch.zeros(num_experts, dtype=torch.bool, device=topk_ids.device)
+    return mask.index_fill_(0, topk_ids.reshape(-1), True)
+
+
+class RoutedFetch:
+    """One layer's host experts and their staging slots, fetched by a mask over expert ids."""
+
+    def __init__(self, host: torch.Tensor, expert_ids: list[int], slots: torch.Tensor, num_experts: int):
+        """host [n, numel] bf16 (pinned where `slots` is on a GPU): row i holds expert expert_ids[i];
+        slots [n, numel] on the compute device: where row i lands."""
+        if host.dim() != 2 or slots.shape != host.shape or host.dtype != slots.dtype:
+            raise ConfigError(f"host stack {tuple(host.shape)} {host.dtype} and slots {tuple(slots.shape)} "
+                              f"{slots.dtype} must both be [n, numel] of one dtype")
+        if len(expert_ids) != len(host) or len(set(expert_ids)) != len(expert_ids) \
+                or not all(0 <= e < num_experts for e in expert_ids):
+            raise ConfigError(f"expert_ids: need {len(host)} distinct ids in [0, {num_experts}), got {expert_ids!r}")
+        if slots.is_cuda and not host.is_pinned():
+            raise ConfigError("host stack: must be in pinned memory to be read by the GPU")
+        device = slots.device
+        self.host, self.slots, self.num_experts = host, slots, num_experts
+        self.ids = torch.tensor(expert_ids, dtype=torch.long, device=device)
+        self.present = torch.zeros(len(host), dtype=torch.bool, device=device)  # landed this step
+        self.moved = torch.zeros((), dtype=torch.int64, device=device)  # experts moved, all steps
+        self.routed = torch.zeros((), dtype=torch.int64, device=device)  # routed host experts, all steps
+        self.hits = torch.zeros((), dtype=torch.int64, device=device)  # of those, already present
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.host.shape[1] * self.host.element_size()
+
+    def begin_step(self) -> None:
+        """The slots' contents are forgotten (another layer may have used them)."""
+        self.present.zero_()
+
+    def fetch(self, experts: torch.Tensor) -> None:
+        """Bring the host experts flagged in `experts` ([E] bool) that are not present yet."""
+        want = experts[self.ids]
+        need = want & ~self.present
+        self.moved += need.sum()
+        _gather(self.host, self.slots, need)
+        self.present |= need
+
+    def fetch_routed(self, experts: torch.Tensor) -> None:
+        """`fetch` for the experts the router picked: counts how many a guess had already brought."""
+        want = experts[self.ids]
+        self.routed += want.sum()
+        self.hits += (want & self.present).sum()
+        self.fetch(experts)
+
+    def counters(self) -> dict[str, int]:
+        """Experts moved, routed and hit so far (a host sync: read at the end of a run)."""
+        return {"moved": int(self.moved), "routed": int(self.routed), "hits": int(self.hits)}
+
+
+def _gather(host: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """slots[i] = host[i] where rows[i]; on a GPU one fixed-grid kernel, whatever `rows` holds."""
+    if not slots.is_cuda:
+        index = rows.nonzero().flatten()
+        slots.index_copy_(0, index, host.index_select(0, index))
+        return
+    import triton
+
+    n, numel = host.shape
+    if n == 0:
+        return
+    _gather_kernel()[(n, triton.cdiv(numel, GATHER_BLOCK))](host, slots, rows.view(torch.uint8), numel,
+                                                             BLOCK=GATHER_BLOCK)
+
+
+_KERNEL = None
+
+
+def _gather_kernel():
+    """The Triton kernel, built on first use (Triton is an optional extra)."""
+    global _KERNEL
+    if _KERNEL is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def gather_rows(src, dst, flags, numel, BLOCK: tl.constexpr):
+            row = tl.program_id(0)
+            offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            limit = tl.where(tl.load(flags + row) != 0, numel, 0)
+            keep = offs < limit  # a clear flag: no load is issued, nothing crosses the link
+            base = row.to(tl.int64) * numel
+            tl.store(dst + base + offs, tl.load(src + base + offs, mask=keep), mask=keep)
+
+        _KERNEL = gather_rows
+    return _KERNEL

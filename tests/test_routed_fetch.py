@@ -1,0 +1,153 @@
+"""Routed-only fetch (executor/routed_fetch.py, executor/routed_stack.py) on the CPU: every mode
+gives the bits of the all-resident stack, and moves exactly the experts it should."""
+
+import pytest
+import torch
+
+from executor.moe_layer import random_stack
+from executor.routed_fetch import RoutedFetch, routed_experts
+from executor.routed_stack import MODES, RoutedMoEStack, route, routed_reference
+from fluxmoe.errors import ConfigError
+
+L, H, I, E, K = 4, 32, 48, 16, 2
+
+
+def _stack(seed=0):
+    return random_stack(L, H, I, E, torch.device("cpu"), seed)
+
+
+def _picks(x, routers, stacks):
+    """Per layer, the experts the reference's tokens pick, and the guess for it (the layer's
+    router on the previous layer's input; none for the first), counted by hand from its routing."""
+    from executor.routed_stack import routed_moe
+
+    routed, guesses = [], [set()]
+    for l, (router, (w13, w2)) in enumerate(zip(routers, stacks)):
+        ids, gates = route(x, router, K)
+        routed.append(set(ids.flatten().tolist()))
+        if l + 1 < len(routers):
+            guesses.append(set(route(x, routers[l + 1], K)[0].flatten().tolist()))
+        x = routed_moe(x, ids, gates, w13, w2)
+    return routed, guesses
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("order", ["lazy", "eager"])
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_every_mode_gives_the_resident_stacks_bits_and_moves_what_it_should(mode, order, tokens):
+    routers, stacks = _stack()
+    x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
+    want = routed_reference(x, routers, stacks, K)
+    stack = RoutedMoEStack(routers, stacks, K, "cpu", mode, cpu_order=order)
+    for step in range(2):  # the second step reuses buffers that hold the other layers' experts
+        assert torch.equal(stack.forward(x).view(torch.int16), want.view(torch.int16)), (mode, order, step)
+    picks, guesses = _picks(x, routers, stacks)
+    routed = sum(len(p) for p in picks)
+    c = stack.counters()
+    if mode == "whole":
+        assert c["moved"] == 2 * L * E and c["routed"] == 0
+    elif mode == "routed":
+        assert c == {"moved": 2 * routed, "routed": 2 * routed, "hits": 0}
+    else:  # every guess moved, then every miss, once each
+        hits = sum(len(p & g) for p, g in zip(picks, guesses))
+        moved = sum(len(g) + len(p - g) for p, g in zip(picks, guesses))
+        assert c == {"moved": 2 * moved, "routed": 2 * routed, "hits": 2 * hits}
+    if mode != "whole" and tokens == 1:
+        assert c["moved"] < 2 * L * E  # one token picks K of E experts: most never cross the link
+
+
+def test_the_guess_is_fetched_before_the_router_needs_it():
+    """Predicted mode, lazy CPU order: the guess runs only because compute waits for it, so
+    hits > 0 shows the wait is there (layers after the first, where a guess exists)."""
+    routers, stacks = _stack(1)
+    x = torch.randn(2, H, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    stack = RoutedMoEStack(routers, stacks, K, "cpu", "predicted", cpu_order="lazy")
+    stack.forward(x)
+    picks, guesses = _picks(x, routers, stacks)
+    assert stack.counters()["hits"] == sum(len(p & g) for p, g in zip(picks, guesses)) > 0
+
+
+def test_fetch_moves_only_flagged_rows_once_per_step():
+    host = torch.arange(5 * 6, dtype=torch.float32).view(5, 6).to(torch.bfloat16)
+    slots = torch.zeros_like(host)
+    f = RoutedFetch(host, [7, 1, 3, 0, 9], slots, 10)
+    flags = torch.zeros(10, dtype=torch.bool)
+    flags[[1, 9, 4]] = True  # 4 is not on the host: ignored
+    f.fetch(flags)
+    assert torch.equal(slots[1], host[1]) and torch.equal(slots[4], host[4])
+    assert not slots[[0, 2, 3]].any()
+    f.fetch_routed(flags)  # both already present: hits, nothing moved
+    assert f.counters() == {"moved": 2, "routed": 2, "hits": 2}
+    f.begin_step()
+    f.fetch_routed(flags)
+    assert f.counters() == {"moved": 4, "routed": 4, "hits": 2}
+
+
+def test_routed_experts_is_the_set_of_picks():
+    ids = torch.tensor([[3, 1], [3, 0]])
+    assert routed_experts(ids, 5).tolist() == [True, True, False, True, False]
+
+
+def test_bad_input_names_what_is_wrong():
+    host = torch.zeros(2, 4, dtype=torch.bfloat16)
+    with pytest.raises(ConfigError, match="expert_ids"):
+        RoutedFetch(host, [0, 0], torch.zeros_like(host), 4)
+    with pytest.raises(ConfigError, match=r"\[n, numel\]"):
+        RoutedFetch(host, [0, 1], torch.zeros(3, 4, dtype=torch.bfloat16), 4)
+    routers, stacks = _stack()
+    with pytest.raises(ConfigError, match="mode: expected one of whole, routed, predicted, got 'all'"):
+        RoutedMoEStack(routers, stacks, K, "cpu", "all")
+
+
+def test_the_gather_kernel_under_tritons_interpreter_moves_only_flagged_rows():
+    """The GPU kernel's source, run by Triton's interpreter on the CPU (GPU tests run it compiled)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    script = textwrap.dedent("""
+        import torch, triton
+        from executor.routed_fetch import GATHER_BLOCK, _gather_kernel
+        n, numel = 5, 2 * GATHER_BLOCK + 37  # a ragged last block
+        host = (torch.randn(n, numel, generator=torch.Generator().manual_seed(0))).to(torch.bfloat16)
+        slots = torch.zeros_like(host)
+        flags = torch.tensor([True, False, True, False, True])
+        _gather_kernel()[(n, triton.cdiv(numel, GATHER_BLOCK))](host, slots, flags.view(torch.uint8), numel,
+                                                             BLOCK=GATHER_BLOCK)
+        assert torch.equal(slots[flags].view(torch.int16), host[flags].view(torch.int16))
+        assert not slots[~flags].view(torch.int16).any()
+        print("gather: exact")
+    """)
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root,
+                         timeout=600)
+    assert run.returncode == 0 and "gather: exact" in run.stdout, run.stderr[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_on_the_gpu_eager_and_as_graph_replays(mode):
+    """The UVA gather kernel and the side-stream guess on a GPU: same bits as the resident
+    stack, across steps (buffers reused by other layers) and as CUDA-graph replays."""
+    routers, stacks = random_stack(L, 256, 384, 64, torch.device("cuda"), 3)
+    stack = RoutedMoEStack(routers, stacks, 6, "cuda", mode)
+    for tokens in (1, 5, 33):
+        x = torch.randn(tokens, 256, device="cuda", dtype=torch.bfloat16)
+        want = routed_reference(x, routers, stacks, 6)
+        for _ in range(3):
+            assert torch.equal(stack.forward(x), want)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = stack.forward(x)
+        for _ in range(3):
+            y.zero_()
+            graph.replay()
+            assert torch.equal(y, want)
+    if mode == "predicted":
+        c = stack.counters()
+        assert 0 < c["hits"] <= c["routed"]
