@@ -9,17 +9,20 @@ Experts come stacked as vLLM stacks them: w13 [E, 2I, H] (gate then up), w2 [E, 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 
 def moe_layer(x: torch.Tensor, router: torch.Tensor, experts: Sequence[tuple[torch.Tensor, torch.Tensor]],
-              top_k: int) -> torch.Tensor:
-    """x [T, h]; router [E, h]; experts: (w13 [2i, h], w2 [h, i]) per expert id. Returns [T, h]."""
+              top_k: int, on_route: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """x [T, h]; router [E, h]; experts: (w13 [2i, h], w2 [h, i]) per expert id. Returns [T, h].
+    on_route: called with the top-k ids [T, k] before any expert is read (routed-only fetch)."""
     probs = F.softmax((x @ router.T).float(), dim=-1)  # [T, E]
     weights, ids = probs.topk(top_k, dim=-1)  # [T, k]
+    if on_route is not None:
+        on_route(ids)
     gates = torch.zeros_like(probs).scatter(1, ids, weights / weights.sum(-1, keepdim=True)).to(x.dtype)  # [T, E]
     out = x.clone()
     for e, (w13, w2) in enumerate(experts):

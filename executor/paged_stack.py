@@ -20,9 +20,11 @@ from fluxmoe.names import Tier, parse_tier
 class PagedMoEStack:
     def __init__(self, routers: list[torch.Tensor], stacks: list[tuple[torch.Tensor, torch.Tensor]],
                  tiers: list[list[Tier | str]], top_k: int, prefetch_depth: int, device: torch.device | str,
-                 slots: int | None = None, cpu_order: CpuOrder = "lazy", fused: bool = False):
+                 slots: int | None = None, cpu_order: CpuOrder = "lazy", fused: bool = False,
+                 routed_fetch: bool = False):
         """stacks[l] = (w13 [E, 2I, H], w2 [E, H, I]); tiers[l][e] the tier of expert e of layer l.
-        fused: run each paged layer through its arena span and remap, as the vLLM plugin does."""
+        fused: run each paged layer through its arena span and remap, as the vLLM plugin does.
+        routed_fetch: host experts move only when a token routes to them (after the router)."""
         if not (len(routers) == len(stacks) == len(tiers)):
             raise ConfigError(f"routers, expert stacks and tiers disagree on the number of layers: "
                               f"{len(routers)}, {len(stacks)}, {len(tiers)}")
@@ -34,7 +36,7 @@ class PagedMoEStack:
         self.fused = fused
         tiers = [[parse_tier(t, f"layer {i} tier") for t in layer] for i, layer in enumerate(tiers)]
         self.pager = ExpertPager.build(stacks, tiers, layout, prefetch_depth, self.device, slots=slots, fused=fused,
-                                       cpu_order=cpu_order)
+                                       cpu_order=cpu_order, routed_fetch=routed_fetch)
 
     @classmethod
     def from_plan(cls, plan, profile, routers, stacks, device, layers: list[int] | None = None,
@@ -49,7 +51,7 @@ class PagedMoEStack:
         layers = profile.model.moe_layers if layers is None else layers
         tiers = [plan.layer(layer).tiers() for layer in layers]
         return cls(routers, stacks, tiers, profile.model.experts_per_token, plan.prefetch_depth, device,
-                   slots=plan.slots_per_buffer, **options)
+                   slots=plan.slots_per_buffer, **{"routed_fetch": plan.routed_fetch, **options})
 
     @property
     def stats(self) -> RuntimeStats:
@@ -71,7 +73,8 @@ class PagedMoEStack:
         for layer, router in enumerate(self.routers):
             weights = pager.before_layer(layer, stats)
             experts = weights.fused.experts() if self.fused and weights.fused else weights.experts
-            x = moe_layer(x, router, experts, self.top_k)  # on the compute (current) stream
+            x = moe_layer(x, router, experts, self.top_k,  # on the compute (current) stream
+                          on_route=lambda ids, layer=layer: pager.fetch_routed(layer, ids))
             pager.after_layer(layer)
         pager.end_step()
         return x

@@ -24,6 +24,7 @@ import torch
 
 from executor.arena import ExpertArena, FusedWeights
 from executor.landing import LandingRing
+from executor.routed_fetch import RoutedFetch, routed_experts
 from executor.staging import StagingPool
 from executor.streams import CpuOrder, Streams
 from executor.tiers import ExpertLayout, LayerTiers
@@ -125,11 +126,14 @@ class ExpertPager:
 
     def __init__(self, layers: list[LayerTiers], prefetch_depth: int, device: torch.device | str,
                  slots: int | None = None, cpu_order: CpuOrder = "lazy", arena: ExpertArena | None = None,
-                 telemetry: bool = False):
+                 telemetry: bool = False, routed_fetch: bool = False):
         """slots: staging slots per buffer (a plan's staging_slots / (depth + 1)); None sizes
         the pool to the most paged layer. arena: where the staging buffers and the paged layers'
         resident stacks were carved (see `ExpertPager.build`). telemetry: time every step (also
-        inside CUDA graphs) and count steps on the device, for `harvest()` to read without a sync."""
+        inside CUDA graphs) and count steps on the device, for `harvest()` to read without a sync.
+        routed_fetch: host experts are not copied ahead; the owner of the loop calls
+        `fetch_routed(layer, topk_ids)` after the router, which moves only the routed ones
+        (executor/routed_fetch.py)."""
         if prefetch_depth < 0:
             raise ConfigError(f"prefetch_depth: must be >= 0, got {prefetch_depth!r}")
         self.device = torch.device(device)
@@ -152,6 +156,12 @@ class ExpertPager:
         self.streams = Streams(self.device, cpu_order)
         # Every layer's weights sit in the same places every step: views made once, here.
         self.weights = [self._layer_weights(i, t) for i, t in enumerate(layers)]
+        self.routed_fetch = routed_fetch
+        self.fetchers = [self._fetcher(i, t) if routed_fetch and t.host_ids else None for i, t in enumerate(layers)]
+        if any(self.fetchers):
+            # Slots of unrouted host experts keep whatever was there: finite weights, which a
+            # dense path multiplies by a zero gate (uninitialized bytes could be NaN).
+            self.pool.zero_()
         self.stats = RuntimeStats([LayerStats() for _ in layers])
         self._pending: dict[int, list] = {}
         self._marks: list[_LayerMarks | None] = [None] * len(layers)
@@ -168,7 +178,7 @@ class ExpertPager:
     @classmethod
     def build(cls, stacks: list[tuple[torch.Tensor, torch.Tensor]], tiers: list[list[Tier]], layout: ExpertLayout,
               prefetch_depth: int, device: torch.device | str, slots: int | None = None, fused: bool = True,
-              cpu_order: CpuOrder = "lazy") -> "ExpertPager":
+              cpu_order: CpuOrder = "lazy", routed_fetch: bool = False) -> "ExpertPager":
         """A pager over full per-layer stacks; fused=True carves an arena for one-call layers."""
         device = torch.device(device)
         staged = max((sum(t is not Tier.RESIDENT for t in layer) for layer in tiers), default=0)
@@ -177,7 +187,8 @@ class ExpertPager:
         layers = [LayerTiers(w13, w2, t, layout, device, what=f"layer {i}",
                              resident_into=arena.resident(i) if arena is not None and arena.is_paged(i) else None)
                   for i, ((w13, w2), t) in enumerate(zip(stacks, tiers))]
-        return cls(layers, prefetch_depth, device, slots=slots, cpu_order=cpu_order, arena=arena)
+        return cls(layers, prefetch_depth, device, slots=slots, cpu_order=cpu_order, arena=arena,
+                   routed_fetch=routed_fetch)
 
     def _landing_ring(self, layers: list[LayerTiers]) -> LandingRing | None:
         """Landing slots for the largest host-compressed chunk, and every chunk's view of each slot
@@ -194,6 +205,29 @@ class ExpertPager:
 
                 chunk.decoders = {s: DeviceDecoder(view) for s, view in chunk.landed.items()}
         return ring
+
+    def _fetcher(self, index: int, tiers: LayerTiers) -> RoutedFetch:
+        """Layer `index`'s host experts and the first slots of its buffer, where they land."""
+        slots = self.pool.buffer(self.pool.buffer_of(index), len(tiers.host_ids))
+        return RoutedFetch(tiers.host, tiers.host_ids, slots, tiers.num_experts)
+
+    def fetch_routed(self, layer: int, topk_ids: torch.Tensor) -> None:
+        """After layer `layer`'s router, on the compute stream: its routed host experts into their
+        slots (after `before_layer`, which waited for the buffer). A no-op without routed fetch."""
+        fetcher = self.fetchers[layer] if self.routed_fetch else None
+        if fetcher is not None:
+            fetcher.begin_step()
+            fetcher.fetch_routed(routed_experts(topk_ids, fetcher.num_experts))
+
+    def routed_counters(self) -> dict[str, int]:
+        """Host experts moved and routed over all steps, summed over layers (a host sync)."""
+        out = {"moved": 0, "routed": 0}
+        for f in self.fetchers:
+            if f is not None:
+                c = f.counters()
+                out["moved"] += c["moved"]
+                out["routed"] += c["routed"]
+        return out
 
     def _layer_weights(self, index: int, tiers: LayerTiers) -> LayerWeights:
         groups = [ExpertGroup(*tiers.resident, tuple(tiers.resident_ids))]
@@ -267,7 +301,7 @@ class ExpertPager:
             marks.decode.record(s.decode)
         w13, w2 = pool.buffer(b)
         events = []
-        if tiers.host_ids:
+        if tiers.host_ids and not self.routed_fetch:
             events.append(s.launch(s.copy, lambda: tiers.copy_host_into(w13, w2)))
         if tiers.compressed_ids:
             events.append(s.launch(s.decode, lambda: tiers.decode_compressed_into(w13, w2, s.decode)))
@@ -373,7 +407,8 @@ class ExpertPager:
                 layer_stats.wait_ms = layer_stats.h2d_ms = layer_stats.decode_ms = 0.0
                 layer_stats.h2d_bytes = layer_stats.decode_bytes = 0
             else:
-                marks.read_into(layer_stats, len(tiers.host_ids) * e + tiers.host_compressed_bytes,
+                host = 0 if self.routed_fetch else len(tiers.host_ids) * e  # routed: on the compute stream
+                marks.read_into(layer_stats, host + tiers.host_compressed_bytes,
                                 (len(tiers.compressed_ids) + len(tiers.host_compressed_ids)) * e)
         self.stats.samples += 1
 

@@ -14,6 +14,8 @@ On the CPU the gather is plain torch indexing, for tests.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from fluxmoe.errors import ConfigError
@@ -30,28 +32,43 @@ def routed_experts(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 class RoutedFetch:
     """One layer's host experts and their staging slots, fetched by a mask over expert ids."""
 
-    def __init__(self, host: torch.Tensor, expert_ids: list[int], slots: torch.Tensor, num_experts: int):
-        """host [n, numel] bf16 (pinned where `slots` is on a GPU): row i holds expert expert_ids[i];
-        slots [n, numel] on the compute device: where row i lands."""
-        if host.dim() != 2 or slots.shape != host.shape or host.dtype != slots.dtype:
-            raise ConfigError(f"host stack {tuple(host.shape)} {host.dtype} and slots {tuple(slots.shape)} "
-                              f"{slots.dtype} must both be [n, numel] of one dtype")
-        if len(expert_ids) != len(host) or len(set(expert_ids)) != len(expert_ids) \
-                or not all(0 <= e < num_experts for e in expert_ids):
-            raise ConfigError(f"expert_ids: need {len(host)} distinct ids in [0, {num_experts}), got {expert_ids!r}")
-        if slots.is_cuda and not host.is_pinned():
+    def __init__(self, host: torch.Tensor | Sequence[torch.Tensor], expert_ids: list[int],
+                 slots: torch.Tensor | Sequence[torch.Tensor], num_experts: int):
+        """host: [n, ...] bf16 stacks (pinned where `slots` is on a GPU), row i of each holding
+        expert expert_ids[i] (vLLM keeps w13 and w2 apart: two stacks); slots: same shapes on the
+        compute device, where row i lands."""
+        hosts = [host] if isinstance(host, torch.Tensor) else list(host)
+        outs = [slots] if isinstance(slots, torch.Tensor) else list(slots)
+        if len(hosts) != len(outs) or any(h.shape != o.shape or h.dtype != o.dtype or h.dim() < 2
+                                          for h, o in zip(hosts, outs)):
+            raise ConfigError(f"host stacks {[tuple(h.shape) for h in hosts]} and slots "
+                              f"{[tuple(o.shape) for o in outs]} must pair up as [n, numel] of one dtype")
+        n = len(hosts[0])
+        if len(expert_ids) != n or len(set(expert_ids)) != n or not all(0 <= e < num_experts for e in expert_ids):
+            raise ConfigError(f"expert_ids: need {n} distinct ids in [0, {num_experts}), got {expert_ids!r}")
+        device = outs[0].device
+        if device.type == "cuda" and not all(h.is_pinned() for h in hosts):
             raise ConfigError("host stack: must be in pinned memory to be read by the GPU")
-        device = slots.device
-        self.host, self.slots, self.num_experts = host, slots, num_experts
+        self.pairs = [(h.view(n, -1), o.view(n, -1)) for h, o in zip(hosts, outs)]
+        self.num_experts = num_experts
         self.ids = torch.tensor(expert_ids, dtype=torch.long, device=device)
-        self.present = torch.zeros(len(host), dtype=torch.bool, device=device)  # landed this step
+        self.present = torch.zeros(n, dtype=torch.bool, device=device)  # landed this step
         self.moved = torch.zeros((), dtype=torch.int64, device=device)  # experts moved, all steps
         self.routed = torch.zeros((), dtype=torch.int64, device=device)  # routed host experts, all steps
         self.hits = torch.zeros((), dtype=torch.int64, device=device)  # of those, already present
 
     @property
+    def host(self) -> torch.Tensor:
+        """The first host stack as [n, numel] (the only one where a caller passed one tensor)."""
+        return self.pairs[0][0]
+
+    @property
+    def slots(self) -> torch.Tensor:
+        return self.pairs[0][1]
+
+    @property
     def expert_bytes(self) -> int:
-        return self.host.shape[1] * self.host.element_size()
+        return sum(h.shape[1] * h.element_size() for h, _ in self.pairs)
 
     def begin_step(self) -> None:
         """The slots' contents are forgotten (another layer may have used them)."""
@@ -62,7 +79,8 @@ class RoutedFetch:
         want = experts[self.ids]
         need = want & ~self.present
         self.moved += need.sum()
-        _gather(self.host, self.slots, need)
+        for host, slots in self.pairs:
+            _gather(host, slots, need)
         self.present |= need
 
     def fetch_routed(self, experts: torch.Tensor) -> None:

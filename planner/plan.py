@@ -184,6 +184,7 @@ class Plan:
     expert_parallel: int = 1
     weight_dtype: str = "bfloat16"
     inputs: PlanInputs | None = None
+    routed_fetch: bool = False  # host experts move only when the step's tokens route to them
     schema_version: int = PLAN_SCHEMA_VERSION
 
     def __post_init__(self) -> None:

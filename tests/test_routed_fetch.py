@@ -151,3 +151,73 @@ def test_every_mode_on_the_gpu_eager_and_as_graph_replays(mode):
     if mode == "predicted":
         c = stack.counters()
         assert 0 < c["hits"] <= c["routed"]
+
+
+# ---------------------------------------------------------------- inside the pager (what the plugin drives)
+from executor.moe_layer import reference_forward  # noqa: E402
+from executor.paged_stack import PagedMoEStack  # noqa: E402
+
+MIXES = {"host": lambda e: ["host"] * e,
+         "all tiers": lambda e: (["resident", "host", "compressed", "host-compressed"] * e)[:e]}
+
+
+@pytest.mark.parametrize("mix", list(MIXES))
+@pytest.mark.parametrize("depth", [0, 1, 2])
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("order", ["lazy", "eager"])
+def test_the_pager_with_routed_fetch_is_bit_exact_and_moves_only_routed_host_experts(mix, depth, fused, order):
+    routers, stacks = _stack(2)
+    tiers = [MIXES[mix](E)] * L
+    stack = PagedMoEStack(routers, stacks, tiers, K, depth, "cpu", cpu_order=order, fused=fused, routed_fetch=True)
+    x = torch.randn(3, H, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    want = reference_forward(x, routers, stacks, K)
+    for _ in range(2):
+        assert torch.equal(stack.forward(x).view(torch.int16), want.view(torch.int16))
+    # Routed host experts, by hand from the reference's routing (moe_layer routes as route() does).
+    from executor.moe_layer import moe_layer
+
+    routed, y = 0, x
+    for router, (w13, w2), t in zip(routers, stacks, tiers):
+        picked = set(route(y, router, K)[0].flatten().tolist())
+        routed += sum(1 for e in picked if t[e] == "host")
+        y = moe_layer(y, router, list(zip(w13, w2)), K)
+    assert stack.pager.routed_counters() == {"moved": 2 * routed, "routed": 2 * routed}
+    assert 0 < routed < 2 * sum(t.count("host") for t in tiers)
+
+
+def test_without_the_routed_fetch_the_pager_computes_with_empty_slots():
+    """Routed fetch skips the host copy ahead: a loop that never calls fetch_routed gets a wrong
+    answer, so the call is what brings the experts (and the test above can fail)."""
+    routers, stacks = _stack(2)
+    stack = PagedMoEStack(routers, stacks, [MIXES["host"](E)] * L, K, 1, "cpu", routed_fetch=True)
+    x = torch.randn(3, H, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    pager, y = stack.pager, x
+    from executor.moe_layer import moe_layer
+
+    for layer, router in enumerate(stack.routers):
+        y = moe_layer(y, router, pager.before_layer(layer).experts, K)
+        pager.after_layer(layer)
+    pager.end_step()
+    assert not torch.equal(y, reference_forward(x, routers, stacks, K))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mix", list(MIXES))
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_the_pager_with_routed_fetch_on_the_gpu_eager_and_as_graph_replays(mix, depth):
+    routers, stacks = random_stack(L, 256, 384, 64, torch.device("cuda"), 4)
+    stack = PagedMoEStack(routers, stacks, [MIXES[mix](64)] * L, 6, depth, "cuda", fused=True, routed_fetch=True)
+    x = torch.randn(5, 256, device="cuda", dtype=torch.bfloat16)
+    want = reference_forward(x, routers, stacks, 6)
+    for _ in range(3):
+        assert torch.equal(stack.forward(x), want)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = stack.forward(x)
+    for _ in range(3):
+        y.zero_()
+        graph.replay()
+        assert torch.equal(y, want)
+    c = stack.pager.routed_counters()
+    assert 0 < c["moved"] == c["routed"]

@@ -155,7 +155,8 @@ class PagingRuntime:
             if missing:
                 raise RuntimeError(f"MoE layers {missing} were never placed: the pager cannot start")
             self._pager = ExpertPager(self.layers, self.plan.prefetch_depth, self.device, slots=self.slots,
-                                      arena=self.arena, telemetry=self.reporter is not None)
+                                      arena=self.arena, telemetry=self.reporter is not None,
+                                      routed_fetch=self.plan.routed_fetch)
             compressed = sum(len(t.compressed_ids) + len(t.host_compressed_ids) for t in self.layers)
             if compressed:
                 log.info("FluxMoE: %d compressed and host-compressed experts were encoded at load in %.1f s",
