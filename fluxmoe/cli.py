@@ -79,7 +79,8 @@ def _workload(args):
 
 
 def _planning_options(args) -> dict:
-    options = dict(host_budget=args.host_budget, host_compressed=not args.no_host_compressed)
+    options = dict(host_budget=args.host_budget, host_compressed=not args.no_host_compressed,
+                   routed_fetch=args.routed_fetch)
     if args.tpot_ms is not None:
         options.update(objective="throughput_under_latency", tpot_limit_s=args.tpot_ms / 1e3)
     return options
@@ -397,6 +398,9 @@ def _planning_arguments(p: argparse.ArgumentParser) -> None:
                                                              "simulating candidates")
     p.add_argument("--no-host-compressed", action="store_true",
                    help="plan with three tiers (resident, compressed, host): no experts kept FXMC-encoded on the host")
+    p.add_argument("--routed-fetch", action="store_true",
+                   help="allow fetching only the host experts a step's tokens route to, after the router (pays where "
+                        "steps are small and experts many: a latency limit on fine-grained MoE)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
 
 

@@ -32,7 +32,8 @@ def plan_table(plan: Plan) -> str:
         *_layer_rows(plan),
         "",
         f"  prefetch depth {plan.prefetch_depth}, staging slots {plan.staging_slots}, "
-        f"max_num_seqs {plan.max_num_seqs}",
+        f"max_num_seqs {plan.max_num_seqs}"
+        + (", host experts fetched routed-only (after the router)" if plan.routed_fetch else ""),
         "",
         "  GPU memory",
         f"    non-expert weights   {format_bytes(mem.non_expert_bytes):>12}",

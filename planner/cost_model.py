@@ -12,9 +12,13 @@ during this step's last ones. Steady state:
     step = max(sum_l (compute_l + decode_l) + sum_l stall_l,  sum_l transfer_l) + fixed
     stall_l = max(0, transfer_l - sum of (compute + decode) over the depth layers before l)
 
-Routing is assumed uniform: with T tokens and top-k of E experts, E(1 - (1 - k/E)^T) experts
-are active in a layer. Baselines: plain vLLM (all resident) and vLLM with CPU weight offload,
-whose offloaded bytes cross PCIe every step without overlap.
+Routing: with T tokens and top-k of E experts, an expert of popularity p (a Zipf law of
+exponent `routing_skew` over the E experts; 0 is uniform) is active with probability
+1 - (1 - min(1, k p))^T; uniformly that makes E(1 - (1 - k/E)^T) active experts in a layer.
+With routed-only fetch (a plan's `routed_fetch`), a layer's host experts cross the link only
+when active, after its router: that link time is on the layer's path, unhidden.
+Baselines: plain vLLM (all resident) and vLLM with CPU weight offload, whose offloaded bytes
+cross PCIe every step without overlap.
 """
 
 from __future__ import annotations
@@ -74,8 +78,11 @@ class StepTime:
 class CostModel:
     """Per-layer times for one model on one GPU; tier-independent parts cached per step shape."""
 
-    def __init__(self, profile: Profile):
+    def __init__(self, profile: Profile, routing_skew: float = 0.0):
+        if not routing_skew >= 0:
+            raise ValueError(f"routing_skew: must be >= 0, got {routing_skew!r}")
         self.profile = profile
+        self.routing_skew = routing_skew
         self.model = profile.model
         self.hw = profile.hardware
         m, hw = self.model, self.hw
@@ -108,9 +115,20 @@ class CostModel:
             return self._ffn_curve(tokens)
         return self._gemm_s(self.model.expert_params, tokens)
 
-    def active_experts(self, tokens: int) -> float:
+    def active_experts(self, tokens: float) -> float:
+        """Expected experts of a layer that at least one of `tokens` tokens routes to."""
         m = self.model
-        return m.num_experts * (1 - (1 - m.experts_per_token / m.num_experts) ** tokens)
+        E, k = m.num_experts, m.experts_per_token
+        if self.routing_skew == 0:
+            return E * (1 - (1 - k / E) ** tokens)
+        weights = [rank ** -self.routing_skew for rank in range(1, E + 1)]
+        total = sum(weights)
+        return sum(1 - (1 - min(1.0, k * w / total)) ** tokens for w in weights)
+
+    def routed_share(self, tokens: float) -> float:
+        """The share of a layer's experts a step of `tokens` tokens routes to (routed-only fetch
+        moves this share of the host experts; the placement does not pick them by popularity)."""
+        return self.active_experts(tokens) / self.model.num_experts
 
     def _attention_s(self, kind: str, step: StepShape) -> float:
         m = self.model
@@ -148,30 +166,42 @@ class CostModel:
         return self._gemm_s(m.vocab_size * m.hidden_size, step.sequences) + self.hw.step_overhead_s
 
     # ------------------------------------------------------------------ steps
-    def step_time(self, tiers: list[TierCounts], step: StepShape, prefetch_depth: int) -> StepTime:
-        """Steady-state step time for a placement (one TierCounts per MoE layer, in order)."""
+    def step_time(self, tiers: list[TierCounts], step: StepShape, prefetch_depth: int,
+                  routed_fetch: bool = False) -> StepTime:
+        """Steady-state step time for a placement (one TierCounts per MoE layer, in order).
+        routed_fetch: host experts move after the router, only the routed ones, unhidden."""
         m = self.model
         if len(tiers) != m.num_moe_layers:
             raise ValueError(f"need one TierCounts per MoE layer ({m.num_moe_layers}), got {len(tiers)}")
         compute = self.layer_compute_s(step)
         gpu = list(compute)
         transfer = [0.0] * m.num_layers
+        routed = 0.0
         for layer, counts in zip(m.moe_layers, tiers):
             gpu[layer] += self.layer_decode_s(counts)
-            transfer[layer] = self.layer_transfer_s(counts)
+            transfer[layer] = self.layer_transfer_s(counts, routed_fetch)
+            if routed_fetch:
+                on_path = self.layer_routed_s(counts, step)
+                gpu[layer] += on_path
+                routed += on_path
         stall = sum(max(0.0, transfer[layer] - self.window_gpu_s(gpu, layer, prefetch_depth))
                     for layer in range(m.num_layers) if transfer[layer] > 0)
-        gpu_s, link_s, fixed = sum(gpu), sum(transfer), self.fixed_s(step)
-        return StepTime(max(gpu_s + stall, link_s) + fixed, gpu_s, link_s, stall, fixed)
+        gpu_s, link_s, fixed = sum(gpu) - routed, sum(transfer) + routed, self.fixed_s(step)
+        return StepTime(max(gpu_s + routed + stall, link_s) + fixed, gpu_s, link_s, stall + routed, fixed)
 
     def layer_decode_s(self, counts: TierCounts) -> float:
         """GPU time on a layer's path for its compressed experts' decodes (host-compressed ones
         are decoded behind the link, see __init__)."""
         return counts.compressed * self.decode_s_per_expert
 
-    def layer_transfer_s(self, counts: TierCounts) -> float:
-        """Link time of a layer's host and host-compressed experts."""
-        return counts.host * self.transfer_s_per_expert + counts.host_compressed * self.compressed_transfer_s_per_expert
+    def layer_transfer_s(self, counts: TierCounts, routed_fetch: bool = False) -> float:
+        """Link time ahead of the layer: its host (unless fetched routed-only) and host-compressed experts."""
+        host = 0 if routed_fetch else counts.host * self.transfer_s_per_expert
+        return host + counts.host_compressed * self.compressed_transfer_s_per_expert
+
+    def layer_routed_s(self, counts: TierCounts, step: StepShape) -> float:
+        """Routed-only fetch: link time of the layer's routed host experts, after its router."""
+        return counts.host * self.routed_share(step.tokens) * self.transfer_s_per_expert
 
     @staticmethod
     def window_layers(num_layers: int, layer: int, prefetch_depth: int) -> list[int]:

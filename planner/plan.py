@@ -66,6 +66,7 @@ class PlanInputs:
     versions: dict[str, str] = field(default_factory=dict)
     requests: int | None = None  # the workload's request count, where it was known: no batch exceeds it
     host_compressed: bool = False  # the host-compressed tier was allowed (plans made before it: no)
+    routed_fetch: bool = False  # routed-only fetch of host experts was allowed
     fused_max_rows: int | None = None  # each paged layer's fused-MoE call held to this many rows (None: not held)
 
     @classmethod

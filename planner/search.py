@@ -40,6 +40,11 @@ SLOT_ENUMERATION_MAX_EXPERTS = 16
 # H200 (91-100 GiB) at a third of the time.
 MILP_NODE_LIMIT = 100
 MILP_SAFETY_TIME_LIMIT_S = 60.0
+# Routed-only fetch is planned only for steps that route to at most this share of a layer's
+# experts: it serializes the link with compute, which whole-layer prefetch overlaps (measured on
+# the H200, bench/results/routed_fetch_h200_*.json: 0.81x the step time at a 0.71 share on
+# Qwen3-Next's shape, 1.18x at all of Mixtral's experts).
+ROUTED_FETCH_MAX_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class Candidate:
     step_time_s: float
     staging_slots: int
     status: str
+    routed: bool = False  # host experts fetched routed-only
 
 
 @dataclass(frozen=True)
@@ -94,13 +100,14 @@ class _Problem:
 
     def __init__(self, profile: Profile, budget_bytes: int, host_budget_bytes: int, workload: WorkloadShape,
                  reserve_bytes: int, tpot_limit_s: float | None, max_num_seqs: int, mip_gap: float = 0.01,
-                 requests: int | None = None, host_compressed: bool = True):
+                 requests: int | None = None, host_compressed: bool = True, routed: bool = False):
         self.profile, self.model, self.cost = profile, profile.model, CostModel(profile)
         self.mem = MemoryModel.of(profile, reserve_bytes)
         self.budget, self.host_budget, self.workload = budget_bytes, host_budget_bytes, workload
         self.reserve, self.tpot_limit_s, self.max_num_seqs = reserve_bytes, tpot_limit_s, max_num_seqs
         self.requests = requests
         self.host_compressed = host_compressed
+        self.routed = routed  # host experts fetched routed-only (after the router, unhidden)
         self.kv_per_seq = self.mem.kv_per_sequence(workload.prompt_tokens + workload.output_tokens)
         self.gap = mip_gap
         self.safety_hits = 0
@@ -129,6 +136,7 @@ class _Problem:
         unit = max(sum(cost.layer_compute_s(step)), 1e-30)
         compute = [t / unit for t in cost.layer_compute_s(step)]
         decode_s, transfer_s = cost.decode_s_per_expert / unit, cost.transfer_s_per_expert / unit
+        routed_s = transfer_s * cost.routed_share(step.tokens) if self.routed else 0.0  # per host expert, on the path
         eb, ceb, E = self.mem.expert_bytes, self.mem.compressed_expert_bytes, m.num_experts
         prob = pulp.LpProblem("placement", pulp.LpMinimize)
         transfer_c = cost.compressed_transfer_s_per_expert / unit
@@ -156,8 +164,9 @@ class _Problem:
             moe = list(m.moe_layers)
             for group in (g for pair in span_groups(len(moe), depth + 1) for g in pair):
                 prob += slots + pulp.lpSum(r[moe[i]] - E * whole[moe[i]] for i in group) <= FUSED_MOE_MAX_ROWS
-        gpu = {l: compute[l] + (decode_s * c[l] if l in c else 0) for l in range(m.num_layers)}  # cost.layer_decode_s
-        link = {l: transfer_s * h[l] + transfer_c * hc[l] for l in m.moe_layers}
+        gpu = {l: compute[l] + (decode_s * c[l] + routed_s * h[l] if l in c else 0)  # cost.layer_decode_s
+               for l in range(m.num_layers)}                                        # and layer_routed_s
+        link = {l: (0 if self.routed else transfer_s) * h[l] + transfer_c * hc[l] for l in m.moe_layers}
         stalls = []
         for l in m.moe_layers:
             stall = pulp.LpVariable(f"stall{l}", 0)
@@ -165,7 +174,7 @@ class _Problem:
             prob += stall >= link[l] - window
             stalls.append(stall)
         prob += step_time >= pulp.lpSum(gpu.values()) + pulp.lpSum(stalls)
-        prob += step_time >= pulp.lpSum(link.values())
+        prob += step_time >= pulp.lpSum(link.values()) + routed_s * pulp.lpSum(h.values())
         # MemoryModel.placement_bytes, linear in the variables, plus the KV of `batch` sequences.
         memory = (self.mem.fixed_bytes + batch * self.kv_per_seq
                   + pulp.lpSum(eb * r[l] + ceb * c[l] for l in m.moe_layers) + (depth + 1) * eb * slots
@@ -381,7 +390,7 @@ class _Problem:
         if not relaxations:
             return None
         bounds = {slots: x[2] + fixed for slots, x in relaxations}
-        rounded = [(self.cost.step_time(tiers, step, depth).total_s, tiers)
+        rounded = [(self.cost.step_time(tiers, step, depth, self.routed).total_s, tiers)
                    for values in to_round for tiers in self._roundings(values, depth, batch)
                    if self._fits(tiers, depth, batch) and self.spans_fit(tiers, depth)]
         rounded = [(t, tiers) for t, tiers in rounded if self.tpot_limit_s is None or t <= self.tpot_limit_s]
@@ -389,7 +398,8 @@ class _Problem:
         if rounded:
             t, tiers = min(rounded, key=lambda x: x[0])
             best = Candidate(batch, depth, tiers, t, max(x.paged for x in tiers),
-                             f"LP rounding, within {max(0.0, t / min(bounds.values()) - 1):.2%} of its LP bound")
+                             f"LP rounding, within {max(0.0, t / min(bounds.values()) - 1):.2%} of its LP bound",
+                             self.routed)
         return Relaxation(batch, depth, bounds, best)
 
     def milp(self, batch: int, depth: int, incumbent_rate: float = 0.0, slots: int | None = None,
@@ -412,8 +422,8 @@ class _Problem:
             status = f"MILP stopped at its limit of {MILP_NODE_LIMIT} nodes"
         else:
             status = "MILP optimal" if self.gap == 0 else f"MILP optimal within {self.gap:.0%}"
-        return Candidate(batch, depth, tiers, self.cost.step_time(tiers, step, depth).total_s,
-                         max(t.paged for t in tiers), status)
+        return Candidate(batch, depth, tiers, self.cost.step_time(tiers, step, depth, self.routed).total_s,
+                         max(t.paged for t in tiers), status, self.routed)
 
     def smallest_budget(self, depth: int) -> tuple[int, list[TierCounts]]:
         """The least GPU memory any plan needs (one sequence at the shallowest depth), and its placement."""
@@ -464,7 +474,7 @@ def _prediction(p: _Problem, batch: int, tiers: list[TierCounts] | None, depth: 
     if tiers is None:
         t = p.cost.offload_step_time(step, offload_bytes)
     else:
-        t = p.cost.step_time(tiers, step, depth)
+        t = p.cost.step_time(tiers, step, depth, p.routed)
     out = batch / t.total_s
     return Prediction(batch, t.total_s, out, out * (1 + p.workload.prompt_tokens / p.workload.output_tokens),
                       t.gpu_s, t.link_s, t.stall_s)
@@ -530,7 +540,7 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
                     tpot_limit_s: float | None = None, reserve_bytes: int | str | None = None,
                     max_num_seqs: int = 1024, prefetch_depths: tuple[int, ...] = PREFETCH_DEPTHS,
                     mip_gap: float = 0.01, requests: int | None = None, host_compressed: bool = True,
-                    paging: bool = True) -> list[Plan]:
+                    paging: bool = True, routed_fetch: bool = False) -> list[Plan]:
     """The `top_k` best plans (best first) by predicted output tokens/s within `budget` GPU bytes.
 
     budget, host_budget, reserve_bytes: bytes or strings like "46GiB". objective: "throughput",
@@ -538,6 +548,8 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
     experts be kept FXMC-encoded on the host (False: the three tiers of the paper). paging=False:
     every expert resident (plain vLLM's configuration), for comparisons. Every plan keeps each
     paged layer's fused-MoE call within the rows vLLM takes (planner/arena_layout.py).
+    routed_fetch: may host experts be fetched routed-only (executor/routed_fetch.py); the plan
+    says so where it predicts that faster (small steps of fine-grained experts).
     Raises InfeasibleError with the smallest workable budget when nothing fits.
     """
     started = time.perf_counter()
@@ -563,6 +575,10 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
         raise ConfigError(f"requests: must be >= 1, got {requests!r}")
     p = _Problem(profile, budget_bytes, host_bytes, workload, reserve, limit, max_num_seqs, mip_gap, requests,
                  host_compressed)
+    problems = {False: p}
+    if routed_fetch:
+        problems[True] = _Problem(profile, budget_bytes, host_bytes, workload, reserve, limit, max_num_seqs, mip_gap,
+                                  requests, host_compressed, routed=True)
 
     # Visit candidates by their upper bound: B over the all-resident step time.
     order = []
@@ -578,8 +594,11 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
             fastest = p.cost.paging_lower_bound_s(step, need, host_bytes, (depth + 1) / m.num_moe_layers,
                                                   host_compressed)
             if fastest < math.inf:
-                order.append((batch / fastest, batch, depth))
-    order.sort(key=lambda x: (-x[0], x[1], x[2]))
+                order.append((batch / fastest, batch, depth, False))
+            if routed_fetch and need > 0 and p.cost.routed_share(step.tokens) <= ROUTED_FETCH_MAX_SHARE:
+                # The whole-layer bound does not hold here: bounded by the all-resident step.
+                order.append((batch / p.cost.resident_step_time(step).total_s, batch, depth, True))
+    order.sort(key=lambda x: (-x[0], x[1], x[2], x[3]))
     # The `top_k` best candidates, best first; pruning compares against the k-th.
     kept: list[Candidate] = []
     solved = 0
@@ -600,8 +619,8 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
 
     # Pass 1: every candidate's LP bound and best rounding (cheap); the roundings are real plans.
     seen_resident: set[int] = set()
-    uncertified: list[Relaxation] = []
-    for bound, batch, depth in order:
+    uncertified: list[tuple[Relaxation, _Problem]] = []
+    for bound, batch, depth, routed in order:
         if kept and bound <= threshold() * (1 + 1e-12):
             break
         kv = batch * p.kv_per_seq
@@ -617,28 +636,30 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
         if not paging:
             continue
         solved += 1
-        relaxed = p.relax(batch, depth, threshold())
+        relaxed = problems[routed].relax(batch, depth, threshold())
         if relaxed is None:
             continue
         keep(relaxed.rounding)
         if not relaxed.certified(mip_gap):
-            uncertified.append(relaxed)
+            uncertified.append((relaxed, problems[routed]))
     # Pass 2: a MILP only where an LP bound (per slot count, the tighter model) could beat the
     # k-th best plan by more than the gap, best bound first, asking only for placements that beat it.
     bounds = sorted(((r.batch / bound_s, r.batch, r.depth, slots, i)
-                     for i, r in enumerate(uncertified) for slots, bound_s in r.bounds_s.items()),
-                    key=lambda x: x[:3] + (-1 if x[3] is None else x[3],))
+                     for i, (r, _) in enumerate(uncertified) for slots, bound_s in r.bounds_s.items()),
+                    key=lambda x: x[:3] + (-1 if x[3] is None else x[3], x[4]))
     for bound_rate, batch, depth, slots, i in reversed(bounds):
         if len(kept) >= top_k and bound_rate <= threshold() * (1 + mip_gap):
             break
-        keep(p.milp(batch, depth, threshold(), slots, uncertified[i].rounding))
+        relaxation, problem = uncertified[i]
+        keep(problem.milp(batch, depth, threshold(), slots, relaxation.rounding))
     if not kept:
         raise p.infeasible(min(prefetch_depths))
     elapsed = time.perf_counter() - started
     inputs = PlanInputs.record(reserve_bytes=reserve, max_num_seqs=max_num_seqs, prefetch_depths=list(prefetch_depths),
                                mip_gap=mip_gap, milp_node_limit=MILP_NODE_LIMIT, requests=requests,
-                               host_compressed=host_compressed, fused_max_rows=FUSED_MOE_MAX_ROWS)
-    return [_make_plan(p, c, objective, limit, solved, elapsed, inputs) for c in kept]
+                               host_compressed=host_compressed, fused_max_rows=FUSED_MOE_MAX_ROWS,
+                               routed_fetch=routed_fetch)
+    return [_make_plan(problems[c.routed], c, objective, limit, solved, elapsed, inputs) for c in kept]
 
 
 def _widest_span(tiers: list[TierCounts], depth: int) -> int:
@@ -671,4 +692,4 @@ def _make_plan(p: _Problem, best: Candidate, objective: str, limit: float | None
                 max_num_seqs=best.batch, kv_cache_bytes=kv, memory=memory,
                 predicted=_prediction(p, best.batch, best.tiers, best.depth), baselines=baselines(p),
                 solver_status=status, solve_time_s=elapsed, candidates_solved=solved, tpot_limit_s=limit,
-                inputs=inputs)
+                inputs=inputs, routed_fetch=best.routed)

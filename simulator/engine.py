@@ -81,7 +81,7 @@ class SimulationResult:
 
 def _execution_for(env: simpy.Environment, cost: CostModel, plan: Plan | None, system: System, offload_bytes: float):
     if system is System.FLUXMOE:
-        return PagedExecution(env, cost, plan.tier_counts(), plan.prefetch_depth)
+        return PagedExecution(env, cost, plan.tier_counts(), plan.prefetch_depth, plan.routed_fetch)
     if system is System.VLLM:
         return ResidentExecution(env, cost)
     return OffloadExecution(env, cost, offload_bytes)

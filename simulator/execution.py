@@ -62,16 +62,22 @@ class OffloadExecution(ResidentExecution):
 class PagedExecution:
     """A FluxMoE plan: GPU and PCIe link as SimPy resources, prefetch bounded by depth."""
 
-    def __init__(self, env: simpy.Environment, cost: CostModel, tiers: list[TierCounts], prefetch_depth: int):
+    def __init__(self, env: simpy.Environment, cost: CostModel, tiers: list[TierCounts], prefetch_depth: int,
+                 routed_fetch: bool = False):
+        """routed_fetch: each layer's routed host experts cross the link after its router, in
+        the layer's own time (a share of them that depends on the step's tokens)."""
         self.env, self.cost, self.depth = env, cost, prefetch_depth
         self.busy = BusyTime()
         m = cost.model
         self.num_layers = m.num_layers
         self.transfer_s = [0.0] * m.num_layers
         self.decode_s = [0.0] * m.num_layers
+        self.routed = [None] * m.num_layers  # per layer: its TierCounts where host experts are fetched routed-only
         for layer, t in zip(m.moe_layers, tiers):
-            self.transfer_s[layer] = cost.layer_transfer_s(t)
+            self.transfer_s[layer] = cost.layer_transfer_s(t, routed_fetch)
             self.decode_s[layer] = cost.layer_decode_s(t)
+            if routed_fetch and t.host:
+                self.routed[layer] = t
         L = self.num_layers
         # A layer must end its own timeout if a later transfer waits for it to finish.
         watched = [self.transfer_s[(layer + prefetch_depth + 1) % L] > 0 for layer in range(L)]
@@ -88,7 +94,7 @@ class PagedExecution:
         """Consecutive layers in segments: a segment ends at a watched layer or before a host layer."""
         segments, current = [], []
         for layer in range(self.num_layers):
-            if self.transfer_s[layer] > 0 and current:
+            if (self.transfer_s[layer] > 0 or self.routed[layer] is not None) and current:
                 segments.append(current)
                 current = []
             current.append(layer)
@@ -143,6 +149,14 @@ class PagedExecution:
                     yield ready
                     self.busy.stall_s += self.env.now - waited_from
                 del self._ready[base + first]
+            if self.routed[first] is not None:  # the link after the router, shared with the stream
+                fetch = self.cost.layer_routed_s(self.routed[first], step)
+                waited_from = self.env.now
+                with self.link.request() as slot:
+                    yield slot
+                    yield self.env.timeout(fetch)
+                self.busy.link_s += fetch
+                self.busy.stall_s += self.env.now - waited_from
             seconds = sum(compute[layer] + self.decode_s[layer] for layer in segment)
             yield self.env.timeout(seconds)
             self.busy.gpu_s += seconds

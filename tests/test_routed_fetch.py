@@ -221,3 +221,116 @@ def test_the_pager_with_routed_fetch_on_the_gpu_eager_and_as_graph_replays(mix, 
         assert torch.equal(y, want)
     c = stack.pager.routed_counters()
     assert 0 < c["moved"] == c["routed"]
+
+
+# ---------------------------------------------------------------- cost model, planner, simulator
+import itertools  # noqa: E402
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import planner  # noqa: E402
+import profiles  # noqa: E402
+from planner.cost_model import CostModel, StepShape, TierCounts  # noqa: E402
+
+
+def test_active_experts_against_enumeration_with_and_without_skew():
+    """E(distinct experts) for T tokens, each picking each expert with probability min(1, k p_e)
+    independently: enumerated over every pick pattern of a 4-expert layer, 3 tokens."""
+    from profiles import Profile
+    from tests.conftest import tiny_gpu, tiny_model
+
+    for skew in (0.0, 1.0, 2.5):
+        cost = CostModel(Profile(tiny_model(2, 4, 2), tiny_gpu()), routing_skew=skew)
+        w = [r ** -skew for r in range(1, 5)]
+        q = [min(1.0, 2 * x / sum(w)) for x in w]  # per token, P(expert e picked)
+        expected = 0.0
+        for pattern in itertools.product([0, 1], repeat=4 * 3):  # (expert, token) picked or not
+            prob = math.prod(q[i % 4] if bit else 1 - q[i % 4] for i, bit in enumerate(pattern))
+            expected += prob * sum(any(pattern[t * 4 + e] for t in range(3)) for e in range(4))
+        assert cost.active_experts(3) == pytest.approx(expected, rel=1e-12)
+    flat, skewed = (CostModel(profiles.load("qwen3-next-80b-a3b", gpu="h200"), routing_skew=s) for s in (0, 1.2))
+    assert skewed.routed_share(16) < flat.routed_share(16)  # popular experts take more of the picks
+
+
+def test_the_uniform_share_is_what_the_h200_moved():
+    """bench/results/routed_fetch_h200_*.json: bytes moved against whole layers, per batch, on
+    random routing, within 3% of the cost model's share."""
+    import json
+    from pathlib import Path
+
+    path = sorted(Path(__file__).resolve().parent.parent.glob("bench/results/routed_fetch_h200_*.json"))[-1]
+    shapes = json.loads(path.read_text())["shapes"]
+    for model, shape in shapes.items():
+        cost = CostModel(profiles.load(model, gpu="h200"))
+        for tokens, row in shape["batches"].items():
+            assert row["routed"]["bytes_vs_whole"] == pytest.approx(cost.routed_share(int(tokens)), rel=0.03)
+
+
+def test_routed_step_time_by_hand():
+    """Two host experts of four per layer, one token: the routed share (k/E = 1/2) of their link
+    time sits on each layer's path, after its own compute, with nothing to hide it."""
+    from profiles import Profile
+    from tests.conftest import tiny_gpu, tiny_model
+
+    cost = CostModel(Profile(tiny_model(2, 4, 2), tiny_gpu()))
+    step = StepShape(1, 1, 10)
+    tiers = [TierCounts(2, 0, 2)] * 2
+    compute = cost.layer_compute_s(step)
+    fetch = 2 * 0.5 * cost.transfer_s_per_expert
+    t = cost.step_time(tiers, step, 1, routed_fetch=True)
+    assert t.total_s == pytest.approx(sum(compute) + 2 * fetch + cost.fixed_s(step), rel=1e-12)
+    assert t.link_s == pytest.approx(2 * fetch) and t.stall_s == pytest.approx(2 * fetch)
+    whole = cost.step_time(tiers, step, 1)
+    assert whole.link_s == pytest.approx(4 * cost.transfer_s_per_expert)
+
+
+def test_the_planner_fetches_routed_only_where_nothing_else_meets_a_latency_limit():
+    """Qwen3-Next at 60 GiB of the H200, 50 ms per token: no placement fetching whole layers meets
+    it; fetching only the routed host experts at one sequence does (its steps route to 2% of them)."""
+    from fluxmoe.errors import InfeasibleError
+
+    profile = profiles.load("qwen3-next-80b-a3b", gpu="h200")
+    options = dict(workload=planner.WorkloadShape(64, 512), objective="throughput_under_latency", tpot_limit_s=0.05)
+    with pytest.raises(InfeasibleError):
+        planner.optimize(profile, "60GiB", **options)
+    plan = planner.optimize(profile, "60GiB", routed_fetch=True, **options)
+    assert plan.routed_fetch and plan.predicted.step_time_s <= 0.05
+    assert sum(t.host for t in plan.tier_counts()) > 0
+    cost = CostModel(profile)
+    step = StepShape.steady_decode(plan.max_num_seqs, 64, 512)
+    assert plan.predicted.step_time_s == pytest.approx(
+        cost.step_time(plan.tier_counts(), step, plan.prefetch_depth, routed_fetch=True).total_s, rel=1e-12)
+    # Throughput plans at large batches route to every expert: routed fetch is not picked.
+    big = planner.optimize(profile, "100GiB", routed_fetch=True)
+    assert not big.routed_fetch
+
+
+def test_the_simulator_plays_routed_fetch_as_the_cost_model_prices_it():
+    """One sequence decoding on a link-bound routed plan: every decode step takes the closed form."""
+    from simulator import Workload, simulate
+
+    profile = profiles.load("qwen3-next-80b-a3b", gpu="h200")
+    plan = planner.optimize(profile, "60GiB", routed_fetch=True, workload=planner.WorkloadShape(64, 512),
+                            objective="throughput_under_latency", tpot_limit_s=0.05)
+    result = simulate(profile, Workload.synthetic(1, 64, 40), plan=plan)
+    cost = CostModel(profile)
+    measured = [r.end_s - r.start_s for r in result.timeline[5:]]
+    predicted = [cost.step_time(plan.tier_counts(), StepShape(1, 1, 64 + k), plan.prefetch_depth,
+                                routed_fetch=True).total_s for k in range(5, 40)]
+    assert np.mean(measured) == pytest.approx(np.mean(predicted), rel=0.01)
+    whole = simulate(profile, Workload.synthetic(1, 64, 40), plan=__import__("dataclasses").replace(
+        plan, routed_fetch=False))
+    assert whole.tpot_s.p50 > 10 * result.tpot_s.p50
+
+
+def test_the_cli_plans_routed_fetch_only_when_asked(capsys):
+    from fluxmoe.cli import main
+
+    args = ["plan", "--model", "qwen3-next-80b-a3b", "--gpu", "h200", "--budget", "60GiB", "--prompt-tokens", "64",
+            "--output-tokens", "512", "--tpot-ms", "50", "--no-verify"]
+    assert main(args + ["--routed-fetch"]) == 0
+    assert "host experts fetched routed-only" in capsys.readouterr().out
+    assert main(args) == 2
+    assert "no plan for qwen3-next-80b-a3b on h200 fits a budget of 60.00 GiB under a per-token limit of 50 ms" \
+        in capsys.readouterr().err
