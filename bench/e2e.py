@@ -13,7 +13,9 @@ a later run fails or the machine goes back. Systems, per setting:
   (`*_params=w13_weight,w2_weight`); the fastest of each is that baseline's figure;
 - FluxMoE with every non-resident expert in the bf16 host tier;
 - FluxMoE with the planner's plan made with the paper's three tiers (resident, compressed, host);
-- FluxMoE with the planner's plan (simulator-verified, as `fluxmoe plan` picks it; four tiers).
+- FluxMoE with the planner's plan (simulator-verified, as `fluxmoe plan` picks it; four tiers);
+- where the setting asks, the planner's plan with routed-only fetch allowed, and the host-tier
+  plan with its host experts fetched routed-only.
 Settings too slow for one machine's 30 minutes run on a stand-in of the model with fewer
 layers at a budget scaled to keep the same share of each layer's bytes on the GPU
 (`standin_budget`); the table says so.
@@ -65,6 +67,7 @@ class Setting:
     note: str = ""
     timeout_s: int = 540
     extra: list[str] = field(default_factory=list)  # more vllm_run.py options for every run
+    routed: bool = False  # also plans whose host experts are fetched routed-only
 
 
 def _standin_46() -> float:
@@ -89,6 +92,12 @@ SETTINGS = {
     "qwen3_next_full": lambda: Setting("models/qwen3-next-80b-a3b", 0.9 * 139.8, uva_gib=[40.0], prefetch=["8/2/1"],
                                        extra=["--gdn-prefill-backend", "triton"],
                                        note="Qwen3-Next-80B-A3B at 0.9 of the H200 (does not fit)"),
+    # Small steps of fine-grained experts, where routed-only fetch pays: Qwen3-Next's shapes on
+    # 8 layers (24 GiB of experts) at 14 GiB, 8 sequences of 64 in / 256 out.
+    "qwen3_next_small_batch_standin": lambda: Setting(
+        "models/qwen3-next-80b-a3b-8layers", 14.0, input_len=64, output_len=256, num_prompts=8, max_model_len=512,
+        uva_gib=[16.0, 19.0], prefetch=["8/4/1", "8/5/1"], extra=["--gdn-prefill-backend", "triton"], routed=True,
+        note="Qwen3-Next-80B-A3B's layers (8 of them) at 14 GiB, 8 sequences: small steps"),
     "fits_short": lambda: Setting("models/mixtral-8x7b", 0.9 * 139.8, plain=True, note="fits: short prompts"),
     "fits_long": lambda: Setting("models/mixtral-8x7b", 0.9 * 139.8, input_len=4096, output_len=512, num_prompts=128,
                                  max_model_len=4608, plain=True, note="fits: long prompts, KV-starved"),
@@ -110,8 +119,12 @@ def plans(setting: Setting, out_dir: str) -> dict[str, str]:
     host = dataclasses.replace(three, layers=[LayerPlan(layer=lp.layer, resident=list(lp.resident), compressed=[],
                                                         host=sorted([*lp.host, *lp.compressed]))
                                               for lp in three.layers])
+    chosen = [("fluxmoe_plan", plan), ("fluxmoe_3tier", three), ("fluxmoe_host", host)]
+    if setting.routed:
+        chosen += [("fluxmoe_routed", verified_optimize(profile, budget, wl, routed_fetch=True)),
+                   ("fluxmoe_host_routed", dataclasses.replace(host, routed_fetch=True))]
     paths = {}
-    for name, p in (("fluxmoe_plan", plan), ("fluxmoe_3tier", three), ("fluxmoe_host", host)):
+    for name, p in chosen:
         paths[name] = os.path.join(out_dir, f"{name}.json")
         p.save(paths[name])
     assert all(t in (Tier.RESIDENT, Tier.HOST) for lp in host.layers for t in lp.tiers())

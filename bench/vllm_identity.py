@@ -4,7 +4,7 @@
 
 For a small model folder: plain vLLM (eager, CUDA graphs), then the plugin with experts all in
 the host tier, all host-compressed, all compressed, and mixed per layer and per expert (all
-four tiers), at prefetch depths 0-2, in
+four tiers), at prefetch depths 0-2, host experts fetched whole or routed-only, in
 eager mode and with CUDA graphs (full graphs for decode, piecewise for the prefill batch); and
 a negative control (one resident expert negated after start-up) that must differ. Each run is
 its own process (bench/vllm_run.py). Writes bench/results/vllm_identity_<model>_<date>.json
@@ -56,7 +56,10 @@ def variants(plan: Plan) -> dict[str, Plan]:
             "host_compressed_d1": with_tiers(plan, every(Tier.HOST_COMPRESSED), 1),
             "compressed_d0": with_tiers(plan, every(Tier.COMPRESSED), 0),
             "per_layer_d1": with_tiers(plan, per_layer, 1),
-            "per_expert_d2": with_tiers(plan, per_expert, 2)}
+            "per_expert_d2": with_tiers(plan, per_expert, 2),
+            # Host experts fetched routed-only, after the router (executor/routed_fetch.py).
+            "host_routed_d1": dataclasses.replace(with_tiers(plan, every(Tier.HOST), 1), routed_fetch=True),
+            "per_expert_routed_d2": dataclasses.replace(with_tiers(plan, per_expert, 2), routed_fetch=True)}
 
 
 def main() -> None:
@@ -85,6 +88,9 @@ def main() -> None:
             ("per_layer_d1_graphs", ["--plan", paths["per_layer_d1"]], "plain_graphs"),
             ("per_layer_d1_eager", ["--plan", paths["per_layer_d1"], "--eager"], "plain_eager"),
             ("per_expert_d2_graphs", ["--plan", paths["per_expert_d2"]], "plain_graphs"),
+            ("host_routed_d1_graphs", ["--plan", paths["host_routed_d1"]], "plain_graphs"),
+            ("host_routed_d1_eager", ["--plan", paths["host_routed_d1"], "--eager"], "plain_eager"),
+            ("per_expert_routed_d2_graphs", ["--plan", paths["per_expert_routed_d2"]], "plain_graphs"),
             ("control_corrupted_d2_graphs", ["--plan", paths["per_expert_d2"], "--corrupt"], "plain_graphs")]
     if a.only:
         keep = set(a.only.split(",")) | {"plain_graphs", "plain_eager", "plain_eager_again"}
