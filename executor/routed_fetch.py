@@ -26,7 +26,7 @@ GATHER_BLOCK = 4096  # elements per program: 8 KiB of bf16, 16-byte loads per th
 def routed_experts(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[E] bool: the experts that any token's top-k picks (no host sync)."""
     mask = torch.zeros(num_experts, dtype=torch.bool, device=topk_ids.device)
-    return mask.index_fill_(0, topk_ids.reshape(-1), True)
+    return mask.index_fill_(0, topk_ids.reshape(-1).long(), True)  # vLLM's ids are int32
 
 
 class RoutedFetch:

@@ -84,8 +84,9 @@ def test_fetch_moves_only_flagged_rows_once_per_step():
 
 
 def test_routed_experts_is_the_set_of_picks():
-    ids = torch.tensor([[3, 1], [3, 0]])
-    assert routed_experts(ids, 5).tolist() == [True, True, False, True, False]
+    for dtype in (torch.int64, torch.int32):  # vLLM's top-k ids are int32
+        ids = torch.tensor([[3, 1], [3, 0]], dtype=dtype)
+        assert routed_experts(ids, 5).tolist() == [True, True, False, True, False]
 
 
 def test_bad_input_names_what_is_wrong():
