@@ -98,6 +98,11 @@ SETTINGS = {
         "models/qwen3-next-80b-a3b-8layers", 14.0, input_len=64, output_len=256, num_prompts=8, max_model_len=512,
         uva_gib=[16.0, 19.0], prefetch=["8/4/1", "8/5/1"], extra=["--gdn-prefill-backend", "triton"], routed=True,
         note="Qwen3-Next-80B-A3B's layers (8 of them) at 14 GiB, 8 sequences: small steps"),
+    # As above with dummy weights of +-0.1 (vLLM's +-1e-3 make router logits tie, and every token
+    # picks the same experts): tokens spread over the experts as random routing does.
+    "qwen3_next_small_batch_standin_spread": lambda: dataclasses.replace(
+        SETTINGS["qwen3_next_small_batch_standin"](), extra=["--gdn-prefill-backend", "triton", "--dummy-scale", "0.1"],
+        note="as qwen3_next_small_batch_standin, dummy weights +-0.1: routing spread over the experts"),
     "fits_short": lambda: Setting("models/mixtral-8x7b", 0.9 * 139.8, plain=True, note="fits: short prompts"),
     "fits_long": lambda: Setting("models/mixtral-8x7b", 0.9 * 139.8, input_len=4096, output_len=512, num_prompts=128,
                                  max_model_len=4608, plain=True, note="fits: long prompts, KV-starved"),
