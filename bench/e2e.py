@@ -13,9 +13,10 @@ a later run fails or the machine goes back. Systems, per setting:
   (`*_params=w13_weight,w2_weight`); the fastest of each is that baseline's figure;
 - FluxMoE with every non-resident expert in the bf16 host tier;
 - FluxMoE with the planner's plan made with the paper's three tiers (resident, compressed, host);
-- FluxMoE with the planner's plan (simulator-verified, as `fluxmoe plan` picks it; four tiers);
-- where the setting asks, the planner's plan with routed-only fetch allowed, and the host-tier
-  plan with its host experts fetched routed-only.
+- FluxMoE with the planner's plan (simulator-verified, as `fluxmoe plan --no-routed-fetch` picks
+  it; four tiers);
+- where the setting asks, the planner's plan with routed-only fetch allowed (`fluxmoe plan`'s
+  default), and the host-tier plan with its host experts fetched routed-only.
 Settings too slow for one machine's 30 minutes run on a stand-in of the model with fewer
 layers at a budget scaled to keep the same share of each layer's bytes on the GPU
 (`standin_budget`); the table says so.
@@ -119,8 +120,8 @@ def plans(setting: Setting, out_dir: str) -> dict[str, str]:
 
     profile = profiles.Profile(profiles.load_model(os.path.join(ROOT, setting.model)), profiles.load_gpu("h200"))
     budget, wl = int(setting.budget_gib * GiB), workload(setting)
-    plan = verified_optimize(profile, budget, wl)
-    three = verified_optimize(profile, budget, wl, host_compressed=False)
+    plan = verified_optimize(profile, budget, wl, routed_fetch=False)  # whole-layer fetch, as these rows were run
+    three = verified_optimize(profile, budget, wl, host_compressed=False, routed_fetch=False)
     host = dataclasses.replace(three, layers=[LayerPlan(layer=lp.layer, resident=list(lp.resident), compressed=[],
                                                         host=sorted([*lp.host, *lp.compressed]))
                                               for lp in three.layers])

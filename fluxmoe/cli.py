@@ -80,7 +80,7 @@ def _workload(args):
 
 def _planning_options(args) -> dict:
     options = dict(host_budget=args.host_budget, host_compressed=not args.no_host_compressed,
-                   routed_fetch=args.routed_fetch)
+                   routed_fetch=not args.no_routed_fetch)
     if args.tpot_ms is not None:
         options.update(objective="throughput_under_latency", tpot_limit_s=args.tpot_ms / 1e3)
     return options
@@ -398,9 +398,10 @@ def _planning_arguments(p: argparse.ArgumentParser) -> None:
                                                              "simulating candidates")
     p.add_argument("--no-host-compressed", action="store_true",
                    help="plan with three tiers (resident, compressed, host): no experts kept FXMC-encoded on the host")
-    p.add_argument("--routed-fetch", action="store_true",
-                   help="allow fetching only the host experts a step's tokens route to, after the router (pays where "
-                        "steps are small and experts many: a latency limit on fine-grained MoE)")
+    p.add_argument("--no-routed-fetch", action="store_true",
+                   help="always fetch host experts whole, ahead of their layer; by default a plan may fetch only the "
+                        "ones a step's tokens route to, after the router, where that is faster (small steps, many "
+                        "experts)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
 
 

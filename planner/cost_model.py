@@ -229,9 +229,13 @@ class CostModel:
         return max(1, math.ceil(per_expert / self.hw.offload_tile_tokens))
 
     def offload_step_time(self, step: StepShape, offload_bytes: float) -> StepTime:
-        """vLLM with CPU weight offload: offloaded weights cross PCIe every step, unhidden."""
+        """vLLM with CPU weight offload: offloaded weights cross PCIe every step, unhidden. They
+        are expert weights, read in place by the kernels: only the experts a step routes to cross
+        (measured on the H200: 8 sequences on Qwen3-Next's shapes ran 5x what all bytes would,
+        bench/results/e2e_qwen3_next_small_batch_standin_spread_*.json)."""
         base = self.resident_step_time(step)
-        link = self.hw.h2d_seconds(offload_bytes) * self.offload_rereads(step)
+        read = offload_bytes * self.routed_share(step.tokens)
+        link = self.hw.h2d_seconds(read) * self.offload_rereads(step)
         return StepTime(base.total_s + link, base.gpu_s, link, link, base.fixed_s)
 
     def paging_lower_bound_s(self, step: StepShape, bytes_to_free: float, host_bytes: float,

@@ -540,7 +540,7 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
                     tpot_limit_s: float | None = None, reserve_bytes: int | str | None = None,
                     max_num_seqs: int = 1024, prefetch_depths: tuple[int, ...] = PREFETCH_DEPTHS,
                     mip_gap: float = 0.01, requests: int | None = None, host_compressed: bool = True,
-                    paging: bool = True, routed_fetch: bool = False) -> list[Plan]:
+                    paging: bool = True, routed_fetch: bool = True) -> list[Plan]:
     """The `top_k` best plans (best first) by predicted output tokens/s within `budget` GPU bytes.
 
     budget, host_budget, reserve_bytes: bytes or strings like "46GiB". objective: "throughput",
@@ -549,7 +549,8 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
     every expert resident (plain vLLM's configuration), for comparisons. Every plan keeps each
     paged layer's fused-MoE call within the rows vLLM takes (planner/arena_layout.py).
     routed_fetch: may host experts be fetched routed-only (executor/routed_fetch.py); the plan
-    says so where it predicts that faster (small steps of fine-grained experts).
+    says so where it predicts that faster (small steps of fine-grained experts). vLLM's UVA
+    offload reads only routed experts too, so without it small batches can lose to that baseline.
     Raises InfeasibleError with the smallest workable budget when nothing fits.
     """
     started = time.perf_counter()

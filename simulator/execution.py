@@ -56,7 +56,7 @@ class OffloadExecution(ResidentExecution):
         self.offload_bytes = offload_bytes
 
     def _extra_s(self, step: StepShape) -> float:
-        return self.cost.hw.h2d_seconds(self.offload_bytes) * self.cost.offload_rereads(step)
+        return self.cost.offload_step_time(step, self.offload_bytes).link_s
 
 
 class PagedExecution:

@@ -215,5 +215,5 @@ def test_simulate_end_to_end_one_request_matches_hand_step_times():
     assert result["results"]["fluxmoe"]["tpot_p50_s"] == pytest.approx(ours, rel=0.005)
     offload = result["results"]["vllm_offload"]
     hand = cost.offload_step_time(step, offload["setting"]["offload_bytes"]).total_s
-    assert offload["tpot_p50_s"] == pytest.approx(hand, rel=1e-6)
+    assert offload["tpot_p50_s"] == pytest.approx(hand, rel=1e-5)  # the median's context within a token
     assert result["results"]["vllm"] is None  # 93 GB of weights do not fit 46 GiB

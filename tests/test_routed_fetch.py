@@ -294,7 +294,7 @@ def test_the_planner_fetches_routed_only_where_nothing_else_meets_a_latency_limi
     profile = profiles.load("qwen3-next-80b-a3b", gpu="h200")
     options = dict(workload=planner.WorkloadShape(64, 512), objective="throughput_under_latency", tpot_limit_s=0.05)
     with pytest.raises(InfeasibleError):
-        planner.optimize(profile, "60GiB", **options)
+        planner.optimize(profile, "60GiB", routed_fetch=False, **options)
     plan = planner.optimize(profile, "60GiB", routed_fetch=True, **options)
     assert plan.routed_fetch and plan.predicted.step_time_s <= 0.05
     assert sum(t.host for t in plan.tier_counts()) > 0
@@ -325,13 +325,13 @@ def test_the_simulator_plays_routed_fetch_as_the_cost_model_prices_it():
     assert whole.tpot_s.p50 > 10 * result.tpot_s.p50
 
 
-def test_the_cli_plans_routed_fetch_only_when_asked(capsys):
+def test_the_cli_plans_routed_fetch_unless_told_not_to(capsys):
     from fluxmoe.cli import main
 
     args = ["plan", "--model", "qwen3-next-80b-a3b", "--gpu", "h200", "--budget", "60GiB", "--prompt-tokens", "64",
             "--output-tokens", "512", "--tpot-ms", "50", "--no-verify"]
-    assert main(args + ["--routed-fetch"]) == 0
+    assert main(args) == 0
     assert "host experts fetched routed-only" in capsys.readouterr().out
-    assert main(args) == 2
+    assert main(args + ["--no-routed-fetch"]) == 2
     assert "no plan for qwen3-next-80b-a3b on h200 fits a budget of 60.00 GiB under a per-token limit of 50 ms" \
         in capsys.readouterr().err
