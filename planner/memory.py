@@ -30,13 +30,18 @@ LANDING_SLOTS = 2
 # What vLLM 0.26 holds on the GPU besides weights and KV, as its start-up log on the H200 itemizes
 # it (Mixtral-8x7B shape, FluxMoE at 46 GiB, bench/results/vllm_mixtral_2026-11-24.json): peak
 # activation 3.5 GiB at its default 8192 batched tokens, 0.43 GiB outside torch, 0.96 GiB of
-# CUDA graphs. The activation peak is scaled to other models by the width of a token's
-# activations (`activation_width`); only Mixtral's is measured so far.
+# CUDA graphs. The activation peak is measured per model family and scaled to other shapes of
+# the family (and to families not measured, from Mixtral's) by the width of a token's
+# activations (`activation_width`). Qwen3-Next's (8-layer stand-in at 14 GiB, its log in the
+# run of bench/results/e2e_qwen3_next_small_batch_standin_spread_2026-11-24.json): 2.54 GiB,
+# where Mixtral's scaled by width had said 0.80 and a plan that trusted it left vLLM no KV.
 VLLM_BATCHED_TOKENS = 8192
 VLLM_NON_TORCH_BYTES = int(0.43 * GiB)
 VLLM_CUDA_GRAPH_BYTES = int(0.96 * GiB)
-MEASURED_ACTIVATION_BYTES = int(3.5 * GiB)  # Mixtral-8x7B at VLLM_BATCHED_TOKENS
-MEASURED_ACTIVATION_WIDTH = 2 * 3 * 14336 + 4 * 4096  # activation_width of Mixtral-8x7B
+MEASURED_ACTIVATIONS = {  # family: (peak activation bytes at VLLM_BATCHED_TOKENS, activation_width)
+    "mixtral": (int(3.5 * GiB), 2 * 3 * 14336 + 4 * 4096),  # Mixtral-8x7B
+    "qwen3_next": (int(2.54 * GiB), 10 * 3 * 512 + 4 * 2048),  # Qwen3-Next-80B-A3B
+}
 
 
 def activation_width(model) -> int:
@@ -47,7 +52,8 @@ def activation_width(model) -> int:
 
 def vllm_reserve_bytes(model) -> int:
     """vLLM's own GPU memory beyond weights and KV for `model` (see the constants above)."""
-    activation = MEASURED_ACTIVATION_BYTES * activation_width(model) / MEASURED_ACTIVATION_WIDTH
+    measured, width = MEASURED_ACTIVATIONS.get(model.family, MEASURED_ACTIVATIONS["mixtral"])
+    activation = measured * activation_width(model) / width
     return int(VLLM_NON_TORCH_BYTES + VLLM_CUDA_GRAPH_BYTES + activation)
 
 
