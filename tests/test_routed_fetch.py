@@ -129,6 +129,20 @@ def test_the_gather_kernel_under_tritons_interpreter_moves_only_flagged_rows():
     assert run.returncode == 0 and "gather: exact" in run.stdout, run.stderr[-2000:]
 
 
+def _same_eager_and_replayed(forward, x, want) -> None:
+    """forward(x) equals `want` across steps (buffers reused by other layers) and as CUDA-graph replays."""
+    for _ in range(3):
+        assert torch.equal(forward(x), want)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = forward(x)
+    for _ in range(3):
+        y.zero_()
+        graph.replay()
+        assert torch.equal(y, want)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", MODES)
 def test_every_mode_on_the_gpu_eager_and_as_graph_replays(mode):
@@ -138,17 +152,7 @@ def test_every_mode_on_the_gpu_eager_and_as_graph_replays(mode):
     stack = RoutedMoEStack(routers, stacks, 6, "cuda", mode)
     for tokens in (1, 5, 33):
         x = torch.randn(tokens, 256, device="cuda", dtype=torch.bfloat16)
-        want = routed_reference(x, routers, stacks, 6)
-        for _ in range(3):
-            assert torch.equal(stack.forward(x), want)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = stack.forward(x)
-        for _ in range(3):
-            y.zero_()
-            graph.replay()
-            assert torch.equal(y, want)
+        _same_eager_and_replayed(stack.forward, x, routed_reference(x, routers, stacks, 6))
     if mode == "predicted":
         c = stack.counters()
         assert 0 < c["hits"] <= c["routed"]
@@ -209,17 +213,7 @@ def test_the_pager_with_routed_fetch_on_the_gpu_eager_and_as_graph_replays(mix, 
     routers, stacks = random_stack(L, 256, 384, 64, torch.device("cuda"), 4)
     stack = PagedMoEStack(routers, stacks, [MIXES[mix](64)] * L, 6, depth, "cuda", fused=True, routed_fetch=True)
     x = torch.randn(5, 256, device="cuda", dtype=torch.bfloat16)
-    want = reference_forward(x, routers, stacks, 6)
-    for _ in range(3):
-        assert torch.equal(stack.forward(x), want)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = stack.forward(x)
-    for _ in range(3):
-        y.zero_()
-        graph.replay()
-        assert torch.equal(y, want)
+    _same_eager_and_replayed(stack.forward, x, reference_forward(x, routers, stacks, 6))
     c = stack.pager.routed_counters()
     assert 0 < c["moved"] == c["routed"]
 
