@@ -7,6 +7,7 @@ status 2, before any long work starts and without leaving half-written files.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -32,14 +33,14 @@ def check_output(path: str | None, option: str, suffixes: tuple[str, ...]) -> Pa
     return out
 
 
-def positive(kind):
+def positive(kind, allow_zero: bool = False):
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not value > 0 or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+        if not (value >= 0 if allow_zero else value > 0) or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>=' if allow_zero else '>'} 0, got {text!r}")
         return value
 
     parse.__name__ = kind.__name__
@@ -91,10 +92,12 @@ def make_plan(args, profile, workload):
     import planner
     from simulator.compare import verified_optimize
 
+    shape = dataclasses.replace(workload.shape(), routing_skew=args.routing_skew)
     if args.no_verify:
-        return planner.optimize(profile, args.budget, workload=workload.shape(), requests=len(workload),
+        return planner.optimize(profile, args.budget, workload=shape, requests=len(workload),
                                 **_planning_options(args))
-    return verified_optimize(profile, args.budget, workload, top_k=args.top_k, **_planning_options(args))
+    return verified_optimize(profile, args.budget, workload, top_k=args.top_k, shape=shape,
+                             **_planning_options(args))
 
 
 # ---------------------------------------------------------------------- commands
@@ -398,6 +401,9 @@ def _planning_arguments(p: argparse.ArgumentParser) -> None:
                                                              "simulating candidates")
     p.add_argument("--no-host-compressed", action="store_true",
                    help="plan with three tiers (resident, compressed, host): no experts kept FXMC-encoded on the host")
+    p.add_argument("--routing-skew", type=positive(float, allow_zero=True), default=0.0,
+                   help="Zipf exponent of expert popularity within a layer (0: uniform routing); skewed routing "
+                        "touches fewer experts per step")
     p.add_argument("--no-routed-fetch", action="store_true",
                    help="always fetch host experts whole, ahead of their layer; by default a plan may fetch only the "
                         "ones a step's tokens route to, after the router, where that is faster (small steps, many "

@@ -88,11 +88,14 @@ class WorkloadShape:
 
     prompt_tokens: int = 512
     output_tokens: int = 128
+    routing_skew: float = 0.0  # Zipf exponent of expert popularity in a layer (0: uniform routing)
 
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "output_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"field 'workload.{name}': must be >= 1, got {getattr(self, name)!r}")
+        if not self.routing_skew >= 0:
+            raise ConfigError(f"field 'workload.routing_skew': must be >= 0, got {self.routing_skew!r}")
 
 
 @dataclass

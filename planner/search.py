@@ -101,7 +101,7 @@ class _Problem:
     def __init__(self, profile: Profile, budget_bytes: int, host_budget_bytes: int, workload: WorkloadShape,
                  reserve_bytes: int, tpot_limit_s: float | None, max_num_seqs: int, mip_gap: float = 0.01,
                  requests: int | None = None, host_compressed: bool = True, routed: bool = False):
-        self.profile, self.model, self.cost = profile, profile.model, CostModel(profile)
+        self.profile, self.model, self.cost = profile, profile.model, CostModel(profile, workload.routing_skew)
         self.mem = MemoryModel.of(profile, reserve_bytes)
         self.budget, self.host_budget, self.workload = budget_bytes, host_budget_bytes, workload
         self.reserve, self.tpot_limit_s, self.max_num_seqs = reserve_bytes, tpot_limit_s, max_num_seqs

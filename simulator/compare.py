@@ -9,7 +9,7 @@ from fluxmoe.errors import ConfigError, InfeasibleError
 from fluxmoe.names import System
 from planner.cost_model import BATCH_GRID
 from planner.memory import VLLM_MAX_NUM_SEQS
-from planner.plan import Plan, SimulatedFigures
+from planner.plan import Plan, SimulatedFigures, WorkloadShape
 from profiles.registry import Profile
 from simulator.engine import SimulationResult, simulate
 from simulator.workload import Workload
@@ -74,7 +74,8 @@ def simulate_systems(profile: Profile, plan: Plan, workload: Workload, systems=S
         best = None
         for config in configs:
             try:
-                result = simulate(profile, workload, system=system, **config, **options)
+                result = simulate(profile, workload, system=system, **config, **options,
+                                  routing_skew=plan.workload.routing_skew)
             except ConfigError:
                 continue  # e.g. its KV cannot hold the longest request
             result.setting = dict(config, tried=len(configs))
@@ -85,15 +86,16 @@ def simulate_systems(profile: Profile, plan: Plan, workload: Workload, systems=S
 
 
 def verified_optimize(profile: Profile, budget: int | str, workload: Workload, *, top_k: int = 3,
-                      **options) -> Plan:
+                      shape: WorkloadShape | None = None, **options) -> Plan:
     """The planner's `top_k` best candidates, each simulated on `workload`; the best simulated wins.
 
     This is the plan `fluxmoe plan` and `fluxmoe simulate` pick by default. The returned plan
     carries its simulated figures in `plan.simulated`. Batch sizes stop at the first candidate
     that holds every request at once: more is memory spent for nothing. Candidates are
     simulated in the planner's order and ties keep the earlier one, so the pick is
-    deterministic."""
-    options.setdefault("workload", workload.shape())
+    deterministic. shape: what the planner assumes of the workload (default: `workload`'s mean
+    lengths, uniform routing)."""
+    options.setdefault("workload", shape or workload.shape())
     options.setdefault("max_num_seqs", next((b for b in BATCH_GRID if b >= len(workload)), BATCH_GRID[-1]))
     options.setdefault("requests", len(workload))
     best: tuple[float, Plan, SimulationResult] | None = None

@@ -90,10 +90,11 @@ def _execution_for(env: simpy.Environment, cost: CostModel, plan: Plan | None, s
 def simulate(profile: Profile, workload: Workload, *, plan: Plan | None = None, system: str = "fluxmoe",
              kv_cache_bytes: int | None = None, max_num_seqs: int | None = None, offload_bytes: float = 0.0,
              max_num_batched_tokens: int = 8192, keep_timeline: bool = True,
-             progress: Callable[[int], None] | None = None) -> SimulationResult:
+             progress: Callable[[int], None] | None = None, routing_skew: float | None = None) -> SimulationResult:
     """Serve `workload` with a FluxMoE `plan` (system 'fluxmoe') or a baseline ('vllm',
     'vllm_offload', which need kv_cache_bytes and max_num_seqs). `progress(n)` is called as
-    requests finish."""
+    requests finish. routing_skew: of expert popularity (planner.WorkloadShape); None: the
+    plan's, or uniform without a plan."""
     try:
         system = System(system)
     except ValueError:
@@ -113,7 +114,9 @@ def simulate(profile: Profile, workload: Workload, *, plan: Plan | None = None, 
                           f"fit the KV cache of {kv_cache_bytes} bytes even alone")
 
     env = simpy.Environment()
-    cost = CostModel(profile)
+    if routing_skew is None:
+        routing_skew = plan.workload.routing_skew if plan is not None else 0.0
+    cost = CostModel(profile, routing_skew)
     execution = _execution_for(env, cost, plan, system, offload_bytes)
     scheduler = VLLMScheduler(profile.model, kv_cache_bytes, max_num_seqs, max_num_batched_tokens)
     timeline: list[StepRecord] = []

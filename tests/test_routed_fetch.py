@@ -329,3 +329,34 @@ def test_the_cli_plans_routed_fetch_unless_told_not_to(capsys):
     assert main(args + ["--no-routed-fetch"]) == 2
     assert "no plan for qwen3-next-80b-a3b on h200 fits a budget of 60.00 GiB under a per-token limit of 50 ms" \
         in capsys.readouterr().err
+
+
+def test_routing_skew_reaches_the_plan_and_the_simulator(capsys):
+    """A skewed workload touches fewer experts per step: the plan records its skew, predicts a
+    faster small-batch step than uniform routing, and the simulator prices the same skew."""
+    import json as _json
+
+    from fluxmoe.cli import main
+
+    common = ["plan", "--model", "qwen3-next-80b-a3b", "--gpu", "h200", "--budget", "60GiB", "--prompt-tokens", "64",
+              "--output-tokens", "512", "--tpot-ms", "50", "--no-verify", "--json"]
+    assert main(common) == 0
+    flat = _json.loads(capsys.readouterr().out)
+    assert main(common + ["--routing-skew", "1.2"]) == 0
+    skewed = _json.loads(capsys.readouterr().out)
+    assert skewed["workload"]["routing_skew"] == 1.2 and flat["workload"]["routing_skew"] == 0.0
+    assert skewed["predicted"]["step_time_s"] < flat["predicted"]["step_time_s"]
+    with pytest.raises(SystemExit):
+        main(common + ["--routing-skew", "-1"])
+    assert "--routing-skew: must be a finite number >= 0, got '-1'" in capsys.readouterr().err
+    from planner.plan import WorkloadShape
+    from simulator import Workload, simulate
+    from fluxmoe.serde import from_dict
+    from planner.plan import Plan
+
+    plan = from_dict(Plan, skewed)
+    profile = profiles.load("qwen3-next-80b-a3b", gpu="h200")
+    wl = Workload.synthetic(1, 64, 40)
+    assert simulate(profile, wl, plan=plan).tpot_s.p50 < simulate(profile, wl, plan=plan, routing_skew=0.0).tpot_s.p50
+    with pytest.raises(Exception, match="routing_skew"):
+        WorkloadShape(64, 512, routing_skew=-0.5)
