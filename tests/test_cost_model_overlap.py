@@ -88,3 +88,23 @@ def test_the_paging_bound_is_below_every_placement_that_frees_as_much(model, gpu
         bound = cost.paging_lower_bound_s(step, freed, mem.host_bytes(tiers), (depth + 1) / m.num_moe_layers,
                                           host_compressed)
         assert bound <= cost.step_time(tiers, step, depth).total_s * (1 + 1e-9)
+
+
+def test_linear_attention_reads_and_writes_each_sequences_state_once_per_layer():
+    """Qwen3-Next's linear-attention layers, by hand: a step reads and writes every running
+    sequence's recurrent state once (context length does not matter), at the profile's HBM rate;
+    its full-attention layers read the KV of the context instead."""
+    import profiles
+    from planner.cost_model import CostModel, StepShape
+
+    profile = profiles.load("qwen3-next-80b-a3b", gpu="h200")
+    m, hw = profile.model, profile.hardware
+    cost = CostModel(profile)
+    assert m.attention.count("linear") == 36 and m.linear_state_bytes_per_layer > 0
+    rate = hw.hbm_gbps * 1e9 * hw.memory_efficiency
+    for sequences, context in ((1, 100), (64, 100), (64, 20_000)):
+        step = StepShape(sequences + 50, sequences, context)  # prefill tokens beside: the state is per sequence
+        by_hand = 2 * sequences * m.linear_state_bytes_per_layer / rate + hw.kernel_overhead_s
+        assert cost._attention_s("linear", step) == pytest.approx(by_hand, rel=1e-12)
+    short, long = (cost._attention_s("full", StepShape(64, 64, c)) for c in (100, 20_000))
+    assert long > 5 * short  # full attention grows with context, linear does not
