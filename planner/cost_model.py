@@ -100,6 +100,8 @@ class CostModel:
         self.transfer_s_per_expert = hw.h2d_seconds(m.expert_bytes)
         self.compressed_transfer_s_per_expert = hw.h2d_seconds(self.compressed_expert_bytes)
         self._compute_cache: dict[StepShape, list[float]] = {}
+        self._active_cache: dict[float, float] = {}  # tokens -> active experts, under a routing skew
+        self._pick_odds: list[float] | None = None  # per expert, P(one token picks it), under a skew
 
     # ------------------------------------------------------------------ compute
     def _gemm_s(self, params: float, tokens: float) -> float:
@@ -121,9 +123,12 @@ class CostModel:
         E, k = m.num_experts, m.experts_per_token
         if self.routing_skew == 0:
             return E * (1 - (1 - k / E) ** tokens)
-        weights = [rank ** -self.routing_skew for rank in range(1, E + 1)]
-        total = sum(weights)
-        return sum(1 - (1 - min(1.0, k * w / total)) ** tokens for w in weights)
+        if tokens not in self._active_cache:  # E terms, asked for every simulated step: once per size
+            if self._pick_odds is None:
+                weights = [rank ** -self.routing_skew for rank in range(1, E + 1)]
+                self._pick_odds = [min(1.0, k * w / sum(weights)) for w in weights]
+            self._active_cache[tokens] = sum(1 - (1 - q) ** tokens for q in self._pick_odds)
+        return self._active_cache[tokens]
 
     def routed_share(self, tokens: float) -> float:
         """The share of a layer's experts a step of `tokens` tokens routes to (routed-only fetch
