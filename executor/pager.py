@@ -24,7 +24,7 @@ import torch
 
 from executor.arena import ExpertArena, FusedWeights
 from executor.landing import LandingRing
-from executor.routed_fetch import RoutedFetch, routed_experts
+from executor.routed_fetch import RoutedFetch, routed_experts, total_counters
 from executor.staging import StagingPool
 from executor.streams import CpuOrder, Streams
 from executor.tiers import ExpertLayout, LayerTiers
@@ -214,20 +214,16 @@ class ExpertPager:
     def fetch_routed(self, layer: int, topk_ids: torch.Tensor) -> None:
         """After layer `layer`'s router, on the compute stream: its routed host experts into their
         slots (after `before_layer`, which waited for the buffer). A no-op without routed fetch."""
-        fetcher = self.fetchers[layer] if self.routed_fetch else None
+        fetcher = self.fetchers[layer]  # None without routed fetch, or without host experts
         if fetcher is not None:
             fetcher.begin_step()
             fetcher.fetch_routed(routed_experts(topk_ids, fetcher.num_experts))
 
     def routed_counters(self) -> dict[str, int]:
-        """Host experts moved and routed over all steps, summed over layers (a host sync)."""
-        out = {"moved": 0, "routed": 0}
-        for f in self.fetchers:
-            if f is not None:
-                c = f.counters()
-                out["moved"] += c["moved"]
-                out["routed"] += c["routed"]
-        return out
+        """Host experts moved and routed over all steps, summed over layers (a host sync; the
+        pager does not guess, so there are no hits to count)."""
+        counts = total_counters(self.fetchers)
+        return {"moved": counts["moved"], "routed": counts["routed"]}
 
     def _layer_weights(self, index: int, tiers: LayerTiers) -> LayerWeights:
         groups = [ExpertGroup(*tiers.resident, tuple(tiers.resident_ids))]

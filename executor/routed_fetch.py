@@ -95,6 +95,16 @@ class RoutedFetch:
         return {"moved": int(self.moved), "routed": int(self.routed), "hits": int(self.hits)}
 
 
+def total_counters(fetchers) -> dict[str, int]:
+    """`RoutedFetch.counters` summed over fetchers (None entries skipped; a host sync)."""
+    out = {"moved": 0, "routed": 0, "hits": 0}
+    for f in fetchers:
+        if f is not None:
+            for key, value in f.counters().items():
+                out[key] += value
+    return out
+
+
 def _gather(host: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
     """slots[i] = host[i] where rows[i]; on a GPU one fixed-grid kernel, whatever `rows` holds."""
     if not slots.is_cuda:

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from executor.routed_fetch import RoutedFetch, routed_experts
+from executor.routed_fetch import RoutedFetch, routed_experts, total_counters
 from executor.streams import CpuOrder, Streams
 from fluxmoe.errors import ConfigError
 
@@ -141,8 +141,4 @@ class RoutedMoEStack:
 
     def counters(self) -> dict[str, int]:
         """Experts moved, routed and already present when routed, summed over layers (a host sync)."""
-        out = {"moved": 0, "routed": 0, "hits": 0}
-        for f in self.fetchers:
-            for k, v in f.counters().items():
-                out[k] += v
-        return out
+        return total_counters(self.fetchers)

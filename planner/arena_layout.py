@@ -34,6 +34,12 @@ def span_groups(num_layers: int, buffers: int) -> list[tuple[list[int], list[int
     return out
 
 
+def all_span_groups(num_layers: int, buffers: int) -> list[list[int]]:
+    """Every group of `span_groups`, before and after each buffer: a paged layer's call spans
+    its buffer and at most its own group's resident stacks."""
+    return [group for pair in span_groups(num_layers, buffers) for group in pair]
+
+
 @dataclass(frozen=True)
 class ArenaLayout:
     """Row ranges of the arena (pure bookkeeping, no tensors)."""

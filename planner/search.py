@@ -24,7 +24,7 @@ import pulp
 from fluxmoe.errors import ConfigError, InfeasibleError
 from fluxmoe.names import System
 from fluxmoe.units import format_bytes, format_bytes_up, parse_bytes
-from planner.arena_layout import FUSED_MOE_MAX_ROWS, ArenaLayout, span_groups
+from planner.arena_layout import FUSED_MOE_MAX_ROWS, ArenaLayout, all_span_groups
 from planner.cost_model import BATCH_GRID, CostModel, StepShape, TierCounts
 from planner.memory import VLLM_MAX_NUM_SEQS, MemoryModel
 from planner.plan import (BaselinePrediction, LayerPlan, Plan, PlanInputs, Prediction,
@@ -162,7 +162,7 @@ class _Problem:
                 prob += r[l] >= E * whole[l]
                 prob += r[l] <= E - 1 + whole[l]
             moe = list(m.moe_layers)
-            for group in (g for pair in span_groups(len(moe), depth + 1) for g in pair):
+            for group in all_span_groups(len(moe), depth + 1):
                 prob += slots + pulp.lpSum(r[moe[i]] - E * whole[moe[i]] for i in group) <= FUSED_MOE_MAX_ROWS
         gpu = {l: compute[l] + (decode_s * c[l] + routed_s * h[l] if l in c else 0)  # cost.layer_decode_s
                for l in range(m.num_layers)}                                        # and layer_routed_s
@@ -221,8 +221,8 @@ class _Problem:
         """Could some placement at this depth give a fused-MoE call more rows than vLLM takes?"""
         if depth not in self._spans_can_bind:
             E = self.model.num_experts
-            groups = (g for pair in span_groups(self.model.num_moe_layers, depth + 1) for g in pair)
-            self._spans_can_bind[depth] = any(E + len(g) * (E - 1) > FUSED_MOE_MAX_ROWS for g in groups)
+            self._spans_can_bind[depth] = any(E + len(g) * (E - 1) > FUSED_MOE_MAX_ROWS
+                                              for g in all_span_groups(self.model.num_moe_layers, depth + 1))
         return self._spans_can_bind[depth]
 
     def spans_fit(self, tiers: list[TierCounts], depth: int) -> bool:
@@ -233,7 +233,7 @@ class _Problem:
         """Which layers to make all resident so that each group's span fits with the LP's
         residents and slots: in each group, the layers the LP leans most toward all resident."""
         E, fixing = self.model.num_experts, [0] * len(values)
-        for group in (g for pair in span_groups(len(values), depth + 1) for g in pair):
+        for group in all_span_groups(len(values), depth + 1):
             partly = [i for i in group if values[i][0] < E - 1e-6]
             fits, rows = 0, slots
             for i in sorted(partly, key=lambda i: (values[i][0], i)):  # fewest residents first
@@ -312,9 +312,8 @@ class _Problem:
         """Roundings with resident experts only in whole layers: a few counts of resident layers
         around the LP's, placed where the LP leans most resident or evenly; every other
         layer paged, with the LP's host and host-compressed totals spread evenly and the rest
-        compressed, then as many compressed experts moved to the host-compressed tier (or the
-        host tier) as the budget needs (paged layers stage all their experts, so the pool grows
-        past the LP's)."""
+        compressed (`_roundings` then moves as many compressed experts to the host as the budget
+        needs: paged layers stage all their experts, so the pool grows past the LP's)."""
         E, L = self.model.num_experts, len(values)
         whole = sum(v[0] for v in values) / E
         host, host_c = (math.ceil(sum(v[i] for v in values) - 1e-6) for i in (2, 3))
@@ -336,7 +335,7 @@ class _Problem:
                         tiers = [TierCounts(E, 0, 0, 0)] * L
                         for i, hi, hci in zip(paged, hs, hcs):
                             tiers[i] = TierCounts(0, E - hi - hci, hi, hci)
-                        out.append(self._to_host_until_it_fits(tiers, paged, depth, batch))
+                        out.append(tiers)
         return out
 
     def _to_host_until_it_fits(self, tiers: list[TierCounts], paged: list[int], depth: int,
