@@ -49,7 +49,7 @@ class ExpertArena:
     def __init__(self, tiers: list[list[Tier]], buffers: int, slots: int, layout: ExpertLayout,
                  device: torch.device | str):
         self.device = torch.device(device)
-        self.tiers, self.slots, self.layout = tiers, slots, layout
+        self.tiers, self.slots, self.layout = [list(t) for t in tiers], slots, layout  # swaps edit them
         self.plan = ArenaLayout.of(tiers, buffers, slots)
         self.w13 = torch.empty(self.plan.rows, *layout.w13_shape, dtype=torch.bfloat16, device=self.device)
         self.w2 = torch.empty(self.plan.rows, *layout.w2_shape, dtype=torch.bfloat16, device=self.device)

@@ -21,10 +21,11 @@ class PagedMoEStack:
     def __init__(self, routers: list[torch.Tensor], stacks: list[tuple[torch.Tensor, torch.Tensor]],
                  tiers: list[list[Tier | str]], top_k: int, prefetch_depth: int, device: torch.device | str,
                  slots: int | None = None, cpu_order: CpuOrder = "lazy", fused: bool = False,
-                 routed_fetch: bool = False):
+                 routed_fetch: bool = False, count_routes: bool = False):
         """stacks[l] = (w13 [E, 2I, H], w2 [E, H, I]); tiers[l][e] the tier of expert e of layer l.
         fused: run each paged layer through its arena span and remap, as the vLLM plugin does.
-        routed_fetch: host experts move only when a token routes to them (after the router)."""
+        routed_fetch: host experts move only when a token routes to them (after the router).
+        count_routes: count each expert's picks on the device (pager.route_counter)."""
         if not (len(routers) == len(stacks) == len(tiers)):
             raise ConfigError(f"routers, expert stacks and tiers disagree on the number of layers: "
                               f"{len(routers)}, {len(stacks)}, {len(tiers)}")
@@ -36,7 +37,7 @@ class PagedMoEStack:
         self.fused = fused
         tiers = [[parse_tier(t, f"layer {i} tier") for t in layer] for i, layer in enumerate(tiers)]
         self.pager = ExpertPager.build(stacks, tiers, layout, prefetch_depth, self.device, slots=slots, fused=fused,
-                                       cpu_order=cpu_order, routed_fetch=routed_fetch)
+                                       cpu_order=cpu_order, routed_fetch=routed_fetch, count_routes=count_routes)
 
     @classmethod
     def from_plan(cls, plan, profile, routers, stacks, device, layers: list[int] | None = None,
@@ -74,7 +75,11 @@ class PagedMoEStack:
             weights = pager.before_layer(layer, stats)
             experts = weights.fused.experts() if self.fused and weights.fused else weights.experts
             x = moe_layer(x, router, experts, self.top_k,  # on the compute (current) stream
-                          on_route=lambda ids, layer=layer: pager.fetch_routed(layer, ids))
+                          on_route=lambda ids, layer=layer: self._routed(layer, ids))
             pager.after_layer(layer)
         pager.end_step()
         return x
+
+    def _routed(self, layer: int, topk_ids: torch.Tensor) -> None:
+        self.pager.count_routes(layer, topk_ids)
+        self.pager.fetch_routed(layer, topk_ids)

@@ -18,12 +18,13 @@ compute stream wait for all side work in flight, so no capture ends with an unjo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from executor.arena import ExpertArena, FusedWeights
 from executor.landing import LandingRing
+from executor.route_counts import RouteCounter
 from executor.routed_fetch import RoutedFetch, routed_experts, total_counters
 from executor.staging import StagingPool
 from executor.streams import CpuOrder, Streams
@@ -126,14 +127,15 @@ class ExpertPager:
 
     def __init__(self, layers: list[LayerTiers], prefetch_depth: int, device: torch.device | str,
                  slots: int | None = None, cpu_order: CpuOrder = "lazy", arena: ExpertArena | None = None,
-                 telemetry: bool = False, routed_fetch: bool = False):
+                 telemetry: bool = False, routed_fetch: bool = False, count_routes: bool = False):
         """slots: staging slots per buffer (a plan's staging_slots / (depth + 1)); None sizes
         the pool to the most paged layer. arena: where the staging buffers and the paged layers'
         resident stacks were carved (see `ExpertPager.build`). telemetry: time every step (also
         inside CUDA graphs) and count steps on the device, for `harvest()` to read without a sync.
         routed_fetch: host experts are not copied ahead; the owner of the loop calls
         `fetch_routed(layer, topk_ids)` after the router, which moves only the routed ones
-        (executor/routed_fetch.py)."""
+        (executor/routed_fetch.py). count_routes: `count_routes(layer, topk_ids)` counts each
+        expert's picks on the device (executor/route_counts.py), for the closed loop."""
         if prefetch_depth < 0:
             raise ConfigError(f"prefetch_depth: must be >= 0, got {prefetch_depth!r}")
         self.device = torch.device(device)
@@ -163,6 +165,8 @@ class ExpertPager:
             # dense path multiplies by a zero gate (uninitialized bytes could be NaN).
             self.pool.zero_()
         self.stats = RuntimeStats([LayerStats() for _ in layers])
+        experts = layers[0].num_experts if layers else 0
+        self.route_counter = RouteCounter(len(layers), experts, self.device) if count_routes else None
         self._pending: dict[int, list] = {}
         self._marks: list[_LayerMarks | None] = [None] * len(layers)
         self._timed = False  # this step records timing events
@@ -178,7 +182,7 @@ class ExpertPager:
     @classmethod
     def build(cls, stacks: list[tuple[torch.Tensor, torch.Tensor]], tiers: list[list[Tier]], layout: ExpertLayout,
               prefetch_depth: int, device: torch.device | str, slots: int | None = None, fused: bool = True,
-              cpu_order: CpuOrder = "lazy", routed_fetch: bool = False) -> "ExpertPager":
+              cpu_order: CpuOrder = "lazy", routed_fetch: bool = False, count_routes: bool = False) -> "ExpertPager":
         """A pager over full per-layer stacks; fused=True carves an arena for one-call layers."""
         device = torch.device(device)
         staged = max((sum(t is not Tier.RESIDENT for t in layer) for layer in tiers), default=0)
@@ -188,7 +192,7 @@ class ExpertPager:
                              resident_into=arena.resident(i) if arena is not None and arena.is_paged(i) else None)
                   for i, ((w13, w2), t) in enumerate(zip(stacks, tiers))]
         return cls(layers, prefetch_depth, device, slots=slots, cpu_order=cpu_order, arena=arena,
-                   routed_fetch=routed_fetch)
+                   routed_fetch=routed_fetch, count_routes=count_routes)
 
     def _landing_ring(self, layers: list[LayerTiers]) -> LandingRing | None:
         """Landing slots for the largest host-compressed chunk, and every chunk's view of each slot
@@ -218,6 +222,47 @@ class ExpertPager:
         if fetcher is not None:
             fetcher.begin_step()
             fetcher.fetch_routed(routed_experts(topk_ids, fetcher.num_experts))
+
+    def count_routes(self, layer: int, topk_ids: torch.Tensor) -> None:
+        """Count layer `layer`'s picks on the device (a no-op unless built with count_routes)."""
+        if self.route_counter is not None:
+            self.route_counter.add(layer, topk_ids)
+
+    def swap(self, layer: int, into_gpu: int, out_of_gpu: int) -> None:
+        """Between steps: host expert `into_gpu` takes resident expert `out_of_gpu`'s row, and
+        that expert takes its host row. Same rows, same tensors, so CUDA graphs captured before
+        stay valid; the id maps (expert -> arena row, host row -> expert) are updated in place.
+        On the caller's stream, which the next step follows; a staging slot is the scratch row."""
+        tiers = self.layers[layer]
+        if into_gpu not in tiers.host_ids or out_of_gpu not in tiers.resident_ids:
+            raise ConfigError(f"swap in layer {layer}: expert {into_gpu} must be on the host and {out_of_gpu} "
+                              f"resident (host: {tiers.host_ids}, resident: {tiers.resident_ids})")
+        r, j = tiers.resident_ids.index(out_of_gpu), tiers.host_ids.index(into_gpu)
+        scratch = self.pool.buffer(self.pool.buffer_of(layer), 1)
+        for resident, host, tmp in zip(tiers.resident, tiers.host, scratch):
+            tmp[0].copy_(resident[r])
+            resident[r].copy_(host[j], non_blocking=True)
+            host[j].copy_(tmp[0], non_blocking=True)
+        tiers.resident_ids[r], tiers.host_ids[j] = into_gpu, out_of_gpu
+        fetcher = self.fetchers[layer]
+        if fetcher is not None:
+            fetcher.ids[j] = out_of_gpu
+        fused = self.weights[layer].fused
+        if fused is not None:
+            rows = list(fused.rows_host)
+            rows[into_gpu], rows[out_of_gpu] = rows[out_of_gpu], rows[into_gpu]
+            fused.row_of[into_gpu], fused.row_of[out_of_gpu] = rows[into_gpu], rows[out_of_gpu]
+            fused = replace(fused, rows_host=tuple(rows))
+            self.arena.tiers[layer][into_gpu], self.arena.tiers[layer][out_of_gpu] = Tier.RESIDENT, Tier.HOST
+        groups = [ExpertGroup(*tiers.resident, tuple(tiers.resident_ids)),
+                  ExpertGroup(*self.pool.buffer(self.pool.buffer_of(layer), len(tiers.staged_ids)),
+                              tuple(tiers.staged_ids))]
+        self.weights[layer] = LayerWeights.of(groups, tiers.num_experts, fused)
+
+    def placement(self) -> list[dict[Tier, list[int]]]:
+        """Each layer's expert ids per tier, as the pager holds them now."""
+        return [{Tier.RESIDENT: list(t.resident_ids), Tier.COMPRESSED: list(t.compressed_ids),
+                 Tier.HOST: list(t.host_ids), Tier.HOST_COMPRESSED: list(t.host_compressed_ids)} for t in self.layers]
 
     def routed_counters(self) -> dict[str, int]:
         """Host experts moved and routed over all steps, summed over layers (a host sync; the

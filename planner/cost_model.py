@@ -16,7 +16,9 @@ Routing: with T tokens and top-k of E experts, an expert of popularity p (a Zipf
 exponent `routing_skew` over the E experts; 0 is uniform) is active with probability
 1 - (1 - min(1, k p))^T; uniformly that makes E(1 - (1 - k/E)^T) active experts in a layer.
 With routed-only fetch (a plan's `routed_fetch`), a layer's host experts cross the link only
-when active, after its router: that link time is on the layer's path, unhidden.
+when active, after its router: that link time is on the layer's path, unhidden. Given measured
+per-expert popularity (planner/popularity.py), the odds are each expert's own, and which
+experts sit on the host matters: by default the coldest, or the ids a plan names.
 Baselines: plain vLLM (all resident) and vLLM with CPU weight offload, whose offloaded bytes
 cross PCIe every step without overlap.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from planner.popularity import ExpertPopularity
 from profiles.registry import Profile
 
 # Batch sizes (concurrent sequences) the planner considers.
@@ -78,11 +81,18 @@ class StepTime:
 class CostModel:
     """Per-layer times for one model on one GPU; tier-independent parts cached per step shape."""
 
-    def __init__(self, profile: Profile, routing_skew: float = 0.0):
+    def __init__(self, profile: Profile, routing_skew: float = 0.0, popularity: ExpertPopularity | None = None):
+        """popularity: measured per-expert shares; it replaces `routing_skew` where given."""
         if not routing_skew >= 0:
             raise ValueError(f"routing_skew: must be >= 0, got {routing_skew!r}")
+        m = profile.model
+        if popularity is not None and (popularity.num_layers, popularity.num_experts) != (m.num_moe_layers,
+                                                                                           m.num_experts):
+            raise ValueError(f"popularity: covers {popularity.num_layers} layers of {popularity.num_experts} experts, "
+                             f"the model has {m.num_moe_layers} of {m.num_experts}")
         self.profile = profile
         self.routing_skew = routing_skew
+        self.popularity = popularity
         self.model = profile.model
         self.hw = profile.hardware
         m, hw = self.model, self.hw
@@ -121,6 +131,10 @@ class CostModel:
         """Expected experts of a layer that at least one of `tokens` tokens routes to."""
         m = self.model
         E, k = m.num_experts, m.experts_per_token
+        if self.popularity is not None:
+            if tokens not in self._active_cache:
+                self._active_cache[tokens] = self.popularity.active_experts(tokens)
+            return self._active_cache[tokens]
         if self.routing_skew == 0:
             return E * (1 - (1 - k / E) ** tokens)
         if tokens not in self._active_cache:  # E terms, asked for every simulated step: once per size
@@ -172,9 +186,11 @@ class CostModel:
 
     # ------------------------------------------------------------------ steps
     def step_time(self, tiers: list[TierCounts], step: StepShape, prefetch_depth: int,
-                  routed_fetch: bool = False) -> StepTime:
+                  routed_fetch: bool = False, host_ids: list[list[int]] | None = None) -> StepTime:
         """Steady-state step time for a placement (one TierCounts per MoE layer, in order).
-        routed_fetch: host experts move after the router, only the routed ones, unhidden."""
+        routed_fetch: host experts move after the router, only the routed ones, unhidden.
+        host_ids: which experts each layer keeps on the host (default: the coldest), where
+        popularity is known."""
         m = self.model
         if len(tiers) != m.num_moe_layers:
             raise ValueError(f"need one TierCounts per MoE layer ({m.num_moe_layers}), got {len(tiers)}")
@@ -182,11 +198,11 @@ class CostModel:
         gpu = list(compute)
         transfer = [0.0] * m.num_layers
         routed = 0.0
-        for layer, counts in zip(m.moe_layers, tiers):
+        for position, (layer, counts) in enumerate(zip(m.moe_layers, tiers)):
             gpu[layer] += self.layer_decode_s(counts)
             transfer[layer] = self.layer_transfer_s(counts, routed_fetch)
             if routed_fetch:
-                on_path = self.layer_routed_s(counts, step)
+                on_path = self.layer_routed_s(counts, step, position, host_ids[position] if host_ids else None)
                 gpu[layer] += on_path
                 routed += on_path
         stall = sum(max(0.0, transfer[layer] - self.window_gpu_s(gpu, layer, prefetch_depth))
@@ -204,9 +220,14 @@ class CostModel:
         host = 0 if routed_fetch else counts.host * self.transfer_s_per_expert
         return host + counts.host_compressed * self.compressed_transfer_s_per_expert
 
-    def layer_routed_s(self, counts: TierCounts, step: StepShape) -> float:
-        """Routed-only fetch: link time of the layer's routed host experts, after its router."""
-        return counts.host * self.routed_share(step.tokens) * self.transfer_s_per_expert
+    def layer_routed_s(self, counts: TierCounts, step: StepShape, position: int = 0,
+                       host_ids: list[int] | None = None) -> float:
+        """Routed-only fetch: link time of the layer's routed host experts, after its router.
+        position: the layer among MoE layers (for its popularity); host_ids: default the coldest."""
+        if self.popularity is None:
+            return counts.host * self.routed_share(step.tokens) * self.transfer_s_per_expert
+        ids = self.popularity.coldest(position, counts.host) if host_ids is None else host_ids
+        return self.popularity.expected_routed(position, ids, step.tokens) * self.transfer_s_per_expert
 
     @staticmethod
     def window_layers(num_layers: int, layer: int, prefetch_depth: int) -> list[int]:

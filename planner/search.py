@@ -27,6 +27,7 @@ from fluxmoe.units import format_bytes, format_bytes_up, parse_bytes
 from planner.arena_layout import FUSED_MOE_MAX_ROWS, ArenaLayout, all_span_groups
 from planner.cost_model import BATCH_GRID, CostModel, StepShape, TierCounts
 from planner.memory import VLLM_MAX_NUM_SEQS, MemoryModel
+from planner.popularity import ExpertPopularity
 from planner.plan import (BaselinePrediction, LayerPlan, Plan, PlanInputs, Prediction,
                           WorkloadShape)
 from planner.solver import solver
@@ -100,8 +101,10 @@ class _Problem:
 
     def __init__(self, profile: Profile, budget_bytes: int, host_budget_bytes: int, workload: WorkloadShape,
                  reserve_bytes: int, tpot_limit_s: float | None, max_num_seqs: int, mip_gap: float = 0.01,
-                 requests: int | None = None, host_compressed: bool = True, routed: bool = False):
-        self.profile, self.model, self.cost = profile, profile.model, CostModel(profile, workload.routing_skew)
+                 requests: int | None = None, host_compressed: bool = True, routed: bool = False,
+                 popularity: ExpertPopularity | None = None):
+        self.profile, self.model = profile, profile.model
+        self.cost = CostModel(profile, workload.routing_skew, popularity)
         self.mem = MemoryModel.of(profile, reserve_bytes)
         self.budget, self.host_budget, self.workload = budget_bytes, host_budget_bytes, workload
         self.reserve, self.tpot_limit_s, self.max_num_seqs = reserve_bytes, tpot_limit_s, max_num_seqs
@@ -164,8 +167,15 @@ class _Problem:
             moe = list(m.moe_layers)
             for group in all_span_groups(len(moe), depth + 1):
                 prob += slots + pulp.lpSum(r[moe[i]] - E * whole[moe[i]] for i in group) <= FUSED_MOE_MAX_ROWS
-        gpu = {l: compute[l] + (decode_s * c[l] + routed_s * h[l] if l in c else 0)  # cost.layer_decode_s
-               for l in range(m.num_layers)}                                        # and layer_routed_s
+        routed = {l: routed_s * h[l] for l in m.moe_layers}  # cost.layer_routed_s
+        if self.routed and cost.popularity is not None:
+            # The coldest h experts on the host: their expected routed count is convex in h.
+            for i, l in enumerate(m.moe_layers):
+                routed[l] = pulp.LpVariable(f"routed{l}", 0)
+                for slope, intercept in cost.popularity.routed_chords(i, step.tokens):
+                    prob += routed[l] >= transfer_s * (slope * h[l] + intercept)
+        gpu = {l: compute[l] + (decode_s * c[l] + routed[l] if l in c else 0)  # cost.layer_decode_s
+               for l in range(m.num_layers)}
         link = {l: (0 if self.routed else transfer_s) * h[l] + transfer_c * hc[l] for l in m.moe_layers}
         stalls = []
         for l in m.moe_layers:
@@ -174,7 +184,7 @@ class _Problem:
             prob += stall >= link[l] - window
             stalls.append(stall)
         prob += step_time >= pulp.lpSum(gpu.values()) + pulp.lpSum(stalls)
-        prob += step_time >= pulp.lpSum(link.values()) + routed_s * pulp.lpSum(h.values())
+        prob += step_time >= pulp.lpSum(link.values()) + pulp.lpSum(routed.values())
         # MemoryModel.placement_bytes, linear in the variables, plus the KV of `batch` sequences.
         memory = (self.mem.fixed_bytes + batch * self.kv_per_seq
                   + pulp.lpSum(eb * r[l] + ceb * c[l] for l in m.moe_layers) + (depth + 1) * eb * slots
@@ -539,7 +549,8 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
                     tpot_limit_s: float | None = None, reserve_bytes: int | str | None = None,
                     max_num_seqs: int = 1024, prefetch_depths: tuple[int, ...] = PREFETCH_DEPTHS,
                     mip_gap: float = 0.01, requests: int | None = None, host_compressed: bool = True,
-                    paging: bool = True, routed_fetch: bool = True) -> list[Plan]:
+                    paging: bool = True, routed_fetch: bool = True,
+                    popularity: ExpertPopularity | None = None) -> list[Plan]:
     """The `top_k` best plans (best first) by predicted output tokens/s within `budget` GPU bytes.
 
     budget, host_budget, reserve_bytes: bytes or strings like "46GiB". objective: "throughput",
@@ -550,6 +561,8 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
     routed_fetch: may host experts be fetched routed-only (executor/routed_fetch.py); the plan
     says so where it predicts that faster (small steps of fine-grained experts). vLLM's UVA
     offload reads only routed experts too, so without it small batches can lose to that baseline.
+    popularity: measured per-expert shares (the running server's counts): each layer keeps its
+    hottest experts resident and its coldest on the host, and routed fetch is costed per expert.
     Raises InfeasibleError with the smallest workable budget when nothing fits.
     """
     started = time.perf_counter()
@@ -573,12 +586,14 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
     limit = tpot_limit_s if objective == "throughput_under_latency" else None
     if requests is not None and requests < 1:
         raise ConfigError(f"requests: must be >= 1, got {requests!r}")
-    p = _Problem(profile, budget_bytes, host_bytes, workload, reserve, limit, max_num_seqs, mip_gap, requests,
-                 host_compressed)
-    problems = {False: p}
-    if routed_fetch:
-        problems[True] = _Problem(profile, budget_bytes, host_bytes, workload, reserve, limit, max_num_seqs, mip_gap,
-                                  requests, host_compressed, routed=True)
+    if popularity is not None and (popularity.num_layers, popularity.num_experts) != (m.num_moe_layers,
+                                                                                       m.num_experts):
+        raise ConfigError(f"popularity: covers {popularity.num_layers} layers of {popularity.num_experts} experts, "
+                          f"model {m.name!r} has {m.num_moe_layers} MoE layers of {m.num_experts}")
+    problems = {routed: _Problem(profile, budget_bytes, host_bytes, workload, reserve, limit, max_num_seqs, mip_gap,
+                                 requests, host_compressed, routed=routed, popularity=popularity)
+                for routed in ((False, True) if routed_fetch else (False,))}
+    p = problems[False]
 
     # Visit candidates by their upper bound: B over the all-resident step time.
     order = []
@@ -674,8 +689,11 @@ def _make_plan(p: _Problem, best: Candidate, objective: str, limit: float | None
                elapsed: float, inputs: PlanInputs) -> Plan:
     m, mem = p.model, p.mem
     layers = []
-    for layer, t in zip(m.moe_layers, best.tiers):
-        ids = list(range(m.num_experts))  # uniform routing: any order is as hot as another
+    popularity = p.cost.popularity
+    for position, (layer, t) in enumerate(zip(m.moe_layers, best.tiers)):
+        # Hottest first: resident, then compressed (decoded whole), and the coldest on the host.
+        # Without measured popularity any order is as hot as another: by id.
+        ids = popularity.order(position) if popularity is not None else list(range(m.num_experts))
         on_gpu = t.resident + t.compressed
         layers.append(LayerPlan(layer, ids[:t.resident], ids[t.resident:on_gpu],
                                 ids[on_gpu + t.host_compressed:], expert_order=ids,
