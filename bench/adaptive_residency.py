@@ -66,6 +66,12 @@ def biases(layers: int, experts: int, alpha: float, seed: int) -> list[torch.Ten
     return out
 
 
+def norm(x):
+    """RMS-normalized, as a model normalizes each layer's input (random weights would blow the
+    residual stream up layer after layer, Mixtral's wide experts to inf by the seventh)."""
+    return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+
 def route(x, router, bias, k):
     probs = F.softmax((x @ router.T).float() + bias, dim=-1)
     weights, ids = probs.topk(k, dim=-1)
@@ -75,6 +81,7 @@ def route(x, router, bias, k):
 def step(pager: ExpertPager, x, routers, bias, k):
     for l, router in enumerate(routers):
         w = pager.before_layer(l)
+        x = norm(x)
         ids, gates = route(x, router, bias[l], k)
         pager.count_routes(l, ids)
         pager.fetch_routed(l, ids)
@@ -86,20 +93,27 @@ def step(pager: ExpertPager, x, routers, bias, k):
 
 def reference(x, routers, stacks, bias, k):
     for l, (router, (w13, w2)) in enumerate(zip(routers, stacks)):
+        x = norm(x)
         ids, gates = route(x, router, bias[l], k)
         x = routed_moe(x, ids, gates, w13, w2)
     return x
 
 
-def hottest(routers, bias, k, hidden, n, samples=4096):
-    """Per layer, the n experts picked most by random tokens under `bias` (the oracle's plan)."""
-    x = torch.randn(samples, hidden, device=dev, dtype=torch.bfloat16)
+def popularity_of(xs, routers, stacks, bias, k) -> list[list[float]]:
+    """Per layer, each expert's share of picks over the tokens `xs`, through the whole stack."""
     out = []
-    for router, b in zip(routers, bias):
-        ids, _ = route(x, router, b, k)
-        counts = torch.bincount(ids.flatten(), minlength=len(b))
-        out.append(counts.argsort(descending=True)[:n].tolist())
+    x = torch.cat(xs)
+    for l, (router, (w13, w2)) in enumerate(zip(routers, stacks)):
+        x = norm(x)
+        ids, gates = route(x, router, bias[l], k)
+        out.append((torch.bincount(ids.flatten(), minlength=len(bias[l])).float() / len(x)).tolist())
+        x = routed_moe(x, ids, gates, w13, w2)
     return out
+
+
+def hottest(shares: list[list[float]], n: int) -> list[list[int]]:
+    """Per layer, the n experts with the largest shares (the oracle's residents)."""
+    return [sorted(range(len(row)), key=lambda e: -row[e])[:n] for row in shares]
 
 
 def plan_for(base, residents: list[list[int]], experts: int):
@@ -112,12 +126,12 @@ def plan_for(base, residents: list[list[int]], experts: int):
                                max_num_seqs=1)
 
 
-def run(name, cfg, mode, R, routers, stacks, phases, base, profile, xs):
+def run(name, cfg, mode, R, routers, stacks, phases, base, profile, xs, shares):
     """One run: `phases` = (bias, bias after the drift); returns its per-window record."""
     E, K, L = cfg["experts"], cfg["top_k"], len(routers)
     layout = ExpertLayout(cfg["hidden"], cfg["intermediate"])
     if mode == "oracle":
-        residents = hottest(routers, phases[0], K, cfg["hidden"], R)
+        residents = hottest(shares[0], R)
     else:
         residents = [list(range(R)) for _ in range(L)]
     tiers = [[Tier.RESIDENT if e in set(res) else Tier.HOST for e in range(E)] for res in residents]
@@ -211,14 +225,21 @@ def run_shape(name: str) -> dict:
     routers, stacks = random_stack(L, cfg["hidden"], cfg["intermediate"], cfg["experts"], dev, seed=0)
     phases = (biases(L, cfg["experts"], cfg["alpha"], 1), biases(L, cfg["experts"], cfg["alpha"], 2))
     xs = [torch.randn(1, cfg["hidden"], device=dev, dtype=torch.bfloat16) for _ in range(64)]
+    shares = [popularity_of(xs, routers, stacks, bias, cfg["top_k"]) for bias in phases]  # what the steps route
     R0 = cfg["residents"][0]
-    runs = [run(name, cfg, mode, R0, routers, stacks, phases, base, profile, xs) for mode in ("fixed", "oracle")]
-    runs += [run(name, cfg, "adaptive", R, routers, stacks, phases, base, profile, xs) for R in cfg["residents"]]
+    args = (routers, stacks, phases, base, profile, xs, shares)
+    runs = [run(name, cfg, mode, R0, *args) for mode in ("fixed", "oracle")]
+    runs += [run(name, cfg, "adaptive", R, *args) for R in cfg["residents"]]
     fixed = runs[0]["tokens_per_s"]
     matching = [r for r in runs if r["mode"] == "adaptive" and r["tokens_per_s"] >= fixed]
     least = min(matching, key=lambda r: r["resident"]) if matching else None
+    oracle = runs[1]["tokens_per_s"]
+    matching_oracle = [r for r in runs if r["mode"] == "adaptive" and r["tokens_per_s"] >= oracle]
+    least_oracle = min(matching_oracle, key=lambda r: r["resident"]) if matching_oracle else None
     return dict(layers=L, experts=cfg["experts"], top_k=cfg["top_k"], steps=cfg["steps"], window=cfg["window"],
-                runs=runs, fixed_tokens_per_s=fixed,
+                expert_bytes=3 * cfg["hidden"] * cfg["intermediate"] * 2, phase_shares=shares,
+                runs=runs, fixed_tokens_per_s=fixed, oracle_tokens_per_s=oracle,
+                adaptive_resident_at_oracle_throughput=least_oracle["resident"] if least_oracle else None,
                 adaptive_resident_at_equal_throughput=least["resident"] if least else None,
                 reclaimed_bytes=(runs[0]["resident_bytes"] - least["resident_bytes"]) if least else 0,
                 reclaimed_bytes_full_model=((runs[0]["resident_bytes"] - least["resident_bytes"])

@@ -230,8 +230,10 @@ class ExpertPager:
 
     def swap(self, layer: int, into_gpu: int, out_of_gpu: int) -> None:
         """Between steps: host expert `into_gpu` takes resident expert `out_of_gpu`'s row, and
-        that expert takes its host row. Same rows, same tensors, so CUDA graphs captured before
-        stay valid; the id maps (expert -> arena row, host row -> expert) are updated in place.
+        that expert takes its host row. Same rows, same tensors, and the id maps (expert -> arena
+        row, host row -> expert) updated in place on the device, so CUDA graphs captured before
+        stay valid where they read a layer through `FusedWeights.row_of` (as the vLLM plugin
+        does; `FusedWeights.experts()` resolves rows on the host, for eager harnesses).
         On the caller's stream, which the next step follows; a staging slot is the scratch row."""
         tiers = self.layers[layer]
         if into_gpu not in tiers.host_ids or out_of_gpu not in tiers.resident_ids:
@@ -247,17 +249,21 @@ class ExpertPager:
         fetcher = self.fetchers[layer]
         if fetcher is not None:
             fetcher.ids[j] = out_of_gpu
-        fused = self.weights[layer].fused
+        old = self.weights[layer]
+        fused = old.fused
         if fused is not None:
             rows = list(fused.rows_host)
             rows[into_gpu], rows[out_of_gpu] = rows[out_of_gpu], rows[into_gpu]
             fused.row_of[into_gpu], fused.row_of[out_of_gpu] = rows[into_gpu], rows[out_of_gpu]
             fused = replace(fused, rows_host=tuple(rows))
             self.arena.tiers[layer][into_gpu], self.arena.tiers[layer][out_of_gpu] = Tier.RESIDENT, Tier.HOST
-        groups = [ExpertGroup(*tiers.resident, tuple(tiers.resident_ids)),
-                  ExpertGroup(*self.pool.buffer(self.pool.buffer_of(layer), len(tiers.staged_ids)),
-                              tuple(tiers.staged_ids))]
-        self.weights[layer] = LayerWeights.of(groups, tiers.num_experts, fused)
+        # Only the two experts' views change: no per-expert work (512 experts would cost ms a swap).
+        views = list(old.experts)
+        views[into_gpu], views[out_of_gpu] = views[out_of_gpu], views[into_gpu]
+        resident, staged = old.groups[0], old.groups[-1]
+        groups = (ExpertGroup(resident.w13, resident.w2, tuple(tiers.resident_ids)),
+                  ExpertGroup(staged.w13, staged.w2, tuple(tiers.staged_ids)))
+        self.weights[layer] = LayerWeights(groups, tuple(views), fused)
 
     def placement(self) -> list[dict[Tier, list[int]]]:
         """Each layer's expert ids per tier, as the pager holds them now."""

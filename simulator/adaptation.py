@@ -1,0 +1,105 @@
+"""Routing that drifts, and the closed loop that follows it, as the simulator plays them.
+
+`RoutingDrift`: expert popularity over simulated time (phases). `Adaptation`: the executor's
+loop (planner/replan.py) run on the simulated clock: every `window_steps` steps the
+`Replanner` reads the window's pick counts (their expected values under the popularity in
+force: no sampling noise), and where it acts the swaps it lists are made between steps as
+`swap_schedule` spreads them, each costing its three copies (resident row to scratch, host row
+in, scratch out) on the GPU's timeline, as `ExpertPager.swap` makes them. The re-plan delay is
+therefore the windows the policy waits (patience, cooldown), plus the moves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fluxmoe.errors import ConfigError
+from planner.moves import Swap, apply_swaps, swap_schedule
+from planner.plan import Plan
+from planner.popularity import ExpertPopularity
+from planner.replan import ReplanPolicy, Replanner
+from profiles.feedback import RuntimeFeedback
+from profiles.registry import Profile
+
+
+@dataclass
+class RoutingDrift:
+    """`popularity[i]` holds from simulated second `starts_s[i]` on (the first from 0)."""
+
+    starts_s: list[float]
+    popularity: list[ExpertPopularity]
+
+    def __post_init__(self) -> None:
+        if not self.popularity or len(self.starts_s) != len(self.popularity) or self.starts_s[0] != 0:
+            raise ConfigError("routing drift: one start per phase, the first at 0 s")
+        if any(b <= a for a, b in zip(self.starts_s, self.starts_s[1:])):
+            raise ConfigError(f"routing drift: starts must increase, got {self.starts_s!r}")
+
+    def at(self, now_s: float) -> ExpertPopularity:
+        phase = max(i for i, start in enumerate(self.starts_s) if start <= now_s)
+        return self.popularity[phase]
+
+
+@dataclass
+class Adaptation:
+    window_steps: int = 150
+    policy: ReplanPolicy = field(default_factory=ReplanPolicy)
+    max_slowdown: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.window_steps < 1:
+            raise ConfigError(f"field 'window_steps': must be >= 1, got {self.window_steps!r}")
+
+
+def swap_seconds(profile: Profile) -> float:
+    """One in-place swap: an expert copied within HBM, one in over PCIe, one out, in order."""
+    hw, nbytes = profile.hardware, profile.model.expert_bytes
+    return 2 * nbytes / (hw.hbm_gbps * 1e9 * hw.memory_efficiency) + hw.h2d_seconds(nbytes) \
+        + nbytes / (hw.d2h_gbps(nbytes) * 1e9)
+
+
+class AdaptiveLoop:
+    """The re-planner on the simulated clock: counts picks per step, decides per window, and
+    hands the execution the swaps to make before each step."""
+
+    def __init__(self, profile: Profile, plan: Plan, adaptation: Adaptation):
+        self.profile, self.adaptation = profile, adaptation
+        self.replanner = Replanner(profile, plan, adaptation.policy)
+        m = profile.model
+        self.counts = [[0.0] * m.num_experts for _ in range(m.num_moe_layers)]
+        self.tokens = 0
+        self.steps = 0
+        self.swap_s = swap_seconds(profile)
+        self._pending: list[list[Swap]] = []
+        self._change: tuple[Plan, list[Swap]] | None = None
+        self._recent_s: list[float] = []
+        self.decisions: list[tuple[float, str]] = []  # (simulated time, reason) of each window
+        self.swaps_made = 0
+
+    def after_step(self, now_s: float, tokens: int, step_s: float, popularity: ExpertPopularity) -> None:
+        self.steps += 1
+        self.tokens += tokens
+        for row, shares in zip(self.counts, popularity.picks):
+            for e, share in enumerate(shares):
+                row[e] += tokens * share
+        self._recent_s = (self._recent_s + [step_s])[-self.adaptation.window_steps:]
+        if self.steps % self.adaptation.window_steps or self._change is not None:
+            return
+        feedback = RuntimeFeedback(self.steps, self.tokens, [list(r) for r in self.counts])
+        decision = self.replanner.consider(feedback)
+        self.decisions.append((now_s, decision.reason))
+        if decision.act:
+            step = sum(self._recent_s) / len(self._recent_s)
+            self._pending = swap_schedule(decision.swaps, step, self.swap_s, self.adaptation.max_slowdown)
+            self._change = (self.replanner.plan, decision.swaps)
+
+    def swaps_before_step(self) -> list[Swap]:
+        """The swaps to make before the next step (the change is adopted after its last)."""
+        if not self._pending:
+            return []
+        todo = self._pending.pop(0)
+        self.swaps_made += len(todo)
+        if not self._pending and self._change is not None:
+            self.replanner.adopt(apply_swaps(*self._change))
+            self._change = None
+        return todo
