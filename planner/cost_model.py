@@ -113,6 +113,12 @@ class CostModel:
         self._active_cache: dict[float, float] = {}  # tokens -> active experts, under a routing skew
         self._pick_odds: list[float] | None = None  # per expert, P(one token picks it), under a skew
 
+    def set_popularity(self, popularity: ExpertPopularity | None) -> None:
+        """Routing changed (the simulator's drift): per-step caches that depend on it are dropped."""
+        self.popularity = popularity
+        self._active_cache.clear()
+        self._compute_cache.clear()
+
     # ------------------------------------------------------------------ compute
     def _gemm_s(self, params: float, tokens: float) -> float:
         """Roofline time of reading `params` weights once and multiplying them by `tokens` rows."""

@@ -2,8 +2,9 @@
 
 `RoutingDrift`: expert popularity over simulated time (phases). `Adaptation`: the executor's
 loop (planner/replan.py) run on the simulated clock: every `window_steps` steps the
-`Replanner` reads the window's pick counts (their expected values under the popularity in
-force: no sampling noise), and where it acts the swaps it lists are made between steps as
+`Replanner` reads pick counts (their expected values under the popularity in force: no
+sampling noise), one window late as the executor's non-blocking read returns them
+(executor/route_counts.py), and where it acts the swaps it lists are made between steps as
 `swap_schedule` spreads them, each costing its three copies (resident row to scratch, host row
 in, scratch out) on the GPU's timeline, as `ExpertPager.swap` makes them. The re-plan delay is
 therefore the windows the policy waits (patience, cooldown), plus the moves.
@@ -24,19 +25,19 @@ from profiles.registry import Profile
 
 @dataclass
 class RoutingDrift:
-    """`popularity[i]` holds from simulated second `starts_s[i]` on (the first from 0)."""
+    """`popularity[i]` holds from engine step `starts_step[i]` on (the first from step 0)."""
 
-    starts_s: list[float]
+    starts_step: list[int]
     popularity: list[ExpertPopularity]
 
     def __post_init__(self) -> None:
-        if not self.popularity or len(self.starts_s) != len(self.popularity) or self.starts_s[0] != 0:
-            raise ConfigError("routing drift: one start per phase, the first at 0 s")
-        if any(b <= a for a, b in zip(self.starts_s, self.starts_s[1:])):
-            raise ConfigError(f"routing drift: starts must increase, got {self.starts_s!r}")
+        if not self.popularity or len(self.starts_step) != len(self.popularity) or self.starts_step[0] != 0:
+            raise ConfigError("field 'starts_step': one start per phase of popularity, the first at step 0")
+        if any(b <= a for a, b in zip(self.starts_step, self.starts_step[1:])):
+            raise ConfigError(f"field 'starts_step': must increase, got {self.starts_step!r}")
 
-    def at(self, now_s: float) -> ExpertPopularity:
-        phase = max(i for i, start in enumerate(self.starts_s) if start <= now_s)
+    def at(self, step: int) -> ExpertPopularity:
+        phase = max(i for i, start in enumerate(self.starts_step) if start <= step)
         return self.popularity[phase]
 
 
@@ -73,10 +74,11 @@ class AdaptiveLoop:
         self._pending: list[list[Swap]] = []
         self._change: tuple[Plan, list[Swap]] | None = None
         self._recent_s: list[float] = []
-        self.decisions: list[tuple[float, str]] = []  # (simulated time, reason) of each window
+        self._lagged: RuntimeFeedback | None = None  # the counts as of the previous window
+        self.decisions: list[tuple[int, bool, str]] = []  # (step, acted, reason) per window
         self.swaps_made = 0
 
-    def after_step(self, now_s: float, tokens: int, step_s: float, popularity: ExpertPopularity) -> None:
+    def after_step(self, tokens: int, step_s: float, popularity: ExpertPopularity) -> None:
         self.steps += 1
         self.tokens += tokens
         for row, shares in zip(self.counts, popularity.picks):
@@ -85,9 +87,11 @@ class AdaptiveLoop:
         self._recent_s = (self._recent_s + [step_s])[-self.adaptation.window_steps:]
         if self.steps % self.adaptation.window_steps or self._change is not None:
             return
-        feedback = RuntimeFeedback(self.steps, self.tokens, [list(r) for r in self.counts])
+        feedback, self._lagged = self._lagged, RuntimeFeedback(self.steps, self.tokens, [list(r) for r in self.counts])
+        if feedback is None:
+            return
         decision = self.replanner.consider(feedback)
-        self.decisions.append((now_s, decision.reason))
+        self.decisions.append((self.steps, decision.act, decision.reason))
         if decision.act:
             step = sum(self._recent_s) / len(self._recent_s)
             self._pending = swap_schedule(decision.swaps, step, self.swap_s, self.adaptation.max_slowdown)

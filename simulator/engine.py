@@ -18,6 +18,7 @@ from fluxmoe.names import System
 from planner.cost_model import CostModel, StepShape
 from planner.plan import Plan
 from profiles.registry import Profile
+from simulator.adaptation import Adaptation, AdaptiveLoop, RoutingDrift
 from simulator.execution import OffloadExecution, PagedExecution, ResidentExecution
 from simulator.scheduler import Sequence, VLLMScheduler
 from simulator.workload import Workload
@@ -31,6 +32,8 @@ class StepRecord:
     sequences: int
     prefill_tokens: int
     kv_used_bytes: int
+    experts_moved: float = 0.0  # routed-only fetch: expected host experts moved in the step
+    swaps: int = 0  # resident-host swaps made before the step (adaptation)
 
 
 @dataclass
@@ -72,6 +75,7 @@ class SimulationResult:
     timeline: list[StepRecord] = field(default_factory=list, repr=False)
     setting: dict = field(default_factory=dict)  # a baseline's knobs, where they were tuned
     sequences: list[Sequence] = field(default_factory=list, repr=False)
+    adaptation: list[tuple[int, bool, str]] = field(default_factory=list)  # per window: (step, acted, why)
 
     def summary(self) -> str:
         return (f"{self.system}: {self.output_tokens_per_s:,.0f} output tok/s ({self.tokens_per_s:,.0f} total), "
@@ -81,7 +85,8 @@ class SimulationResult:
 
 def _execution_for(env: simpy.Environment, cost: CostModel, plan: Plan | None, system: System, offload_bytes: float):
     if system is System.FLUXMOE:
-        return PagedExecution(env, cost, plan.tier_counts(), plan.prefetch_depth, plan.routed_fetch)
+        host_ids = [lp.host for lp in sorted(plan.layers, key=lambda lp: lp.layer)]
+        return PagedExecution(env, cost, plan.tier_counts(), plan.prefetch_depth, plan.routed_fetch, host_ids)
     if system is System.VLLM:
         return ResidentExecution(env, cost)
     return OffloadExecution(env, cost, offload_bytes)
@@ -90,11 +95,14 @@ def _execution_for(env: simpy.Environment, cost: CostModel, plan: Plan | None, s
 def simulate(profile: Profile, workload: Workload, *, plan: Plan | None = None, system: str = "fluxmoe",
              kv_cache_bytes: int | None = None, max_num_seqs: int | None = None, offload_bytes: float = 0.0,
              max_num_batched_tokens: int = 8192, keep_timeline: bool = True,
-             progress: Callable[[int], None] | None = None, routing_skew: float | None = None) -> SimulationResult:
+             progress: Callable[[int], None] | None = None, routing_skew: float | None = None,
+             drift: RoutingDrift | None = None, adaptation: Adaptation | None = None) -> SimulationResult:
     """Serve `workload` with a FluxMoE `plan` (system 'fluxmoe') or a baseline ('vllm',
     'vllm_offload', which need kv_cache_bytes and max_num_seqs). `progress(n)` is called as
     requests finish. routing_skew: of expert popularity (planner.WorkloadShape); None: the
-    plan's, or uniform without a plan."""
+    plan's, or uniform without a plan. drift: per-expert popularity by phases of steps (it
+    replaces routing_skew); adaptation: the closed loop re-places experts as it would on the
+    GPU (simulator/adaptation.py; needs a FluxMoE plan and a drift)."""
     try:
         system = System(system)
     except ValueError:
@@ -116,8 +124,11 @@ def simulate(profile: Profile, workload: Workload, *, plan: Plan | None = None, 
     env = simpy.Environment()
     if routing_skew is None:
         routing_skew = plan.workload.routing_skew if plan is not None else 0.0
-    cost = CostModel(profile, routing_skew)
+    if adaptation is not None and (system is not System.FLUXMOE or drift is None):
+        raise ConfigError("adaptation: needs system 'fluxmoe' and a routing drift to adapt to")
+    cost = CostModel(profile, routing_skew, drift.at(0) if drift is not None else None)
     execution = _execution_for(env, cost, plan, system, offload_bytes)
+    loop = AdaptiveLoop(profile, plan, adaptation) if adaptation is not None else None
     scheduler = VLLMScheduler(profile.model, kv_cache_bytes, max_num_seqs, max_num_batched_tokens)
     timeline: list[StepRecord] = []
     finished: list[Sequence] = []
@@ -152,14 +163,26 @@ def simulate(profile: Profile, workload: Workload, *, plan: Plan | None = None, 
                 raise RuntimeError("scheduler made no progress with work waiting (KV pool too small?)")
             contexts = [seq.computed + n for seq, n in step.work]
             shape = StepShape(step.tokens, len(step.work), float(np.mean(contexts)))
+            if drift is not None and drift.at(stats["steps"]) is not cost.popularity:
+                cost.set_popularity(drift.at(stats["steps"]))
             start = env.now
+            swaps = loop.swaps_before_step() if loop is not None else []
+            for swap in swaps:  # between steps, on the GPU's timeline
+                execution.swap(swap.layer, swap.into_gpu, swap.out_of_gpu)
+            if swaps:
+                yield env.timeout(len(swaps) * loop.swap_s)
+                execution.busy.gpu_s += len(swaps) * loop.swap_s
+            moved = getattr(execution.busy, "experts_moved", 0.0)
             yield env.process(execution.run_step(shape))
+            if loop is not None:
+                loop.after_step(step.tokens, env.now - start, cost.popularity)
             account(env.now)
             prefill = sum(n for seq, n in step.work if n > 1)
             stats["steps"] += 1
             stats["sequences"] += len(step.work)
             if keep_timeline:
-                timeline.append(StepRecord(start, env.now, step.tokens, len(step.work), prefill, scheduler.used))
+                timeline.append(StepRecord(start, env.now, step.tokens, len(step.work), prefill, scheduler.used,
+                                           getattr(execution.busy, "experts_moved", 0.0) - moved, len(swaps)))
             done = scheduler.complete(step, env.now)
             stats["in_system"] -= len(done)
             finished.extend(done)
@@ -182,4 +205,4 @@ def simulate(profile: Profile, workload: Workload, *, plan: Plan | None = None, 
         preemptions=scheduler.preemptions, pcie_busy=busy.link_s / makespan, decode_busy=busy.decode_s / makespan,
         gpu_busy=busy.gpu_s / makespan, stall_s=busy.stall_s, mean_in_system=stats["in_system_area"] / env.now,
         steps=stats["steps"], mean_batch=stats["sequences"] / max(1, stats["steps"]), timeline=timeline,
-        sequences=finished)
+        sequences=finished, adaptation=loop.decisions if loop is not None else [])

@@ -28,6 +28,7 @@ class BusyTime:
     decode_s: float = 0.0
     link_s: float = 0.0
     stall_s: float = 0.0
+    experts_moved: float = 0.0  # routed-only fetch: expected host experts moved, summed over steps
 
 
 class ResidentExecution:
@@ -63,9 +64,10 @@ class PagedExecution:
     """A FluxMoE plan: GPU and PCIe link as SimPy resources, prefetch bounded by depth."""
 
     def __init__(self, env: simpy.Environment, cost: CostModel, tiers: list[TierCounts], prefetch_depth: int,
-                 routed_fetch: bool = False):
+                 routed_fetch: bool = False, host_ids: list[list[int]] | None = None):
         """routed_fetch: each layer's routed host experts cross the link after its router, in
-        the layer's own time (a share of them that depends on the step's tokens)."""
+        the layer's own time (a share of them that depends on the step's tokens). host_ids: per
+        MoE layer, which experts are on the host (priced by their own popularity, where known)."""
         self.env, self.cost, self.depth = env, cost, prefetch_depth
         self.busy = BusyTime()
         m = cost.model
@@ -73,6 +75,8 @@ class PagedExecution:
         self.transfer_s = [0.0] * m.num_layers
         self.decode_s = [0.0] * m.num_layers
         self.routed = [None] * m.num_layers  # per layer: its TierCounts where host experts are fetched routed-only
+        self.position = {layer: i for i, layer in enumerate(m.moe_layers)}
+        self.host_ids = [list(ids) for ids in host_ids] if host_ids is not None else None
         for layer, t in zip(m.moe_layers, tiers):
             self.transfer_s[layer] = cost.layer_transfer_s(t, routed_fetch)
             self.decode_s[layer] = cost.layer_decode_s(t)
@@ -137,6 +141,11 @@ class PagedExecution:
         for key in [k for k in self._finish_waiters if k <= g]:
             self._finish_waiters.pop(key).succeed()
 
+    def swap(self, layer: int, into_gpu: int, out_of_gpu: int) -> None:
+        """Model layer `layer`: host expert `into_gpu` became resident, `out_of_gpu` went to the host."""
+        ids = self.host_ids[self.position[layer]]
+        ids[ids.index(into_gpu)] = out_of_gpu
+
     def run_step(self, step: StepShape):
         compute = self.cost.layer_compute_s(step)
         base = self.next_layer
@@ -150,7 +159,10 @@ class PagedExecution:
                     self.busy.stall_s += self.env.now - waited_from
                 del self._ready[base + first]
             if self.routed[first] is not None:  # the link after the router, shared with the stream
-                fetch = self.cost.layer_routed_s(self.routed[first], step)
+                position = self.position[first]
+                ids = self.host_ids[position] if self.host_ids is not None else None
+                fetch = self.cost.layer_routed_s(self.routed[first], step, position, ids)
+                self.busy.experts_moved += fetch / self.cost.transfer_s_per_expert
                 waited_from = self.env.now
                 with self.link.request() as slot:
                     yield slot

@@ -110,16 +110,17 @@ def test_the_gather_kernel_under_tritons_interpreter_moves_only_flagged_rows():
 
     pytest.importorskip("triton")
     script = textwrap.dedent("""
-        import torch, triton
-        from executor.routed_fetch import GATHER_BLOCK, _gather_kernel
-        n, numel = 5, 2 * GATHER_BLOCK + 37  # a ragged last block
-        host = (torch.randn(n, numel, generator=torch.Generator().manual_seed(0))).to(torch.bfloat16)
-        slots = torch.zeros_like(host)
-        flags = torch.tensor([True, False, True, False, True])
-        _gather_kernel()[(n, triton.cdiv(numel, GATHER_BLOCK))](host, slots, flags.view(torch.uint8), numel,
-                                                             BLOCK=GATHER_BLOCK)
-        assert torch.equal(slots[flags].view(torch.int16), host[flags].view(torch.int16))
-        assert not slots[~flags].view(torch.int16).any()
+        import torch
+        from executor.routed_fetch import GATHER_BLOCK, GATHER_SPLIT, _launch_gather
+        # A ragged last block; and rows of more blocks than programs, so each program loops.
+        for numel in (2 * GATHER_BLOCK + 37, (2 * GATHER_SPLIT + 3) * GATHER_BLOCK + 5):
+            n = 5
+            host = (torch.randn(n, numel, generator=torch.Generator().manual_seed(0))).to(torch.bfloat16)
+            slots = torch.zeros_like(host)
+            flags = torch.tensor([True, False, True, False, True])
+            _launch_gather(host, slots, flags)
+            assert torch.equal(slots[flags].view(torch.int16), host[flags].view(torch.int16))
+            assert not slots[~flags].view(torch.int16).any()
         print("gather: exact")
     """)
     root = Path(__file__).resolve().parent.parent
