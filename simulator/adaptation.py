@@ -46,10 +46,13 @@ class Adaptation:
     window_steps: int = 150
     policy: ReplanPolicy = field(default_factory=ReplanPolicy)
     max_slowdown: float = 0.1
+    swap_s: float | None = None  # one swap, as measured (None: priced from the profile's rates)
 
     def __post_init__(self) -> None:
         if self.window_steps < 1:
             raise ConfigError(f"field 'window_steps': must be >= 1, got {self.window_steps!r}")
+        if self.swap_s is not None and not self.swap_s > 0:
+            raise ConfigError(f"field 'swap_s': must be > 0, got {self.swap_s!r}")
 
 
 def swap_seconds(profile: Profile) -> float:
@@ -70,7 +73,7 @@ class AdaptiveLoop:
         self.counts = [[0.0] * m.num_experts for _ in range(m.num_moe_layers)]
         self.tokens = 0
         self.steps = 0
-        self.swap_s = swap_seconds(profile)
+        self.swap_s = adaptation.swap_s or swap_seconds(profile)
         self._pending: list[list[Swap]] = []
         self._change: tuple[Plan, list[Swap]] | None = None
         self._recent_s: list[float] = []
