@@ -14,13 +14,15 @@ layer resident and the rest on the host, fetched routed-only (executor/routed_fe
 Per run: step time and experts moved over PCIe per step, per window (plotted), and at the end
 one step checked bit-exact against the all-resident stack. "Memory at equal throughput": the
 fewest resident experts with which the adaptive run matches the fixed run's throughput at R0.
-Run on the GPU machine: FLUXMOE_COMMIT=<sha> python3 bench/adaptive_residency.py [shape ...]
+Run on the GPU machine: FLUXMOE_COMMIT=<sha> python3 bench/adaptive_residency.py [shape ...];
+plot a result: python bench/adaptive_residency.py --plot RESULT.json OUT.png
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import sys
 import time
 from pathlib import Path
@@ -262,7 +264,39 @@ def run_shape(name: str) -> dict:
                                             * profiles.load_model(name).num_moe_layers // L) if least else 0)
 
 
+def plot(results: dict, path: Path) -> Path:
+    """Per shape: decode rate and host experts moved per step, window by window, of each run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 2, figsize=(11, 3.6 * len(results)), squeeze=False)
+    for row, (name, res) in zip(axes, results.items()):
+        for run in res["runs"]:
+            steps = [w["step"] for w in run["windows"]]
+            label = f"{run['mode']} R={run['resident']}"
+            style = dict(lw=2.2 if run["mode"] != "adaptive" else 1.2, ls="--" if run["mode"] == "oracle" else "-")
+            row[0].plot(steps, [1e3 / w["step_ms"] for w in run["windows"]], label=label, **style)
+            row[1].plot(steps, [w["experts_moved_per_step"] for w in run["windows"]], label=label, **style)
+        for ax, what in zip(row, ("tokens/s (one sequence)", "host experts moved per step")):
+            ax.axvline(res["steps"] // 2, color="grey", lw=0.8, ls=":")
+            ax.set_xlabel("decode step")
+            ax.set_ylabel(what)
+            ax.set_title(f"{name}, {res['layers']} layers of {res['experts']} experts (drift at the dotted line)",
+                         fontsize=9)
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--plot"]:  # python3 bench/adaptive_residency.py --plot RESULT.json OUT.png
+        print(plot(json.loads(Path(sys.argv[2]).read_text())["shapes"], Path(sys.argv[3])))
+        return
     names = sys.argv[1:] or list(SHAPES)
     results = {name: run_shape(name) for name in names}
     path = write_result("adaptive_residency_h200", {"shapes": results, "max_slowdown": MAX_SLOWDOWN})

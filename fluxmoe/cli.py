@@ -356,7 +356,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
     from fluxmoe.report import plan_table
     from fluxmoe.serve import prepare
-    from fluxmoe.vllm_plugin.endpoint import STATS_PATH
+    from fluxmoe.vllm_plugin.endpoint import ADAPT_PATH, STATS_PATH
     from fluxmoe.vllm_plugin.stats import DEFAULT_INTERVAL_S, INTERVAL_ENV
 
     launch = prepare(args, args.vllm_args, lambda profile: make_plan(args, profile, _workload(args)))
@@ -365,12 +365,38 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     print(f"vLLM gets --gpu-memory-utilization {launch.gpu_memory_utilization} (the plan's budget)")
     print(f"pager stats: GET {STATS_PATH} (same --api-key as the API), and a log line every "
           f"${INTERVAL_ENV} seconds (default {DEFAULT_INTERVAL_S:g})")
+    if args.adapt:
+        print(f"adaptation on: every {args.adapt_interval:g} s the server re-places experts by their measured "
+              f"popularity (GET {ADAPT_PATH}); `fluxmoe budget` asks for a plan at another budget")
     print("starting: " + " ".join(shlex.quote(a) for a in launch.argv), flush=True)
     if args.dry_run:
         return
     if not os.path.isabs(launch.argv[0]):
         raise ConfigError("vLLM is not installed here: pip install 'fluxmoe[vllm]' (vLLM 0.26.0)")
     os.execvpe(launch.argv[0], launch.argv, launch.env)
+
+
+def _cmd_budget(args: argparse.Namespace) -> None:
+    import json
+    import urllib.error
+    import urllib.request
+
+    from fluxmoe.units import parse_bytes
+    from fluxmoe.vllm_plugin.endpoint import BUDGET_PATH
+
+    parse_bytes(args.budget, "budget")  # refused here, before the server is asked
+    request = urllib.request.Request(args.url.rstrip("/") + BUDGET_PATH, method="POST",
+                                     data=json.dumps({"budget": args.budget}).encode(),
+                                     headers={"Content-Type": "application/json",
+                                              **({"Authorization": f"Bearer {args.api_key}"} if args.api_key else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        raise ConfigError(f"{args.url}: {e.code} {e.read().decode(errors='replace')}") from None
+    except urllib.error.URLError as e:
+        raise ConfigError(f"{args.url}: no FluxMoE server answers ({e.reason})") from None
+    print(json.dumps(answer, indent=2))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -475,7 +501,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-plan", default=None, help="where to write the plan vLLM reads (default: a file in "
                                                      "~/.cache/fluxmoe/plans)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the vLLM command, start nothing")
+    p.add_argument("--adapt", action="store_true",
+                   help="close the loop: count each expert's picks on the GPU and, when the predicted gain passes "
+                        "5%% twice in a row, swap hot host experts with cold resident ones between steps (at most "
+                        "10%% of a step's time); also serves GET /v1/fluxmoe/adapt and POST /v1/fluxmoe/budget, "
+                        "which take the same --api-key as the API")
+    p.add_argument("--adapt-interval", type=positive(float), default=10.0, help="seconds between adaptation windows")
     p.set_defaults(func=_cmd_serve, vllm_args=[])
+
+    p = sub.add_parser("budget", help="ask a running `fluxmoe serve --adapt` for a plan at another GPU budget",
+                       formatter_class=_Help,
+                       description="POST /v1/fluxmoe/budget: the server re-plans for the budget under the expert "
+                                   "popularity it measured, writes the plan beside its own, and says what applying "
+                                   "it takes (a change of tier counts means a restart with the new plan: vLLM 0.26 "
+                                   "cannot resize the KV cache or CUDA graphs of a running server). The route is an "
+                                   "admin route under /v1: give the server's --api-key.")
+    p.add_argument("budget", help="GPU memory budget, e.g. 40GiB")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server")
+    p.add_argument("--api-key", default=None, help="the server's --api-key (sent as a bearer token)")
+    p.add_argument("--timeout", type=positive(float), default=120.0, help="seconds to wait for the new plan")
+    p.set_defaults(func=_cmd_budget)
 
     p = sub.add_parser("profile", help="measure this GPU into a hardware profile (needs CUDA)", formatter_class=_Help,
                        description="Measure PCIe curves, HBM copy and matmul rates, the codec and expert FFN times "

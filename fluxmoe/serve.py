@@ -110,6 +110,11 @@ def prepare(args, vllm_args: list[str], make_plan) -> Launch:
     argv += list(vllm_args)
     env = dict(os.environ, **{PLAN_ENV: str(plan_path.resolve())})
     env["VLLM_PLUGINS"] = _plugins_with_stats(os.environ.get("VLLM_PLUGINS"))
+    if getattr(args, "adapt", False):
+        from fluxmoe.vllm_plugin.adapt import ADAPT_ENV
+
+        env[ADAPT_ENV] = json.dumps({"model": str(Path(args.model).resolve()), "gpu": args.gpu,
+                                     "interval_s": args.adapt_interval})
     return Launch(plan, plan_path, argv, env, utilization)
 
 

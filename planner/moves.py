@@ -81,6 +81,14 @@ def apply_swaps(plan: Plan, swaps: list[Swap]) -> Plan:
     return replace(plan, layers=[layers[lp.layer] for lp in plan.layers])  # validated again
 
 
+def swap_seconds(profile) -> float:
+    """One in-place swap as `ExpertPager.swap` makes it: an expert copied within HBM, one in over
+    PCIe, one out, in order on one stream (measured where a run can time it)."""
+    hw, nbytes = profile.hardware, profile.model.expert_bytes
+    return 2 * nbytes / (hw.hbm_gbps * 1e9 * hw.memory_efficiency) + hw.h2d_seconds(nbytes) \
+        + nbytes / (hw.d2h_gbps(nbytes) * 1e9)
+
+
 def swap_schedule(swaps: list[Swap], step_s: float, swap_s: float, max_slowdown: float = 0.1) -> list[list[Swap]]:
     """`swaps` spread over steps, one list per step (empty: a step without swaps), so that the
     swap time added to the steps of the change is at most `max_slowdown` of their time: as

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fluxmoe.errors import ConfigError
-from planner.moves import Swap, apply_swaps, swap_schedule
+from planner.moves import Swap, apply_swaps, swap_schedule, swap_seconds
 from planner.plan import Plan
 from planner.popularity import ExpertPopularity
 from planner.replan import ReplanPolicy, Replanner
@@ -53,13 +53,6 @@ class Adaptation:
             raise ConfigError(f"field 'window_steps': must be >= 1, got {self.window_steps!r}")
         if self.swap_s is not None and not self.swap_s > 0:
             raise ConfigError(f"field 'swap_s': must be > 0, got {self.swap_s!r}")
-
-
-def swap_seconds(profile: Profile) -> float:
-    """One in-place swap: an expert copied within HBM, one in over PCIe, one out, in order."""
-    hw, nbytes = profile.hardware, profile.model.expert_bytes
-    return 2 * nbytes / (hw.hbm_gbps * 1e9 * hw.memory_efficiency) + hw.h2d_seconds(nbytes) \
-        + nbytes / (hw.d2h_gbps(nbytes) * 1e9)
 
 
 class AdaptiveLoop:

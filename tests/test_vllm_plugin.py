@@ -68,7 +68,8 @@ def _forward(runtime, routers, x, top_k):
     for layer, router in zip(runtime.moe_layers, routers):
         i = runtime.position(layer)
         weights = pager.before_layer(i)
-        x = moe_layer(x, router, weights.fused.experts() if weights.fused else weights.experts, top_k)
+        x = moe_layer(x, router, weights.fused.experts() if weights.fused else weights.experts, top_k,
+                      on_route=lambda ids, i=i: (pager.count_routes(i, ids), pager.fetch_routed(i, ids)))
         pager.after_layer(i)
     pager.end_step()
     return x

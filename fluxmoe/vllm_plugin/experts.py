@@ -207,6 +207,7 @@ class PagedRoutedExperts(RoutedExperts):
             runtime.reporter.poll()  # eager steps (no graph replay hook); cheap unless a line is due
         pager.prefetch_on_release = not _piecewise_capture()
         weights = pager.before_layer(position)
+        pager.count_routes(position, topk_ids)  # per-expert picks, on the GPU (the closed loop reads them)
         pager.fetch_routed(position, topk_ids)  # a no-op unless the plan fetches routed host experts only
         if weights.fused is None:
             out = super().forward_modular(x, topk_weights, topk_ids, shared_experts, shared_experts_input)

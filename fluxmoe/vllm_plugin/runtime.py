@@ -156,19 +156,31 @@ class PagingRuntime:
                 raise RuntimeError(f"MoE layers {missing} were never placed: the pager cannot start")
             self._pager = ExpertPager(self.layers, self.plan.prefetch_depth, self.device, slots=self.slots,
                                       arena=self.arena, telemetry=self.reporter is not None,
-                                      routed_fetch=self.plan.routed_fetch)
+                                      routed_fetch=self.plan.routed_fetch, count_routes=True)
             compressed = sum(len(t.compressed_ids) + len(t.host_compressed_ids) for t in self.layers)
             if compressed:
                 log.info("FluxMoE: %d compressed and host-compressed experts were encoded at load in %.1f s",
                          compressed, self.encode_seconds)
         return self._pager
 
+    def swap(self, swaps) -> int:
+        """Between steps (vLLM runs worker calls there): resident-host swaps in place, each
+        (model layer, expert into the GPU, expert out of it); the plan follows. Returns how many."""
+        from planner.moves import Swap, apply_swaps
+
+        swaps = [s if isinstance(s, Swap) else Swap(*s) for s in swaps]
+        plan = apply_swaps(self.plan, swaps)  # refuses a swap whose experts are not where it says
+        for swap in swaps:
+            self.pager.swap(self.position(swap.layer), swap.into_gpu, swap.out_of_gpu)
+        self.plan = plan
+        return len(swaps)
+
     def stats(self) -> dict:
         """The pager's latest stats (see `StatsReporter.snapshot`); empty layers if not timed."""
         if self.reporter is None:
-            from fluxmoe.vllm_plugin.stats import header
+            from fluxmoe.vllm_plugin.stats import header, route_counts_of
 
-            return {**header(self), "stats": "off"}
+            return {**header(self), "stats": "off", **route_counts_of(self._pager)}
         return self.reporter.snapshot()
 
     @property

@@ -75,6 +75,7 @@ class StatsReporter:
             pager.harvest()
             self._count_steps(pager)
         stats = pager.stats
+        out.update(route_counts_of(pager))
         out.update(steps=self._steps, timed_steps=stats.samples, host_expert_bytes=pager.host_bytes,
                    wait_ms=round(stats.total_wait_ms, 4), h2d_gbps=round(stats.h2d_gbps, 2),
                    decode_gbps=round(stats.decode_gbps, 2))
@@ -106,6 +107,15 @@ class StatsReporter:
         return (f"FluxMoE pager: {snap['steps']} steps; latest timed step: compute waited {snap['wait_ms']:.3f} ms "
                 f"over {snap['paged_layers']} paged layers (most: layer {worst['layer']}, {worst['wait_ms']:.3f} ms), "
                 f"H2D {snap['h2d_gbps']:.1f} GB/s, decode {snap['decode_gbps']:.1f} GB/s")
+
+
+def route_counts_of(pager) -> dict:
+    """Each expert's picks per MoE layer and the tokens counted, as of the previous read (no wait;
+    nothing inside a CUDA-graph capture)."""
+    if pager is None or pager.route_counter is None or _capturing():
+        return {}
+    counts, tokens = pager.route_counter.read()
+    return {"routed_tokens": tokens[0] if tokens else 0, "route_counts": counts}
 
 
 def _capturing() -> bool:

@@ -21,3 +21,13 @@ class FluxMoEWorkerExtension:
             return {"plan": None}
         return {"plan": runtime.plan.model, "budget_gib": round(runtime.plan.budget_bytes / 2**30, 3),
                 **runtime.stats()}
+
+    def fluxmoe_swap(self, swaps: list) -> int:
+        """Resident-host swaps, each [model layer, expert into the GPU, expert out], made between
+        steps in place (CUDA graphs stay valid); how many were made."""
+        from fluxmoe.vllm_plugin.runtime import current_runtime
+
+        runtime = current_runtime()
+        if runtime is None:
+            raise RuntimeError("no FluxMoE plan runs in this worker")
+        return runtime.swap(swaps)

@@ -1,0 +1,131 @@
+"""The closed loop inside a running server, and the admin routes that show and steer it.
+
+`ServerLoop` runs in vLLM's API server process (started by the endpoint plugin when
+`FLUXMOE_ADAPT` is set; `fluxmoe serve --adapt` sets it): every `interval_s` it asks the
+workers for their stats (`collective_rpc("fluxmoe_stats")`: the GPU's route counts, read
+without a sync), lets the `Replanner` (planner/replan.py) decide, and where it acts sends the
+resident-host swaps to the workers in batches (`collective_rpc("fluxmoe_swap")`, which vLLM
+runs between steps), one batch a step as `swap_schedule` paces them. No request is dropped or
+changed: a swap moves bytes bit-exactly and the id maps follow in place.
+
+`POST /v1/fluxmoe/budget` re-plans for another GPU budget under the measured popularity and
+says what applying it takes: a change of tier counts resizes the arena that vLLM's CUDA graphs
+and KV sizing were built around, so with vLLM 0.26 it means a restart with the new plan (the
+plan is written to a file and the command given). It does not change the running server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fluxmoe.errors import ConfigError
+from fluxmoe.vllm_plugin import LOG_NAME
+
+ADAPT_ENV = "FLUXMOE_ADAPT"  # JSON: {"model": folder, "gpu": profile name, "interval_s": seconds}
+log = logging.getLogger(LOG_NAME)
+
+
+@dataclass
+class AdaptSettings:
+    model: str  # the model folder (its config.json gives the shapes)
+    gpu: str  # the GPU profile the plan was made for
+    interval_s: float = 10.0
+    max_slowdown: float = 0.1
+
+    @classmethod
+    def from_env(cls) -> "AdaptSettings | None":
+        raw = os.environ.get(ADAPT_ENV)
+        if not raw:
+            return None
+        try:
+            settings = cls(**json.loads(raw))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{ADAPT_ENV}: expected JSON with model, gpu (and interval_s), got {raw!r}: {e}") \
+                from None
+        if not settings.interval_s > 0:
+            raise ConfigError(f"{ADAPT_ENV}: interval_s must be > 0, got {settings.interval_s!r}")
+        return settings
+
+
+@dataclass
+class ServerLoop:
+    engine: object  # anything with `async collective_rpc(method, args=())`
+    replanner: object  # planner.replan.Replanner
+    interval_s: float = 10.0
+    max_slowdown: float = 0.1
+    sleep: object = asyncio.sleep
+    history: list[dict] = field(default_factory=list)  # one entry per decision, newest last
+    swaps_made: int = 0
+
+    @classmethod
+    def from_settings(cls, engine, settings: AdaptSettings, plan_path: str) -> "ServerLoop":
+        import profiles
+        from planner.plan import Plan
+        from planner.replan import Replanner
+
+        profile = profiles.Profile(profiles.load_model(settings.model), profiles.load_gpu(settings.gpu))
+        return cls(engine, Replanner(profile, Plan.load(plan_path)), settings.interval_s, settings.max_slowdown)
+
+    async def run(self) -> None:
+        while True:
+            await self.sleep(self.interval_s)
+            try:
+                await self.tick()
+            except Exception as e:  # the loop must never take the server down
+                log.warning("FluxMoE adaptation: %s", e)
+                self.history.append({"time": time.time(), "error": str(e)})
+
+    async def tick(self):
+        """One window: read, decide, and make the swaps where the decision says so."""
+        from planner.moves import apply_swaps, swap_schedule, swap_seconds
+        from profiles.feedback import RuntimeFeedback
+
+        workers = await self.engine.collective_rpc("fluxmoe_stats")
+        first = workers[0] if workers else {}
+        if "route_counts" not in first:
+            return None
+        decision = await asyncio.to_thread(self.replanner.consider, RuntimeFeedback.from_stats(first))
+        entry = {"time": time.time(), "act": decision.act, "reason": decision.reason,
+                 "gain": round(decision.gain, 4), "swaps": len(decision.swaps)}
+        self.history = (self.history + [entry])[-100:]
+        if not decision.act:
+            return decision
+        step_s = decision.current_s
+        schedule = swap_schedule(decision.swaps, step_s, swap_seconds(self.replanner.profile), self.max_slowdown)
+        for batch in schedule:
+            if batch:
+                await self.engine.collective_rpc("fluxmoe_swap", args=([[s.layer, s.into_gpu, s.out_of_gpu]
+                                                                         for s in batch],))
+                self.swaps_made += len(batch)
+            await self.sleep(step_s)  # about one engine step between batches
+        self.replanner.adopt(apply_swaps(self.replanner.plan, decision.swaps))
+        log.info("FluxMoE adaptation: %d swaps made (%s)", len(decision.swaps), decision.reason)
+        return decision
+
+    def rebudget(self, budget: str, out_dir: Path) -> dict:
+        """A plan for another GPU budget, and what applying it takes (see the module docstring)."""
+        from planner.moves import swaps_between
+
+        current = self.replanner.plan
+        plan = self.replanner.rebudget(budget, max_num_seqs=current.max_num_seqs)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{plan.model}-{plan.budget_bytes}.json"
+        plan.save(path)
+        answer = {"budget_bytes": plan.budget_bytes, "plan": str(path),
+                  "predicted_output_tokens_per_s": plan.predicted.output_tokens_per_s,
+                  "kv_cache_bytes": plan.kv_cache_bytes, "max_num_seqs": plan.max_num_seqs}
+        try:
+            swaps_between(current, plan)
+            answer["apply"] = ("no restart: the tier counts are the same; the adaptation loop re-places experts "
+                               "as their popularity asks")
+        except ConfigError as e:
+            answer["apply"] = (f"restart: fluxmoe serve --model {self.replanner.profile.model.name} --plan {path} "
+                               f"(the tier counts change: {e}; vLLM 0.26 cannot resize its KV cache, CUDA graphs "
+                               f"or the expert arena of a running server)")
+        return answer
