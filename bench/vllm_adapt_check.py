@@ -74,10 +74,13 @@ def main() -> None:
                 [[float(s[t].logprob) for t, s in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs])
 
     tokens_a, logprobs_a = run()
+    llm.collective_rpc("fluxmoe_stats")  # starts a copy of the counts; a read returns the previous copy
+    torch.cuda.synchronize()
     stats = llm.collective_rpc("fluxmoe_stats")[0]
     profile = profiles.Profile(profiles.load_model(a.model), profiles.load_gpu(a.gpu))
     k = profile.model.experts_per_token
-    picks_ok = all(sum(row) == stats["routed_tokens"] * k for row in stats["route_counts"])
+    picks_ok = stats["routed_tokens"] > 0 and all(sum(row) == stats["routed_tokens"] * k
+                                                  for row in stats["route_counts"])
     loop = Replanner(profile, plan, ReplanPolicy(min_tokens=1, patience=1))
     decision = loop.consider(RuntimeFeedback.from_stats(stats))
     swaps = list(decision.swaps)

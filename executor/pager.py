@@ -235,6 +235,10 @@ class ExpertPager:
         stay valid where they read a layer through `FusedWeights.row_of` (as the vLLM plugin
         does; `FusedWeights.experts()` resolves rows on the host, for eager harnesses).
         On the caller's stream, which the next step follows; a staging slot is the scratch row."""
+        with torch.inference_mode():  # vLLM made these tensors in inference mode; its worker calls come outside it
+            self._swap(layer, into_gpu, out_of_gpu)
+
+    def _swap(self, layer: int, into_gpu: int, out_of_gpu: int) -> None:
         tiers = self.layers[layer]
         if into_gpu not in tiers.host_ids or out_of_gpu not in tiers.resident_ids:
             raise ConfigError(f"swap in layer {layer}: expert {into_gpu} must be on the host and {out_of_gpu} "

@@ -282,3 +282,17 @@ def test_measured_rates_calibrate_the_profile():
         RuntimeFeedback(1, 1, [[1]], h2d_gbps=-1)
     with pytest.raises(ConfigError, match="stats: no routed_tokens, route_counts"):
         RuntimeFeedback.from_stats({"steps": 3})
+
+
+def test_swaps_on_a_pager_built_in_inference_mode_work_outside_it():
+    """vLLM builds the pager inside inference mode and runs worker calls (the swaps) outside it:
+    an in-place update of an inference tensor there is refused unless the swap re-enters the mode."""
+    routers, stacks = random_stack(L, H, I, E, torch.device("cpu"), 5)
+    with torch.inference_mode():
+        stack = PagedMoEStack(routers, stacks, [MIX] * L, K, 1, "cpu", fused=True, routed_fetch=True)
+    stack.pager.swap(0, 1, 0)
+    x = torch.randn(6, H, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(_fused_step(stack.pager, x, stack.routers, K),
+                           __import__("executor.routed_stack", fromlist=["routed_reference"]).routed_reference(
+                               x, routers, stacks, K))
