@@ -80,6 +80,13 @@ class PagedMoEStack:
         pager.end_step()
         return x
 
+    def resize(self, tiers: list[list[Tier | str]], prefetch_depth: int | None = None,
+               slots: int | None = None) -> None:
+        """Between steps: the same experts in other tiers (a plan for another budget), GPU
+        memory given back or taken (ExpertPager.rebuild)."""
+        tiers = [[parse_tier(t, f"layer {i} tier") for t in layer] for i, layer in enumerate(tiers)]
+        self.pager = self.pager.rebuild(tiers, prefetch_depth, slots)
+
     def _routed(self, layer: int, topk_ids: torch.Tensor) -> None:
         self.pager.count_routes(layer, topk_ids)
         self.pager.fetch_routed(layer, topk_ids)

@@ -269,6 +269,30 @@ class ExpertPager:
                   ExpertGroup(staged.w13, staged.w2, tuple(tiers.staged_ids)))
         self.weights[layer] = LayerWeights(groups, tuple(views), fused)
 
+    def rebuild(self, tiers: list[list[Tier]], prefetch_depth: int | None = None,
+                slots: int | None = None) -> "ExpertPager":
+        """A pager over the same experts in other tiers (a new budget), made between steps: every
+        expert is read back to the host, this pager's GPU memory is freed (and torch's cache
+        emptied, so the free memory the driver reports follows), then the new one is built.
+        Pick counts carry over. This pager is unusable afterwards. Inside vLLM only with
+        enforce_eager: CUDA graphs hold the old arena's addresses, and vLLM keeps its KV size."""
+        stacks = [t.full_stacks("cpu") for t in self.layers]
+        counts = self.route_counter.read_now() if self.route_counter is not None else None
+        device, layout, order = self.device, self.layout, self.streams.cpu_order
+        depth = self.depth if prefetch_depth is None else prefetch_depth
+        options = dict(fused=self.arena is not None, cpu_order=order, routed_fetch=self.routed_fetch,
+                       count_routes=self.route_counter is not None)
+        self.layers, self.weights, self.fetchers, self.arena, self.pool, self.landing = [], [], [], None, None, None
+        self._marks, self.route_counter = [], None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+        pager = ExpertPager.build(stacks, tiers, layout, depth, device, slots=slots, **options)
+        if counts is not None:
+            pager.route_counter.counts.copy_(torch.tensor(counts[0]))
+            pager.route_counter.tokens.copy_(torch.tensor(counts[1]))
+        return pager
+
     def placement(self) -> list[dict[Tier, list[int]]]:
         """Each layer's expert ids per tier, as the pager holds them now."""
         return [{Tier.RESIDENT: list(t.resident_ids), Tier.COMPRESSED: list(t.compressed_ids),

@@ -241,6 +241,28 @@ class LayerTiers:
             for chunk in stack:
                 yield chunk, out[start + chunk.first:start + chunk.first + chunk.n]
 
+    def full_stacks(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Every expert of the layer, bf16, in id order, on `device` (a re-plan rebuilds tiers
+        from these): resident and host rows copied, compressed and host-compressed ones decoded."""
+        from executor.codec import decode
+
+        out = tuple(torch.empty((self.num_experts, *shape), dtype=torch.bfloat16, device=device)
+                    for shape in (self.layout.w13_shape, self.layout.w2_shape))
+        for ids, stacks in ((self.resident_ids, self.resident), (self.host_ids, self.host)):
+            if ids:
+                index = torch.tensor(ids, dtype=torch.long, device=device)
+                for dst, src in zip(out, stacks):
+                    dst.index_copy_(0, index, src.to(device))
+        for ids, parts in ((self.compressed_ids, self.compressed), (self.host_compressed_ids, self.host_compressed)):
+            if not ids:
+                continue
+            index = torch.tensor(ids, dtype=torch.long, device=device)
+            for dst, part in zip(out, parts):
+                chunks = part.chunks if isinstance(part, _CompressedStack) else part
+                rows = torch.cat([decode(c[2] if isinstance(c, tuple) else c.encoded).to(device) for c in chunks])
+                dst.index_copy_(0, index, rows)
+        return out
+
     def copy_host_into(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
         """Host experts into the first slots of a buffer (run on the copy stream)."""
         n = len(self.host_ids)

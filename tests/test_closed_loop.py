@@ -296,3 +296,26 @@ def test_swaps_on_a_pager_built_in_inference_mode_work_outside_it():
         assert torch.equal(_fused_step(stack.pager, x, stack.routers, K),
                            __import__("executor.routed_stack", fromlist=["routed_reference"]).routed_reference(
                                x, routers, stacks, K))
+
+
+# ---------------------------------------------------------------- a budget that changes
+@pytest.mark.parametrize("routed", [False, True])
+def test_a_budget_shrinks_and_grows_back_between_steps_with_the_same_bits(routed):
+    """Every expert resident, then a smaller budget (residents to the host, one compressed,
+    one host-compressed per layer), then back: each step gives the all-resident bits, the
+    GPU bytes for experts follow the tiers, and pick counts carry over."""
+    routers, stacks = random_stack(L, H, I, E, torch.device("cpu"), 5)
+    small = [["host", "resident", "compressed", "host", "host-compressed", "host", "resident", "host"]] * L
+    stack = PagedMoEStack(routers, stacks, [MIX] * L, K, 1, "cpu", fused=True, routed_fetch=routed, count_routes=True)
+    x = torch.randn(6, H, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    want = _bits(reference_forward(x, routers, stacks, K))
+    assert torch.equal(_bits(stack.forward(x)), want)
+    before = stack.gpu_bytes["resident"]
+    counted = stack.pager.route_counter.read_now()
+    stack.resize(small, prefetch_depth=2)
+    assert stack.gpu_bytes["resident"] < before and stack.pager.depth == 2
+    assert stack.pager.route_counter.read_now() == counted
+    assert torch.equal(_bits(stack.forward(x)), want)
+    stack.resize([MIX] * L)
+    assert stack.gpu_bytes["resident"] == before and stack.tiers() == [[Tier(t) for t in MIX]] * L
+    assert torch.equal(_bits(stack.forward(x)), want)
