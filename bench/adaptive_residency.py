@@ -37,7 +37,7 @@ import profiles  # noqa: E402
 from bench.device_info import write_result  # noqa: E402
 from executor.moe_layer import random_stack  # noqa: E402
 from executor.pager import ExpertPager  # noqa: E402
-from executor.routed_stack import routed_moe  # noqa: E402
+from executor.routed_stack import fused_step, routed_moe  # noqa: E402
 from executor.tiers import ExpertLayout  # noqa: E402
 from fluxmoe.names import Tier  # noqa: E402
 from planner.moves import apply_swaps, swap_schedule  # noqa: E402
@@ -81,16 +81,11 @@ def route(x, router, bias, k):
 
 
 def step(pager: ExpertPager, x, routers, bias, k):
-    for l, router in enumerate(routers):
-        w = pager.before_layer(l)
+    def route_layer(layer, x):
         x = norm(x)
-        ids, gates = route(x, router, bias[l], k)
-        pager.count_routes(l, ids)
-        pager.fetch_routed(l, ids)
-        x = routed_moe(x, w.fused.row_of[ids], gates, w.fused.w13, w.fused.w2)
-        pager.after_layer(l)
-    pager.end_step()
-    return x
+        return (x, *route(x, routers[layer], bias[layer], k))
+
+    return fused_step(pager, x, route_layer)
 
 
 def reference(x, routers, stacks, bias, k):

@@ -48,6 +48,22 @@ def routed_moe(x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, w13: tor
     return x + (y * gates.unsqueeze(-1)).sum(1)
 
 
+def fused_step(pager, x: torch.Tensor, route_layer) -> torch.Tensor:
+    """One step over an `ExpertPager` as the vLLM plugin runs it: per layer, `route_layer(l, x)`
+    gives (the layer's input, top-k ids, gates); the picks are counted, the routed host experts
+    fetched, and the layer's arena span read through the device-side expert -> row map (a CUDA
+    graph captures the map's address, not its contents, so swaps between replays are seen)."""
+    for layer in range(len(pager.layers)):
+        weights = pager.before_layer(layer)
+        x, ids, gates = route_layer(layer, x)
+        pager.count_routes(layer, ids)
+        pager.fetch_routed(layer, ids)
+        x = routed_moe(x, weights.fused.row_of[ids], gates, weights.fused.w13, weights.fused.w2)
+        pager.after_layer(layer)
+    pager.end_step()
+    return x
+
+
 def routed_reference(x: torch.Tensor, routers, stacks, top_k: int) -> torch.Tensor:
     """The stack with every expert resident."""
     for router, (w13, w2) in zip(routers, stacks):

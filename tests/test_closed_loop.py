@@ -110,19 +110,10 @@ def test_swapping_hot_experts_in_moves_fewer_host_experts_per_step():
 
 
 def _fused_step(pager, x, routers, k):
-    """A step as the vLLM plugin runs it: each paged layer reads its arena span through the
-    device-side expert -> row map (a CUDA graph captures the map's address, not its contents)."""
-    from executor.routed_stack import route, routed_moe
+    """A step as the vLLM plugin runs it (executor.routed_stack.fused_step)."""
+    from executor.routed_stack import fused_step, route
 
-    for layer, router in enumerate(routers):
-        weights = pager.before_layer(layer)
-        ids, gates = route(x, router, k)
-        pager.count_routes(layer, ids)
-        pager.fetch_routed(layer, ids)
-        x = routed_moe(x, weights.fused.row_of[ids], gates, weights.fused.w13, weights.fused.w2)
-        pager.after_layer(layer)
-    pager.end_step()
-    return x
+    return fused_step(pager, x, lambda layer, x: (x, *route(x, routers[layer], k)))
 
 
 def test_swaps_keep_the_plugins_path_bit_exact_on_the_cpu():
