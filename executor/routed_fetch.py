@@ -4,9 +4,9 @@ A layer's host experts sit in one pinned stack, one row per expert (w13 then w2,
 A gather kernel reads, through the GPU's unified addressing, only the rows whose flag is set
 and writes each into its staging slot: `GATHER_SPLIT` programs per row, each looping over its
 share of the row, so a row with its flag clear costs that many programs one flag load each
-(with one program per 8 KiB block instead, a Qwen3-Next layer's 384 unrouted host experts
-launched 196k idle programs per matrix: about 5 ms a step of 8 layers on the H200). The grid
-is fixed, so a step that uses it is CUDA-graph capturable:
+(not one program per 8 KiB block: measured on the H200 the same, 51 GB/s with every row
+flagged and routed steps within 1%, with 8x fewer programs launched). The grid is fixed,
+so a step that uses it is CUDA-graph capturable:
 which experts move is data, not launch shape. The same fetcher serves two calls per layer and
 step: `fetch(predicted)` ahead of the router (a guess, on a side stream) and `fetch(routed)`
 after it (the misses, on the compute stream); `present` remembers what already landed, so no
