@@ -48,3 +48,29 @@ def test_prefill_is_chunked_under_the_token_budget():
             break
     # 100 prompt tokens in chunks of 40, 40, 20; the second request waits for budget.
     assert chunks == [[(0, 40)], [(0, 40)], [(0, 20), (1, 10)]]
+
+
+def test_with_three_running_the_newest_is_preempted_once_and_not_scheduled_again_that_step():
+    """Three decoding sequences, one free block: A grows into it, B cannot, so C (the newest,
+    not the next) is preempted, B takes C's block, and C, already preempted, is skipped."""
+    s = _scheduler(blocks=4)
+    a, b, c = (Request(i, 0.0, 16, 20) for i in range(3))
+    for r in (a, b, c):
+        s.add(r)
+    s.complete(s.schedule(), 1.0)  # three prompts in three blocks, a first token each
+    step = s.schedule()
+    assert [seq.request.id for seq in step.preempted] == [2]
+    assert [(seq.request.id, n) for seq, n in step.work] == [(0, 1), (1, 1)]
+    assert s.preemption_log == [(0, BLOCK)]  # nothing free; B needed one more block
+    assert [seq.preemptions for seq in s.running] == [0, 0] and step.preempted[0].preemptions == 1
+    assert s.used == 4 * BLOCK and [seq.request.id for seq in s.waiting] == [2]
+
+
+def test_a_spent_token_budget_schedules_nobody_else_not_even_for_zero_tokens():
+    s = _scheduler(blocks=64, max_tokens=3)
+    for i in range(3):
+        s.add(Request(i, 0.0, 1, 5))
+    s.complete(s.schedule(), 1.0)  # three one-token prompts
+    s.max_tokens = 2  # two tokens a step from now on: the third decoding sequence waits
+    step = s.schedule()
+    assert [(seq.request.id, n) for seq, n in step.work] == [(0, 1), (1, 1)]
