@@ -63,6 +63,7 @@ def test_with_three_running_the_newest_is_preempted_once_and_not_scheduled_again
     assert [(seq.request.id, n) for seq, n in step.work] == [(0, 1), (1, 1)]
     assert s.preemption_log == [(0, BLOCK)]  # nothing free; B needed one more block
     assert [seq.preemptions for seq in s.running] == [0, 0] and step.preempted[0].preemptions == 1
+    assert step.preempted[0].kv_bytes == 0 and step.preempted[0].computed == 0  # all of its KV given back
     assert s.used == 4 * BLOCK and [seq.request.id for seq in s.waiting] == [2]
 
 
