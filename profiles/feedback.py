@@ -40,10 +40,12 @@ class RuntimeFeedback:
         missing = [k for k in ("steps", "routed_tokens", "route_counts") if k not in stats]
         if missing:
             raise ConfigError(f"stats: no {', '.join(missing)} (a server started without route counting?)")
+        mean_batch = stats.get("mean_batch")
+        if mean_batch is None and stats["steps"] > 0 and stats["routed_tokens"] > 0:
+            mean_batch = stats["routed_tokens"] / stats["steps"]  # tokens a step: sequences, in decode
         return cls(steps=stats["steps"], routed_tokens=stats["routed_tokens"], route_counts=stats["route_counts"],
                    h2d_gbps=stats.get("h2d_gbps", 0.0), decode_gbps=stats.get("decode_gbps", 0.0),
-                   wait_ms=stats.get("wait_ms", 0.0), mean_batch=stats.get("mean_batch"),
-                   kv_use=stats.get("kv_use"))
+                   wait_ms=stats.get("wait_ms", 0.0), mean_batch=mean_batch, kv_use=stats.get("kv_use"))
 
     def since(self, earlier: "RuntimeFeedback") -> "RuntimeFeedback":
         """The counts of the window between `earlier` and this read-out (rates: this one's)."""

@@ -273,6 +273,9 @@ def test_measured_rates_calibrate_the_profile():
         RuntimeFeedback(1, 1, [[1]], h2d_gbps=-1)
     with pytest.raises(ConfigError, match="stats: no routed_tokens, route_counts"):
         RuntimeFeedback.from_stats({"steps": 3})
+    answer = {"steps": 10, "routed_tokens": 80, "route_counts": [[40, 40]], "h2d_gbps": 20.0}
+    assert RuntimeFeedback.from_stats(answer).mean_batch == 8  # tokens a step, where the server counts steps
+    assert RuntimeFeedback.from_stats({**answer, "steps": 0}).mean_batch is None
 
 
 def test_swaps_on_a_pager_built_in_inference_mode_work_outside_it():
