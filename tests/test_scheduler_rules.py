@@ -75,3 +75,30 @@ def test_a_spent_token_budget_schedules_nobody_else_not_even_for_zero_tokens():
     s.max_tokens = 2  # two tokens a step from now on: the third decoding sequence waits
     step = s.schedule()
     assert [(seq.request.id, n) for seq, n in step.work] == [(0, 1), (1, 1)]
+
+
+def test_admission_takes_the_last_token_of_budget_and_stops_at_max_num_seqs():
+    s = VLLMScheduler(MODEL, 64 * BLOCK, max_num_seqs=2, max_num_batched_tokens=9)
+    for i, prompt in enumerate((8, 5, 5)):
+        s.add(Request(i, 0.0, prompt, 4))
+    step = s.schedule()
+    assert [(seq.request.id, n) for seq, n in step.work] == [(0, 8), (1, 1)]  # B's prompt starts with 1 token
+    assert [seq.request.id for seq in s.waiting] == [2]
+    s = VLLMScheduler(MODEL, 64 * BLOCK, max_num_seqs=2, max_num_batched_tokens=20)
+    for i, prompt in enumerate((8, 5, 5)):
+        s.add(Request(i, 0.0, prompt, 4))
+    step = s.schedule()  # budget is left, but two sequences run: C waits
+    assert [(seq.request.id, n) for seq, n in step.work] == [(0, 8), (1, 5)] and len(s.waiting) == 1
+
+
+def test_one_step_can_preempt_twice_and_counts_both():
+    """Three one-block sequences fill three blocks; A's growth preempts C, then B cannot grow
+    and, as the newest left, preempts itself."""
+    s = _scheduler(blocks=3)
+    for i in range(3):
+        s.add(Request(i, 0.0, 16, 20))
+    s.complete(s.schedule(), 1.0)
+    step = s.schedule()
+    assert [seq.request.id for seq in step.preempted] == [2, 1] and s.preemptions == 2
+    assert [(seq.request.id, n) for seq, n in step.work] == [(0, 1)]
+    assert [seq.request.id for seq in s.waiting] == [1, 2]
