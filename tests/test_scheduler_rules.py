@@ -102,3 +102,11 @@ def test_one_step_can_preempt_twice_and_counts_both():
     assert [seq.request.id for seq in step.preempted] == [2, 1] and s.preemptions == 2
     assert [(seq.request.id, n) for seq, n in step.work] == [(0, 1)]
     assert [seq.request.id for seq in s.waiting] == [1, 2]
+
+
+def test_a_prefill_chunk_one_token_short_of_the_prompt_emits_no_token():
+    s = _scheduler(blocks=64, max_tokens=40)
+    s.add(Request(0, 0.0, 41, 4))
+    s.complete(s.schedule(), 1.0)
+    seq = s.running[0]
+    assert seq.pending == 1 and seq.generated == 0 and seq.first_token_s is None
