@@ -10,7 +10,7 @@ import torch
 
 import planner
 import profiles
-from executor.moe_layer import moe_layer, random_stack, reference_forward
+from executor.moe_layer import random_stack, reference_forward
 from executor.paged_stack import PagedMoEStack
 from executor.route_counts import RouteCounter
 from fluxmoe.errors import ConfigError
