@@ -110,3 +110,14 @@ def test_a_prefill_chunk_one_token_short_of_the_prompt_emits_no_token():
     s.complete(s.schedule(), 1.0)
     seq = s.running[0]
     assert seq.pending == 1 and seq.generated == 0 and seq.first_token_s is None
+
+
+def test_a_sequence_preempted_twice_counts_two():
+    from simulator.scheduler import ScheduledStep
+
+    s = _scheduler(blocks=8)
+    s.add(Request(0, 0.0, 16, 4))
+    for _ in range(2):
+        seq = s.schedule().work[0][0]  # admitted (again), its prompt recomputed
+        s._preempt(seq, ScheduledStep(), 0)
+    assert seq.preemptions == 2 and s.preemptions == 2 and s.used == 0
