@@ -238,3 +238,52 @@ def test_the_verified_pick_is_never_worse_than_plain_vllm_when_kv_binds():
     plan = verified_optimize(profile, "139.8GiB", workload)
     results = simulate_systems(profile, plan, workload, systems=[System.FLUXMOE, System.VLLM], keep_timeline=False)
     assert results[System.FLUXMOE].output_tokens_per_s >= results[System.VLLM].output_tokens_per_s
+
+
+def _paged_steps(tiers, depth, steps=12, pcie=0.05):
+    """PagedExecution alone on a toy model: `steps` equal steps; (step times, busy, env)."""
+    import simpy
+
+    from planner.cost_model import CostModel, StepShape
+    from profiles import Profile
+    from simulator.execution import PagedExecution
+    from tests.conftest import tiny_gpu, tiny_model
+
+    cost = CostModel(Profile(tiny_model(len(tiers), 4), tiny_gpu(pcie)))
+    env = simpy.Environment()
+    execution = PagedExecution(env, cost, tiers, depth)
+    step, times = StepShape(8, 8, 100), []
+
+    def run():
+        for _ in range(steps):
+            start = env.now
+            yield env.process(execution.run_step(step))
+            times.append(env.now - start)
+
+    env.process(run())
+    env.run()
+    return times, execution, cost, step
+
+
+def test_paged_execution_by_hand_serial_at_depth_0_one_link_and_every_second_accounted():
+    from planner.cost_model import TierCounts
+
+    tiers = [TierCounts(1, 1, 2), TierCounts(0, 2, 2), TierCounts(2, 0, 2)]
+    times, ex, cost, step = _paged_steps(tiers, depth=0)
+    compute = cost.layer_compute_s(step)
+    transfer = [cost.layer_transfer_s(t) for t in tiers]
+    decode = [cost.layer_decode_s(t) for t in tiers]
+    # Depth 0: a layer's experts start crossing once the layer before it has finished, so a
+    # step is each layer's transfer, then its compute and decode, in turn; the first layer's
+    # transfer starts when the last layer ends, under the step's fixed part (which is shorter).
+    assert transfer[0] > cost.fixed_s(step)
+    serial = sum(transfer) + sum(compute) + sum(decode)
+    assert times[-1] == pytest.approx(serial, rel=1e-9)
+    n = len(times)
+    assert ex.busy.gpu_s == pytest.approx(n * (sum(compute) + sum(decode) + cost.fixed_s(step)), rel=1e-9)
+    assert ex.busy.decode_s == pytest.approx(n * sum(decode), rel=1e-9)
+    assert ex.busy.gpu_s + ex.busy.stall_s == pytest.approx(sum(times), rel=1e-9)  # the GPU computes or waits
+    assert n * sum(transfer) <= ex.busy.link_s * (1 + 1e-9) <= (n + 1) * sum(transfer)
+    # Depth 2, link-bound: the one link carries the layers one after another, all the time.
+    deep, *_ = _paged_steps(tiers, depth=2)
+    assert deep[-1] == pytest.approx(sum(transfer), rel=1e-9) and deep[-1] < serial
