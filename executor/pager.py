@@ -277,7 +277,7 @@ class ExpertPager:
         Pick counts carry over. This pager is unusable afterwards. Inside vLLM only with
         enforce_eager: CUDA graphs hold the old arena's addresses, and vLLM keeps its KV size."""
         stacks = [t.full_stacks("cpu") for t in self.layers]
-        counts = self.route_counter.read_now() if self.route_counter is not None else None
+        counter = self.route_counter
         device, layout, order = self.device, self.layout, self.streams.cpu_order
         depth = self.depth if prefetch_depth is None else prefetch_depth
         options = dict(fused=self.arena is not None, cpu_order=order, routed_fetch=self.routed_fetch,
@@ -288,9 +288,9 @@ class ExpertPager:
             torch.cuda.synchronize(device)
             torch.cuda.empty_cache()
         pager = ExpertPager.build(stacks, tiers, layout, depth, device, slots=slots, **options)
-        if counts is not None:
-            pager.route_counter.counts.copy_(torch.tensor(counts[0]))
-            pager.route_counter.tokens.copy_(torch.tensor(counts[1]))
+        if counter is not None:
+            pager.route_counter.counts.copy_(counter.counts)
+            pager.route_counter.tokens.copy_(counter.tokens)
         return pager
 
     def placement(self) -> list[dict[Tier, list[int]]]:
