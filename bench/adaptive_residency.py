@@ -40,7 +40,6 @@ from executor.pager import ExpertPager  # noqa: E402
 from executor.routed_stack import fused_step, routed_moe  # noqa: E402
 from executor.tiers import ExpertLayout  # noqa: E402
 from fluxmoe.names import Tier  # noqa: E402
-from planner.moves import apply_swaps, swap_schedule  # noqa: E402
 from planner.plan import LayerPlan  # noqa: E402
 from planner.replan import ReplanPolicy, Replanner, predicted_step_s  # noqa: E402
 from profiles.feedback import RuntimeFeedback  # noqa: E402
@@ -155,8 +154,6 @@ def run(name, cfg, mode, R, routers, stacks, phases, base, profile, xs, shares):
             c for f in pager.fetchers if f is not None for c in (f.moved, f.routed, f.hits)]:
         counter.zero_()  # the warm-up step's counts (in place: the graph holds these tensors)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
-    pending: list = []  # per coming step, the swaps to make before it
-    changing = None  # (plan before, swaps) of a change in progress
     swaps_at = [0] * steps
     moved_at_window = []
     decisions = []
@@ -164,22 +161,18 @@ def run(name, cfg, mode, R, routers, stacks, phases, base, profile, xs, shares):
         if s == steps // 2:
             for captured, drifted in zip(bias, phases[1]):
                 captured.copy_(drifted)
-        if pending:
-            todo = pending.pop(0)
-            for i, sw in enumerate(todo):
-                if swap_s == 2 * expert_bytes / 50e9 and i == 0:  # time the first swap
-                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    a.record()
-                    pager.swap(position[sw.layer], sw.into_gpu, sw.out_of_gpu)
-                    b.record()
-                    b.synchronize()
-                    swap_s = a.elapsed_time(b) / 1e3
-                else:
-                    pager.swap(position[sw.layer], sw.into_gpu, sw.out_of_gpu)
-            swaps_at[s] = len(todo)
-            if not pending and changing is not None:
-                loop.adopt(apply_swaps(*changing))
-                changing = None
+        todo = loop.next_swaps()
+        for i, sw in enumerate(todo):
+            if swap_s == 2 * expert_bytes / 50e9 and i == 0:  # time the first swap
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                pager.swap(position[sw.layer], sw.into_gpu, sw.out_of_gpu)
+                b.record()
+                b.synchronize()
+                swap_s = a.elapsed_time(b) / 1e3
+            else:
+                pager.swap(position[sw.layer], sw.into_gpu, sw.out_of_gpu)
+        swaps_at[s] = len(todo)
         start, end = events[s]
         static_x.copy_(xs[s % len(xs)])
         start.record()
@@ -187,7 +180,7 @@ def run(name, cfg, mode, R, routers, stacks, phases, base, profile, xs, shares):
         end.record()
         if (s + 1) % window == 0:
             moved_at_window.append(pager.routed_counters()["moved"])  # a sync, once a window
-            if mode == "adaptive" and changing is None:
+            if mode == "adaptive" and not loop.changing:
                 counts, tokens = pager.route_counter.read()
                 feedback = RuntimeFeedback(s + 1, tokens[0], counts, mean_batch=1)
                 decision = loop.consider(feedback)
@@ -195,8 +188,7 @@ def run(name, cfg, mode, R, routers, stacks, phases, base, profile, xs, shares):
                                       swaps=len(decision.swaps), reason=decision.reason))
                 if decision.act:
                     recent = [events[i][0].elapsed_time(events[i][1]) / 1e3 for i in range(s + 1 - window // 2, s + 1)]
-                    pending = swap_schedule(decision.swaps, sum(recent) / len(recent), swap_s, MAX_SLOWDOWN)
-                    changing = (loop.plan, decision.swaps)
+                    loop.begin_change(decision, sum(recent) / len(recent), swap_s, MAX_SLOWDOWN)
     torch.cuda.synchronize()
     del graph
     step_ms = [a.elapsed_time(b) for a, b in events]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from fluxmoe.errors import ConfigError
 from planner.cost_model import CostModel, StepShape
-from planner.moves import Swap, reassign, swaps_between
+from planner.moves import Swap, apply_swaps, reassign, swap_schedule, swaps_between
 from planner.plan import Plan
 from planner.popularity import ExpertPopularity
 from profiles.feedback import RuntimeFeedback
@@ -88,6 +88,8 @@ class Replanner:
         self._previous: RuntimeFeedback | None = None
         self._streak = 0
         self._cooldown = 0
+        self._schedule: list[list[Swap]] = []  # per coming step, the swaps of a change in progress
+        self._target: Plan | None = None  # where that change ends
 
     def _observe(self, feedback: RuntimeFeedback) -> RuntimeFeedback | None:
         """The window since the previous call, folded into the popularity estimate (None: too few tokens)."""
@@ -130,6 +132,27 @@ class Replanner:
             return decision
         decision.act, decision.reason = True, f"gain {decision.gain:.1%} in {self._streak} windows: {len(swaps)} swaps"
         return decision
+
+    def begin_change(self, decision: ReplanDecision, step_s: float, swap_s: float, max_slowdown: float = 0.1) -> None:
+        """Start making an acted decision's swaps, paced by `swap_schedule`: `next_swaps()` hands
+        them out a step at a time, and the plan it reaches is adopted after the last."""
+        self._target = apply_swaps(self.plan, decision.swaps)
+        self._schedule = swap_schedule(decision.swaps, step_s, swap_s, max_slowdown)
+
+    @property
+    def changing(self) -> bool:
+        return self._target is not None
+
+    def next_swaps(self) -> list[Swap]:
+        """The swaps to make before the next step (none between changes; an empty list is a step
+        the pacing leaves free)."""
+        if self._target is None:
+            return []
+        todo = self._schedule.pop(0)
+        if not self._schedule:
+            self.adopt(self._target)
+            self._target = None
+        return todo
 
     def adopt(self, plan: Plan) -> None:
         """The executor now runs `plan`: later windows are priced against it."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fluxmoe.errors import ConfigError
-from planner.moves import Swap, apply_swaps, swap_schedule, swap_seconds
+from planner.moves import Swap, swap_seconds
 from planner.plan import Plan
 from planner.popularity import ExpertPopularity
 from planner.replan import ReplanPolicy, Replanner
@@ -67,8 +67,6 @@ class AdaptiveLoop:
         self.tokens = 0
         self.steps = 0
         self.swap_s = adaptation.swap_s or swap_seconds(profile)
-        self._pending: list[list[Swap]] = []
-        self._change: tuple[Plan, list[Swap]] | None = None
         self._recent_s: list[float] = []
         self._lagged: RuntimeFeedback | None = None  # the counts as of the previous window
         self.decisions: list[tuple[int, bool, str]] = []  # (step, acted, reason) per window
@@ -81,7 +79,7 @@ class AdaptiveLoop:
             for e, share in enumerate(shares):
                 row[e] += tokens * share
         self._recent_s = (self._recent_s + [step_s])[-self.adaptation.window_steps:]
-        if self.steps % self.adaptation.window_steps or self._change is not None:
+        if self.steps % self.adaptation.window_steps or self.replanner.changing:
             return
         feedback, self._lagged = self._lagged, RuntimeFeedback(self.steps, self.tokens, [list(r) for r in self.counts])
         if feedback is None:
@@ -90,16 +88,10 @@ class AdaptiveLoop:
         self.decisions.append((self.steps, decision.act, decision.reason))
         if decision.act:
             step = sum(self._recent_s) / len(self._recent_s)
-            self._pending = swap_schedule(decision.swaps, step, self.swap_s, self.adaptation.max_slowdown)
-            self._change = (self.replanner.plan, decision.swaps)
+            self.replanner.begin_change(decision, step, self.swap_s, self.adaptation.max_slowdown)
 
     def swaps_before_step(self) -> list[Swap]:
         """The swaps to make before the next step (the change is adopted after its last)."""
-        if not self._pending:
-            return []
-        todo = self._pending.pop(0)
+        todo = self.replanner.next_swaps()
         self.swaps_made += len(todo)
-        if not self._pending and self._change is not None:
-            self.replanner.adopt(apply_swaps(*self._change))
-            self._change = None
         return todo

@@ -83,7 +83,7 @@ class ServerLoop:
 
     async def tick(self):
         """One window: read, decide, and make the swaps where the decision says so."""
-        from planner.moves import apply_swaps, swap_schedule, swap_seconds
+        from planner.moves import swap_seconds
         from profiles.feedback import RuntimeFeedback
 
         workers = await self.engine.collective_rpc("fluxmoe_stats")
@@ -97,14 +97,14 @@ class ServerLoop:
         if not decision.act:
             return decision
         step_s = decision.current_s
-        schedule = swap_schedule(decision.swaps, step_s, swap_seconds(self.replanner.profile), self.max_slowdown)
-        for batch in schedule:
+        self.replanner.begin_change(decision, step_s, swap_seconds(self.replanner.profile), self.max_slowdown)
+        while self.replanner.changing:
+            batch = self.replanner.next_swaps()
             if batch:
                 await self.engine.collective_rpc("fluxmoe_swap", args=([[s.layer, s.into_gpu, s.out_of_gpu]
                                                                          for s in batch],))
                 self.swaps_made += len(batch)
             await self.sleep(step_s)  # about one engine step between batches
-        self.replanner.adopt(apply_swaps(self.replanner.plan, decision.swaps))
         log.info("FluxMoE adaptation: %d swaps made (%s)", len(decision.swaps), decision.reason)
         return decision
 
