@@ -60,6 +60,24 @@ def test_escape_levels_are_all_exercised():
     assert same_bits(decode(enc), x)
 
 
+def test_block_offsets_count_each_blocks_escapes_by_hand():
+    """Row i of `block_offsets` holds the secondary and raw escapes before block i: counted here
+    from the exponents and the header's tables, which is what a GPU block reads to find its own."""
+    x = (torch.randn(50_000, generator=torch.Generator().manual_seed(1))
+         * torch.logspace(-30, 30, 50_000, base=2.0)).to(torch.bfloat16)
+    enc = encode(x, block=1024)
+    h = enc.header
+    exponent = ((x.view(torch.int16).to(torch.int32) >> 7) & 0xFF).tolist()
+    escaped = [e not in h.table1 for e in exponent]
+    raw = [esc and e not in h.table2 for esc, e in zip(escaped, exponent)]
+    expected = [[0, 0]]
+    for b in range(h.num_blocks):
+        part = slice(b * h.block, (b + 1) * h.block)
+        expected.append([expected[-1][0] + sum(escaped[part]), expected[-1][1] + sum(raw[part])])
+    assert enc.sections()["block_offsets"].tolist() == expected
+    assert expected[-1] == [h.n_secondary, h.n_raw] and h.num_blocks > 40
+
+
 def test_non_bf16_input_is_refused():
     with pytest.raises(CodecError, match="bf16"):
         encode(torch.zeros(4, dtype=torch.float16))
@@ -76,14 +94,17 @@ def _with_crc(header: CodecHeader, payload: bytes) -> bytes:
     return dataclasses.replace(header, crc32=zlib.crc32(payload)).to_bytes() + payload
 
 
-@pytest.mark.parametrize("cut", [0, 3, 20, 40, -1, -500])
-def test_truncated_stream_is_refused(stream, cut):
-    with pytest.raises(CodecError, match="shorter than|ends inside|truncated"):
+@pytest.mark.parametrize("cut,match", [
+    (0, "shorter than"), (3, "shorter than"), (CodecHeader._FIXED.size - 1, "shorter than"),
+    (CodecHeader._FIXED.size, "ends inside"), (40, "ends inside"), (-1, r"\(truncated\)"), (-500, r"\(truncated\)"),
+])
+def test_truncated_stream_is_refused(stream, cut, match):
+    with pytest.raises(CodecError, match=match):
         EncodedTensor.from_bytes(stream[:cut])
 
 
 def test_trailing_bytes_are_refused(stream):
-    with pytest.raises(CodecError, match="trailing bytes"):
+    with pytest.raises(CodecError, match=r"\(trailing bytes\)"):
         EncodedTensor.from_bytes(stream + b"\0")
 
 
@@ -109,7 +130,7 @@ def test_wrong_header_fields_are_refused(stream, field, value, match):
 def test_flipped_payload_bit_fails_the_crc(stream):
     data = bytearray(stream)
     data[-10] ^= 0x10
-    with pytest.raises(CodecError, match="CRC-32"):
+    with pytest.raises(CodecError, match="payload CRC-32 does not match the header"):
         EncodedTensor.from_bytes(bytes(data))
 
 
@@ -129,3 +150,69 @@ def test_wrong_escape_count_is_refused_even_with_a_valid_crc(stream):
     assert len(payload) == bad.payload_bytes
     with pytest.raises(CodecError, match="secondary codes escape"):
         EncodedTensor.from_bytes(_with_crc(bad, payload))
+
+
+# ---------------------------------------------------------------- header fields at their limits
+def _header(**fields) -> CodecHeader:
+    base = dict(k1=2, k2=2, block=128, shape=(256,), table1=(120, 121, 122), table2=(1, 2, 3), n_secondary=32,
+                n_raw=0)
+    return CodecHeader(**{**base, **fields})
+
+
+@pytest.mark.parametrize("fields", [
+    dict(block=128), dict(block=1 << 16), dict(shape=(2,) * 8), dict(shape=(0, 5), n_secondary=0),
+    dict(table1=(0, 255, 7)), dict(n_secondary=256, n_raw=256),
+])
+def test_header_fields_at_their_limits_are_accepted_and_parse_back(fields):
+    header = _header(**fields)
+    header.validate()
+    data = header.to_bytes()
+    assert CodecHeader.from_bytes(data) == (header, len(data))  # a header alone, nothing past it
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(block=64), "invalid block size"), (dict(block=1 << 17), "invalid block size"),
+    (dict(block=384), "invalid block size"),
+    (dict(shape=(1,) * 9), "invalid shape"), (dict(shape=(-1, 4)), "invalid shape"),
+    (dict(table1=(1, 2)), "table sizes"), (dict(table2=(1, 2, 3, 4)), "table sizes"),
+    (dict(table1=(1, 2, 256)), "outside 0..255"), (dict(table2=(256, 0, 0)), "outside 0..255"),
+    (dict(n_secondary=257), "escape counts"), (dict(n_raw=33), "escape counts"),
+])
+def test_header_fields_past_their_limits_are_refused(fields, match):
+    with pytest.raises(CodecError, match=match):
+        _header(**fields).validate()
+
+
+def test_a_serialized_rank_past_eight_is_refused_before_reading_dims():
+    data = bytearray(_header(shape=(2,) * 8).to_bytes())
+    struct.pack_into("<B", data, 12, 9)  # ndim, after magic, version, k1, k2, block
+    with pytest.raises(CodecError, match="invalid shape rank 9"):
+        CodecHeader.from_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("field", ["k1", "k2"])
+def test_a_header_with_a_bad_width_is_refused_for_its_width_not_its_length(field):
+    """An unknown width has no table size: the header ends after the other table, and the
+    error names the width, not a truncated header."""
+    header = dataclasses.replace(_header(), **{field: 7}, **{("table1" if field == "k1" else "table2"): ()})
+    with pytest.raises(CodecError, match="invalid code widths"):
+        CodecHeader.from_bytes(header.to_bytes())
+
+
+def test_payload_layout_by_hand():
+    """k1 = k2 = 2, block 128, 256 elements, 32 secondary codes: offsets (2 blocks + 1) x 8 = 24
+    bytes at 0; sign-mantissa 256 at 32; primary 2 x 2 x 128 / 8 = 64 at 288; secondary 32 x 2 / 8
+    + 8 = 16 at 352; raw at 368; payload 368 + 0 + 16 = 384."""
+    header = _header()
+    assert header.section_sizes() == {"block_offsets": 24, "signmant": 256, "primary": 64, "secondary": 16, "raw": 0}
+    assert header.section_starts() == {"block_offsets": 0, "signmant": 32, "primary": 288, "secondary": 352,
+                                       "raw": 368}
+    assert header.payload_bytes == 384
+
+
+def test_a_payload_of_the_wrong_dtype_or_rank_is_refused():
+    header = _header()
+    with pytest.raises(CodecError, match="1-d uint8"):
+        EncodedTensor(header, torch.zeros(header.payload_bytes, dtype=torch.int8))
+    with pytest.raises(CodecError, match="1-d uint8"):
+        EncodedTensor(header, torch.zeros(1, header.payload_bytes, dtype=torch.uint8))

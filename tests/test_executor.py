@@ -137,6 +137,57 @@ def test_a_plan_for_another_model_or_gpu_is_refused(stack):
         PagedMoEStack.from_plan({"layers": []}, profile, routers, stacks, CPU)
 
 
+def test_from_plan_runs_the_layers_asked_for_with_the_callers_options(stack):
+    """A stack over some of the model's layers (as a benchmark stand-in does): each takes its
+    own layer's tiers, the plan's slots and the model's top-k, and options pass through."""
+    routers, stacks = stack
+    profile, plan = _plan(model_layers=LAYERS + 2)
+    layers = [1, 2, 4, 5]
+    paged = PagedMoEStack.from_plan(plan, profile, routers, stacks, CPU, layers=layers, fused=True, count_routes=True)
+    assert paged.tiers() == [plan.layer(layer).tiers() for layer in layers]
+    assert paged.pool.slots == plan.slots_per_buffer and paged.top_k == profile.model.experts_per_token
+    assert paged.fused and paged.pager.arena is not None and paged.pager.route_counter is not None
+    x = torch.randn(5, H, dtype=torch.bfloat16)
+    assert torch.equal(paged.forward(x), reference_forward(x, routers, stacks, profile.model.experts_per_token))
+
+
+def test_a_stack_is_unfused_and_uncounted_unless_asked(stack):
+    routers, stacks = stack
+    paged = PagedMoEStack(routers, stacks, MIXED, K, 1, CPU)
+    assert not paged.fused and paged.pager.arena is None and paged.pager.route_counter is None
+
+
+def test_from_plan_may_skip_the_hardware_check(stack):
+    """A plan made on one GPU profile, run on another on purpose (a stand-in GPU)."""
+    routers, stacks = stack
+    profile, plan = _plan()
+    paged = PagedMoEStack.from_plan(plan, Profile(profile.model, tiny_gpu(2.0)), routers, stacks, CPU,
+                                    check_hardware=False)
+    assert paged.tiers() == [plan.layer(layer).tiers() for layer in profile.model.moe_layers]
+    with pytest.raises(ConfigError, match="got dict"):
+        PagedMoEStack.from_plan({"layers": []}, profile, routers, stacks, CPU)
+
+
+def test_a_bad_tier_name_names_its_layer(stack):
+    routers, stacks = stack
+    bad = [list(t) for t in MIXED]
+    bad[2][1] = "disk"
+    with pytest.raises(ConfigError, match="layer 2 tier"):
+        PagedMoEStack(routers, stacks, bad, K, 1, CPU)
+    paged = PagedMoEStack(routers, stacks, MIXED, K, 1, CPU)
+    with pytest.raises(ConfigError, match="layer 2 tier"):
+        paged.resize(bad)
+
+
+def test_a_resize_takes_the_slots_asked_for(stack):
+    routers, stacks = stack
+    paged = PagedMoEStack(routers, stacks, MIXED, K, 1, CPU)
+    paged.resize(MIXED, slots=E + 1)
+    assert paged.pool.slots == E + 1
+    x = torch.randn(3, H, dtype=torch.bfloat16)
+    assert torch.equal(paged.forward(x), reference_forward(x, routers, stacks, K))
+
+
 def test_a_pool_smaller_than_the_most_paged_layer_is_refused(stack):
     routers, stacks = stack
     with pytest.raises(ConfigError, match="cannot hold the 4 paged experts"):
