@@ -4,6 +4,9 @@ In-process matters for speed: the planner solves a few hundred small LPs per pla
 through PuLP starts a process for each (about 40 ms, most of Mixtral's 8 s worst case on 2
 cores). PuLP 3.3's HiGHS wrapper does not know HiGHS's node-limit status, so a MILP stopped at
 its node limit raised; `_HiGHS` reports it as an integer-feasible stop, as CBC's wrapper does.
+PuLP's wrapper also builds a new HiGHS model on every solve (it has no re-solve); the planner
+re-solves each placement model many times with other bounds, so `_HiGHS` keeps the built model
+and changes only bounds and integrality: an LP then warm-starts from its last basis.
 """
 
 from __future__ import annotations
@@ -45,6 +48,51 @@ class _HiGHS(pulp.HiGHS):
     def __init__(self, start: dict[str, float] | None = None, **options):
         super().__init__(**options)
         self.start = start or {}
+
+    def actualSolve(self, lp):
+        """Solve `lp`, re-using the HiGHS model built for it by an earlier solve when its
+        variables and constraints are the same objects (only bounds and integrality change)."""
+        import highspy
+
+        variables, constraints = lp.variables(), list(lp._constraints.values())
+        shape = ([id(v) for v in variables], [id(c) for c in constraints])
+        if getattr(lp, "solverModel", None) is None or getattr(lp, "_fluxmoe_shape", None) != shape:
+            return self._solve_fresh(lp, shape)
+        model = lp.solverModel
+        model.resetOptions()
+        self._configure(model)
+        inf = highspy.kHighsInf
+        model.changeColsBounds(len(variables), list(range(len(variables))),
+                               [-inf if v.lowBound is None else v.lowBound for v in variables],
+                               [inf if v.upBound is None else v.upBound for v in variables])
+        integer = [highspy.HighsVarType.kInteger if v.cat == constants.LpInteger and self.mip
+                   else highspy.HighsVarType.kContinuous for v in variables]
+        model.changeColsIntegrality(len(variables), list(range(len(variables))), integer)
+        if any(t == highspy.HighsVarType.kInteger for t in integer):
+            model.clearSolver()  # a MILP starts only from `start`, never from the last solve's values
+        return self._finish(lp)
+
+    def _solve_fresh(self, lp, shape):
+        self.createAndConfigureSolver(lp)
+        self.buildSolverModel(lp)
+        lp._fluxmoe_shape = shape
+        return self._finish(lp)
+
+    def _configure(self, model) -> None:
+        """The options `createAndConfigureSolver` sets on a new model, set on a kept one."""
+        model.setOptionValue("output_flag", bool(self.msg))
+        for key, value in (("mip_rel_gap", self.gapRel), ("mip_abs_gap", self.gapAbs), ("threads", self.threads),
+                           ("time_limit", None if self.timeLimit is None else float(self.timeLimit))):
+            if value is not None:
+                model.setOptionValue(key, value)
+        for key, value in self.optionsDict.items():
+            model.setOptionValue(key, value)
+
+    def _finish(self, lp):
+        self.callSolver(lp)
+        status, sol_status = self.findSolutionValues(lp)
+        lp.assignStatus(status, sol_status)
+        return status
 
     def callSolver(self, lp):
         if self.start:

@@ -297,3 +297,53 @@ def test_more_than_16_experts_per_layer_against_enumeration(budget_kib, pcie):
     assert any(t.paged for t in plan.tier_counts())
     expected = brute_force_best(profile, budget, 64, host, host_compressed=False)
     assert plan.predicted.output_tokens_per_s == pytest.approx(expected, rel=1e-9)
+
+
+# ---------------------------------------------------------------- the solver keeps its model
+def _knapsack(n: int = 12):
+    import pulp
+
+    prob = pulp.LpProblem("knapsack", pulp.LpMaximize)
+    x = [pulp.LpVariable(f"x{i}", 0, 1) for i in range(n)]
+    prob += pulp.lpSum((i % 5 + 1) * v for i, v in enumerate(x))
+    prob += pulp.lpSum((i % 3 + 2) * v for i, v in enumerate(x)) <= 11.5
+    return prob, x
+
+
+@pytest.mark.parametrize("steps", [
+    [("lp", None), ("milp", None), ("lp", 3), ("milp", 3), ("lp", None)],
+    [("milp", 0), ("lp", 0), ("milp", None)],
+])
+def test_a_re_solved_model_agrees_with_a_fresh_one_after_each_change(steps):
+    """The planner re-solves one built model with other bounds and integrality (planner/solver.py
+    keeps HiGHS's model and warm-starts): each answer equals a fresh model's with the same changes."""
+    import pulp
+
+    from planner.solver import solver
+
+    kept, x = _knapsack()
+    model = None
+    for kind, fixed in steps:
+        fresh, y = _knapsack()
+        for vars_ in (x, y):
+            for i, v in enumerate(vars_):
+                v.cat = pulp.LpInteger if kind == "milp" else pulp.LpContinuous
+                v.lowBound, v.upBound = (0, 1) if fixed is None or i != fixed else (1, 1)
+        kept.solve(solver(0.0, 10_000, 60.0))
+        fresh.solve(solver(0.0, 10_000, 60.0))
+        assert pulp.value(kept.objective) == pytest.approx(pulp.value(fresh.objective), abs=1e-9)
+        assert model is None or kept.solverModel is model  # built once, re-solved
+        model = kept.solverModel
+
+
+def test_a_changed_model_is_built_again():
+    import pulp
+
+    from planner.solver import solver
+
+    prob, x = _knapsack()
+    prob.solve(solver(0.0, 100, 60.0))
+    first, before = prob.solverModel, pulp.value(prob.objective)
+    prob += x[4] + x[9] <= 0  # a new constraint on the best items: the kept HiGHS model lacks it
+    prob.solve(solver(0.0, 100, 60.0))
+    assert prob.solverModel is not first and pulp.value(prob.objective) < before
