@@ -33,6 +33,14 @@ from fluxmoe.errors import ConfigError
 from fluxmoe.names import Tier
 
 
+class RebuildError(RuntimeError):
+    """A rebuild whose new tiers did not fit: `pager` runs the old tiers, built again."""
+
+    def __init__(self, message: str, pager: "ExpertPager"):
+        super().__init__(message)
+        self.pager = pager
+
+
 @dataclass(frozen=True)
 class ExpertGroup:
     """Experts stacked as vLLM stacks them, and the global expert id of each row."""
@@ -182,7 +190,8 @@ class ExpertPager:
     @classmethod
     def build(cls, stacks: list[tuple[torch.Tensor, torch.Tensor]], tiers: list[list[Tier]], layout: ExpertLayout,
               prefetch_depth: int, device: torch.device | str, slots: int | None = None, fused: bool = True,
-              cpu_order: CpuOrder = "lazy", routed_fetch: bool = False, count_routes: bool = False) -> "ExpertPager":
+              cpu_order: CpuOrder = "lazy", routed_fetch: bool = False, count_routes: bool = False,
+              telemetry: bool = False) -> "ExpertPager":
         """A pager over full per-layer stacks; fused=True carves an arena for one-call layers."""
         device = torch.device(device)
         staged = max((sum(t is not Tier.RESIDENT for t in layer) for layer in tiers), default=0)
@@ -192,7 +201,7 @@ class ExpertPager:
                              resident_into=arena.resident(i) if arena is not None and arena.is_paged(i) else None)
                   for i, ((w13, w2), t) in enumerate(zip(stacks, tiers))]
         return cls(layers, prefetch_depth, device, slots=slots, cpu_order=cpu_order, arena=arena,
-                   routed_fetch=routed_fetch, count_routes=count_routes)
+                   routed_fetch=routed_fetch, count_routes=count_routes, telemetry=telemetry)
 
     def _landing_ring(self, layers: list[LayerTiers]) -> LandingRing | None:
         """Landing slots for the largest host-compressed chunk, and every chunk's view of each slot
@@ -270,28 +279,41 @@ class ExpertPager:
         self.weights[layer] = LayerWeights(groups, tuple(views), fused)
 
     def rebuild(self, tiers: list[list[Tier]], prefetch_depth: int | None = None,
-                slots: int | None = None) -> "ExpertPager":
+                slots: int | None = None, fused: bool | None = None) -> "ExpertPager":
         """A pager over the same experts in other tiers (a new budget), made between steps: every
         expert is read back to the host, this pager's GPU memory is freed (and torch's cache
         emptied, so the free memory the driver reports follows), then the new one is built.
         Pick counts carry over. This pager is unusable afterwards. Inside vLLM only with
-        enforce_eager: CUDA graphs hold the old arena's addresses, and vLLM keeps its KV size."""
+        enforce_eager: CUDA graphs hold the old arena's addresses, and vLLM keeps its KV size.
+        fused: carve an arena for one-call layers (default: as this pager). Where the new tiers
+        cannot be built (the GPU has no room for them), the old ones are built again from the
+        host copies and `RebuildError` carries that pager: nothing is lost."""
         stacks = [t.full_stacks("cpu") for t in self.layers]
-        counter = self.route_counter
-        device, layout, order = self.device, self.layout, self.streams.cpu_order
-        depth = self.depth if prefetch_depth is None else prefetch_depth
-        options = dict(fused=self.arena is not None, cpu_order=order, routed_fetch=self.routed_fetch,
-                       count_routes=self.route_counter is not None)
+        counter, device, layout = self.route_counter, self.device, self.layout
+        common = dict(cpu_order=self.streams.cpu_order, routed_fetch=self.routed_fetch,
+                      count_routes=counter is not None, telemetry=self.telemetry)
+        wanted = (tiers, self.depth if prefetch_depth is None else prefetch_depth, slots,
+                  self.arena is not None if fused is None else fused)
+        before = ([[t.tier_of(e) for e in range(t.num_experts)] for t in self.layers], self.depth,
+                  self.pool.slots if any(self.paged) else None, self.arena is not None)
         self.layers, self.weights, self.fetchers, self.arena, self.pool, self.landing = [], [], [], None, None, None
         self._marks, self.route_counter = [], None
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.empty_cache()
-        pager = ExpertPager.build(stacks, tiers, layout, depth, device, slots=slots, **options)
-        if counter is not None:
-            pager.route_counter.counts.copy_(counter.counts)
-            pager.route_counter.tokens.copy_(counter.tokens)
-        return pager
+
+        def build(tiers, depth, slots, fused) -> "ExpertPager":
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.empty_cache()
+            pager = ExpertPager.build(stacks, tiers, layout, depth, device, slots=slots, fused=fused, **common)
+            if counter is not None:
+                pager.route_counter.counts.copy_(counter.counts)
+                pager.route_counter.tokens.copy_(counter.tokens)
+            return pager
+
+        try:
+            return build(*wanted)
+        except torch.OutOfMemoryError as e:
+            raise RebuildError(f"the new tiers do not fit on the GPU ({e}); the old ones were built again",
+                               build(*before)) from e
 
     def placement(self) -> list[dict[Tier, list[int]]]:
         """Each layer's expert ids per tier, as the pager holds them now."""

@@ -512,10 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("budget", help="ask a running `fluxmoe serve --adapt` for a plan at another GPU budget",
                        formatter_class=_Help,
                        description="POST /v1/fluxmoe/budget: the server re-plans for the budget under the expert "
-                                   "popularity it measured, writes the plan beside its own, and says what applying "
-                                   "it takes (a change of tier counts means a restart with the new plan: vLLM 0.26 "
-                                   "cannot resize the KV cache or CUDA graphs of a running server). The route is an "
-                                   "admin route under /v1: give the server's --api-key.")
+                                   "popularity it measured (its KV cache and sequence limit stay: vLLM 0.26 cannot "
+                                   "resize them), writes the plan beside its own and applies it. A server started "
+                                   "with --enforce-eager rebuilds its experts' tiers between steps and gives the "
+                                   "memory back to the driver; under CUDA graphs, which hold the expert arena, the "
+                                   "answer is the restart command. The route is an admin route under /v1: give the "
+                                   "server's --api-key.")
     p.add_argument("budget", help="GPU memory budget, e.g. 40GiB")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server")
     p.add_argument("--api-key", default=None, help="the server's --api-key (sent as a bearer token)")

@@ -158,9 +158,13 @@ class Replanner:
         """The executor now runs `plan`: later windows are priced against it."""
         self.plan, self._streak, self._cooldown = plan, 0, self.policy.cooldown
 
-    def rebudget(self, budget: int | str, **options) -> Plan:
-        """A new plan for another GPU budget, under the measured popularity where there is one."""
+    def rebudget(self, budget: int | str, live: bool = False, **options) -> Plan:
+        """A new plan for another GPU budget, under the measured popularity where there is one.
+        live: for the running engine, whose KV cache and sequence limit stay as they are (vLLM
+        0.26 cannot resize them): only experts and staging move within the new budget."""
         from planner.search import optimize
 
         options.setdefault("workload", self.plan.workload)
+        if live:
+            options.update(kv_cache_bytes=self.plan.kv_cache_bytes, max_num_seqs=self.plan.max_num_seqs)
         return optimize(self.profile, budget, popularity=self.popularity, **options)

@@ -102,7 +102,7 @@ class _Problem:
     def __init__(self, profile: Profile, budget_bytes: int, host_budget_bytes: int, workload: WorkloadShape,
                  reserve_bytes: int, tpot_limit_s: float | None, max_num_seqs: int, mip_gap: float = 0.01,
                  requests: int | None = None, host_compressed: bool = True, routed: bool = False,
-                 popularity: ExpertPopularity | None = None):
+                 popularity: ExpertPopularity | None = None, kv_cache_bytes: int | None = None):
         self.profile, self.model = profile, profile.model
         self.cost = CostModel(profile, workload.routing_skew, popularity)
         self.mem = MemoryModel.of(profile, reserve_bytes)
@@ -112,10 +112,18 @@ class _Problem:
         self.host_compressed = host_compressed
         self.routed = routed  # host experts fetched routed-only (after the router, unhidden)
         self.kv_per_seq = self.mem.kv_per_sequence(workload.prompt_tokens + workload.output_tokens)
+        self.kv_fixed = kv_cache_bytes
         self.gap = mip_gap
         self.safety_hits = 0
         self._models: dict[tuple[int, int, bool], _PlacementModel] = {}
         self._spans_can_bind: dict[int, bool] = {}
+
+    def kv_bytes(self, batch: int) -> float:
+        """KV a plan for `batch` sequences holds: their own, or a running engine's whole cache,
+        whose size cannot change (inf where that cache holds fewer than `batch` sequences)."""
+        if self.kv_fixed is None:
+            return batch * self.kv_per_seq
+        return self.kv_fixed if batch * self.kv_per_seq <= self.kv_fixed else math.inf
 
     def step(self, batch: int) -> StepShape:
         return StepShape.steady_decode(batch, self.workload.prompt_tokens, self.workload.output_tokens)
@@ -186,7 +194,7 @@ class _Problem:
         prob += step_time >= pulp.lpSum(gpu.values()) + pulp.lpSum(stalls)
         prob += step_time >= pulp.lpSum(link.values()) + pulp.lpSum(routed.values())
         # MemoryModel.placement_bytes, linear in the variables, plus the KV of `batch` sequences.
-        memory = (self.mem.fixed_bytes + batch * self.kv_per_seq
+        memory = (self.mem.fixed_bytes + self.kv_bytes(batch)
                   + pulp.lpSum(eb * r[l] + ceb * c[l] for l in m.moe_layers) + (depth + 1) * eb * slots
                   + self.mem.landing_bytes * landing)
         prob += pulp.lpSum(eb * h[l] + ceb * hc[l] for l in m.moe_layers) <= self.host_budget
@@ -267,10 +275,10 @@ class _Problem:
 
     def memory_bytes(self, tiers: list[TierCounts], depth: int, batch: int) -> float:
         """GPU bytes a placement needs: fixed part, KV for `batch`, experts, staging."""
-        return self.mem.placement_bytes(tiers, depth) + batch * self.kv_per_seq
+        return self.mem.placement_bytes(tiers, depth) + self.kv_bytes(batch)
 
     def _fits(self, tiers: list[TierCounts], depth: int, batch: int) -> bool:
-        return self.mem.fits(self.budget, self.host_budget, tiers, depth, batch * self.kv_per_seq)
+        return self.mem.fits(self.budget, self.host_budget, tiers, depth, self.kv_bytes(batch))
 
     def _roundings(self, values: list[tuple[float, ...]], depth: int, batch: int) -> list[list[TierCounts]]:
         """Integer placements near the LP's (values: resident, compressed, host, host-compressed
@@ -455,10 +463,11 @@ class _Problem:
                     f"any budget: one sequence with every expert resident already takes {fastest * 1e3:.2f} ms "
                     f"per token")
         smallest, tiers = self.smallest_budget(depth)
-        b = mem.breakdown(tiers, depth, self.kv_per_seq)
+        b = mem.breakdown(tiers, depth, self.kv_bytes(1))
         parts = [("non-expert weights", b.non_expert_bytes), ("resident experts", b.resident_expert_bytes),
                  ("compressed experts", b.compressed_expert_bytes), ("staging pool", b.staging_bytes),
-                 ("one sequence's KV", b.kv_cache_bytes), ("reserve", b.reserve_bytes)]
+                 ("one sequence's KV" if self.kv_fixed is None else "the running engine's KV cache", b.kv_cache_bytes),
+                 ("reserve", b.reserve_bytes)]
         why = ""
         if mem.host_bytes(tiers) + m.expert_bytes > self.host_budget:
             why = (f" (the host budget of {format_bytes(self.host_budget)} holds only "
@@ -474,7 +483,7 @@ class _Problem:
 
 
 def _resident_fits(p: _Problem, batch: int) -> bool:
-    return p.mem.resident_kv(p.budget) >= batch * p.kv_per_seq
+    return p.mem.resident_kv(p.budget) >= p.kv_bytes(batch)
 
 
 def _prediction(p: _Problem, batch: int, tiers: list[TierCounts] | None, depth: int,
@@ -550,7 +559,7 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
                     max_num_seqs: int = 1024, prefetch_depths: tuple[int, ...] = PREFETCH_DEPTHS,
                     mip_gap: float = 0.01, requests: int | None = None, host_compressed: bool = True,
                     paging: bool = True, routed_fetch: bool = True,
-                    popularity: ExpertPopularity | None = None) -> list[Plan]:
+                    popularity: ExpertPopularity | None = None, kv_cache_bytes: int | None = None) -> list[Plan]:
     """The `top_k` best plans (best first) by predicted output tokens/s within `budget` GPU bytes.
 
     budget, host_budget, reserve_bytes: bytes or strings like "46GiB". objective: "throughput",
@@ -563,6 +572,8 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
     offload reads only routed experts too, so without it small batches can lose to that baseline.
     popularity: measured per-expert shares (the running server's counts): each layer keeps its
     hottest experts resident and its coldest on the host, and routed fetch is costed per expert.
+    kv_cache_bytes: a running engine's KV cache, which cannot be resized (vLLM 0.26): charged
+    whole at every batch, and no batch larger than it holds (a budget change while serving).
     Raises InfeasibleError with the smallest workable budget when nothing fits.
     """
     started = time.perf_counter()
@@ -590,8 +601,11 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
                                                                                        m.num_experts):
         raise ConfigError(f"popularity: covers {popularity.num_layers} layers of {popularity.num_experts} experts, "
                           f"model {m.name!r} has {m.num_moe_layers} MoE layers of {m.num_experts}")
+    if kv_cache_bytes is not None and kv_cache_bytes < 0:
+        raise ConfigError(f"kv_cache_bytes: must be >= 0, got {kv_cache_bytes!r}")
     problems = {routed: _Problem(profile, budget_bytes, host_bytes, workload, reserve, limit, max_num_seqs, mip_gap,
-                                 requests, host_compressed, routed=routed, popularity=popularity)
+                                 requests, host_compressed, routed=routed, popularity=popularity,
+                                 kv_cache_bytes=kv_cache_bytes)
                 for routed in ((False, True) if routed_fetch else (False,))}
     p = problems[False]
 
@@ -605,7 +619,9 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
         step = p.step(batch)
         for depth in sorted(prefetch_depths):
             # Bytes paging must free: the overshoot of all-resident (staging is charged in the bound).
-            need = p.mem.offload_for_kv(budget_bytes, batch * p.kv_per_seq)
+            need = p.mem.offload_for_kv(budget_bytes, p.kv_bytes(batch))
+            if need == math.inf:  # more sequences than a fixed KV cache holds
+                continue
             fastest = p.cost.paging_lower_bound_s(step, need, host_bytes, (depth + 1) / m.num_moe_layers,
                                                   host_compressed)
             if fastest < math.inf:
@@ -638,7 +654,7 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
     for bound, batch, depth, routed in order:
         if kept and bound <= threshold() * (1 + 1e-12):
             break
-        kv = batch * p.kv_per_seq
+        kv = p.kv_bytes(batch)
         if p.mem.fixed_bytes + kv + p.expert_memory_lower_bound(depth) > budget_bytes:
             continue
         if _resident_fits(p, batch):

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import planner
+import profiles
 from fluxmoe.errors import ConfigError, InfeasibleError
 from planner.cost_model import CostModel, TierCounts
 from planner.search import BATCH_GRID, PREFETCH_DEPTHS
@@ -347,3 +348,25 @@ def test_a_changed_model_is_built_again():
     prob += x[4] + x[9] <= 0  # a new constraint on the best items: the kept HiGHS model lacks it
     prob.solve(solver(0.0, 100, 60.0))
     assert prob.solverModel is not first and pulp.value(prob.objective) < before
+
+
+# ---------------------------------------------------------------- a running engine's fixed KV cache
+def test_a_fixed_kv_cache_is_charged_whole_and_bounds_the_batch():
+    """A budget change while serving: vLLM 0.26 keeps the KV cache it sized at start, so the
+    new plan charges all of it at every batch and runs no more sequences than it holds."""
+    profile = profiles.load("mixtral-8x7b", gpu="h200")
+    running = planner.optimize(profile, "60GiB")
+    kv_per_seq = profile.model.kv_bytes_per_sequence(running.workload.prompt_tokens + running.workload.output_tokens)
+    for budget in ("52GiB", "70GiB"):
+        live = planner.optimize(profile, budget, kv_cache_bytes=running.kv_cache_bytes,
+                                max_num_seqs=running.max_num_seqs)
+        assert live.kv_cache_bytes >= running.kv_cache_bytes and live.memory.gpu_total_bytes <= live.budget_bytes
+        assert live.max_num_seqs * kv_per_seq <= running.kv_cache_bytes
+    fresh, live = planner.optimize(profile, "52GiB"), planner.optimize(profile, "52GiB", kv_cache_bytes=running.kv_cache_bytes)
+    assert fresh.kv_cache_bytes < running.kv_cache_bytes  # a fresh plan would have shrunk the KV cache
+    assert live.memory.resident_expert_bytes + live.memory.compressed_expert_bytes <= \
+        fresh.memory.resident_expert_bytes + fresh.memory.compressed_expert_bytes
+    with pytest.raises(InfeasibleError, match="the running engine's KV cache"):
+        planner.optimize(profile, "40GiB", kv_cache_bytes=running.kv_cache_bytes)
+    with pytest.raises(ConfigError, match="kv_cache_bytes: must be >= 0, got -1"):
+        planner.optimize(profile, "52GiB", kv_cache_bytes=-1)

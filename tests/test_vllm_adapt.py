@@ -11,6 +11,7 @@ import profiles
 from executor.moe_layer import reference_forward
 from fluxmoe.errors import ConfigError
 from fluxmoe.names import Tier
+from fluxmoe.units import format_bytes
 from fluxmoe.vllm_plugin import endpoint, runtime as runtime_module
 from fluxmoe.vllm_plugin.adapt import ADAPT_ENV, AdaptSettings, ServerLoop
 from fluxmoe.vllm_plugin.worker import FluxMoEWorkerExtension
@@ -19,16 +20,21 @@ from tests.test_vllm_plugin import TINY, _forward, _runtime, tiny_plans  # noqa:
 
 
 class Workers:
-    """vLLM's `collective_rpc` over one worker, run between steps as vLLM runs it."""
+    """vLLM's `collective_rpc` over one worker, run between steps as vLLM runs it; `eager`:
+    the engine's CUDA graphs are off (vLLM's --enforce-eager)."""
 
-    def __init__(self, runtime):
-        self.runtime, self.calls = runtime, []
+    def __init__(self, runtime, eager=True):
+        self.runtime, self.calls, self.eager = runtime, [], eager
 
     async def collective_rpc(self, method, args=()):
+        from types import SimpleNamespace
+
         self.calls.append(method)
         runtime_module._current = self.runtime
+        worker = FluxMoEWorkerExtension()
+        worker.vllm_config = SimpleNamespace(model_config=SimpleNamespace(enforce_eager=self.eager))
         try:
-            return [getattr(FluxMoEWorkerExtension(), method)(*args)]
+            return [getattr(worker, method)(*args)]
         finally:
             runtime_module._current = None
 
@@ -138,9 +144,26 @@ def test_the_admin_routes(served, tmp_path):
     assert client.post(endpoint.BUDGET_PATH, json={"budget": "lots"}).status_code == 400
     small = client.post(endpoint.BUDGET_PATH, json={"budget": "2GiB"})
     assert small.status_code == 400 and "the smallest budget that works is" in small.json()["error"]
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    k = spec.experts_per_token
+    want = reference_forward(x, routers, stacks, k)
+    kv, seqs = runtime.plan.kv_cache_bytes, runtime.plan.max_num_seqs
     answer = client.post(endpoint.BUDGET_PATH, json={"budget": "3GiB"}).json()
     assert answer["budget_bytes"] == 3 << 30 and (tmp_path / answer["plan"].split("/")[-1]).is_file()
-    assert answer["apply"].startswith("restart: fluxmoe serve") or answer["apply"].startswith("no restart")
+    # made for the engine as it runs: its KV cache and sequence limit stay
+    assert answer["kv_cache_bytes"] >= kv and answer["max_num_seqs"] <= seqs
+    assert answer["apply"].startswith("applied") and "fluxmoe_rebuild" in app.state.fluxmoe_loop.engine.calls
+    assert runtime.plan.budget_bytes == 3 << 30 and app.state.fluxmoe_loop.replanner.plan is not None
+    assert app.state.fluxmoe_loop.replanner.plan.budget_bytes == 3 << 30
+    assert answer["workers"][0]["expert_bytes_after"] == runtime.expert_bytes
+    assert torch.equal(_forward(runtime, routers, x, k), want)  # the same bits in the new tiers
+    app.state.fluxmoe_loop.engine.eager = False  # CUDA graphs hold the arena: a restart, nothing changed
+    tight = client.post(endpoint.BUDGET_PATH, json={"budget": "2.5GiB"}).json()["error"]
+    assert f"the running engine's KV cache {format_bytes(answer['kv_cache_bytes'])}" in tight
+    graphs = client.post(endpoint.BUDGET_PATH, json={"budget": "2.9GiB"}).json()
+    assert graphs["apply"].startswith("not applied (this engine runs CUDA graphs") and "restart: fluxmoe serve" in \
+        graphs["apply"]
+    assert runtime.plan.budget_bytes == 3 << 30 and torch.equal(_forward(runtime, routers, x, k), want)
     for path in (endpoint.ADAPT_PATH, endpoint.BUDGET_PATH):
         assert path.startswith("/v1/")  # vLLM's --api-key guards /v1: admin routes take the API's key
 

@@ -121,3 +121,88 @@ def test_an_all_resident_plan_needs_no_arena(tiny_plans):
     assert all(t is Tier.RESIDENT for lp in plan.layers for t in lp.tiers())
     runtime = PagingRuntime(plan, ExpertLayout(64, 96), CPU)
     assert runtime.arena is None and not runtime.any_paged and runtime.gpu_bytes == 0
+
+
+# ---------------------------------------------------------------- a budget change while serving
+class _Module:
+    """What the plugin binds for each MoE layer: the stacks its kernel call reads."""
+
+    def __init__(self):
+        self.w13 = self.w2 = None
+        self.paged = None
+
+    def __call__(self, w13, w2, paged):
+        self.w13, self.w2, self.paged = w13, w2, paged
+
+
+def _placed(plan, spec):
+    routers, stacks, runtime = _runtime(plan, spec)
+    modules = {}
+    for layer, (w13, w2) in zip(runtime.moe_layers, stacks):
+        modules[layer] = _Module()
+        runtime.bind(layer, modules[layer])
+        runtime.place(layer, w13, w2) if runtime.is_paged(layer) else runtime.keep_resident(layer, w13, w2)
+    return routers, stacks, runtime, modules
+
+
+@pytest.mark.parametrize("before,after", [("per_layer_d1", "per_expert_d2"), ("per_expert_d2", "per_layer_d1"),
+                                          ("host_d1", "compressed_d0")])
+def test_a_rebuild_moves_every_expert_to_the_new_tiers_with_the_same_bits(tiny_plans, before, after):
+    """A budget change in a running engine: each layer's experts in the new plan's tiers, each
+    module pointed at its new stacks (the arena span of a paged layer, the whole stack of an
+    all-resident one), pick counts kept, and every step bit-exact before and after."""
+    spec = profiles.load_model(TINY)
+    routers, stacks, runtime, modules = _placed(tiny_plans[before], spec)
+    x = torch.randn(6, 64, dtype=torch.bfloat16)
+    k = spec.experts_per_token
+    expected = reference_forward(x, routers, stacks, k)
+    assert torch.equal(_forward(runtime, routers, x, k), expected)
+    counted = runtime.pager.route_counter.read_now()
+    answer = runtime.rebuild(tiny_plans[after])
+    plan = tiny_plans[after]
+    assert runtime.plan is plan and runtime.pager.depth == plan.prefetch_depth
+    assert [[t.tier_of(e) for e in range(spec.num_experts)] for t in runtime.pager.layers] == \
+        [plan.layer(layer).tiers() for layer in runtime.moe_layers]
+    assert runtime.pager.route_counter.read_now() == counted
+    for i, layer in enumerate(runtime.moe_layers):
+        module, weights = modules[layer], runtime.pager.weights[i]
+        if runtime.is_paged(layer):
+            assert module.paged and module.w13.data_ptr() == weights.fused.w13.data_ptr()
+        else:
+            assert not module.paged and torch.equal(module.w13, stacks[i][0]) and torch.equal(module.w2, stacks[i][1])
+    assert answer["expert_bytes_after"] == runtime.expert_bytes
+    assert torch.equal(_forward(runtime, routers, x, k), expected)
+    assert torch.equal(_forward(runtime, routers, x, k), expected)
+
+
+def test_a_rebuild_that_does_not_fit_keeps_the_old_tiers(tiny_plans, monkeypatch):
+    from executor.pager import ExpertPager
+
+    spec = profiles.load_model(TINY)
+    routers, stacks, runtime, modules = _placed(tiny_plans["per_layer_d1"], spec)
+    build, calls = ExpertPager.build.__func__, []
+
+    def tight_gpu(cls, stacks_, tiers, *args, **kwargs):
+        calls.append(tiers)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (planted)")
+        return build(cls, stacks_, tiers, *args, **kwargs)
+
+    monkeypatch.setattr(ExpertPager, "build", classmethod(tight_gpu))
+    with pytest.raises(ConfigError, match="do not fit on the GPU.*old ones were built again"):
+        runtime.rebuild(tiny_plans["per_expert_d2"])
+    assert calls[1] == [tiny_plans["per_layer_d1"].layer(layer).tiers() for layer in runtime.moe_layers]
+    assert runtime.plan is tiny_plans["per_layer_d1"] and modules[runtime.moe_layers[1]].paged
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    assert torch.equal(_forward(runtime, routers, x, spec.experts_per_token),
+                       reference_forward(x, routers, stacks, spec.experts_per_token))
+
+
+def test_a_plan_for_other_layers_is_refused_before_anything_moves(tiny_plans):
+    spec = profiles.load_model(TINY)
+    _, _, runtime, _ = _placed(tiny_plans["host_d1"], spec)
+    other = dataclasses.replace(tiny_plans["per_expert_d2"], layers=tiny_plans["per_expert_d2"].layers[1:])
+    pager = runtime.pager
+    with pytest.raises(ConfigError, match="this engine runs"):
+        runtime.rebuild(other)
+    assert runtime.pager is pager and runtime.layers

@@ -8,10 +8,12 @@ resident-host swaps to the workers in batches (`collective_rpc("fluxmoe_swap")`,
 runs between steps), one batch a step as `swap_schedule` paces them. No request is dropped or
 changed: a swap moves bytes bit-exactly and the id maps follow in place.
 
-`POST /v1/fluxmoe/budget` re-plans for another GPU budget under the measured popularity and
-says what applying it takes: a change of tier counts resizes the arena that vLLM's CUDA graphs
-and KV sizing were built around, so with vLLM 0.26 it means a restart with the new plan (the
-plan is written to a file and the command given). It does not change the running server.
+`POST /v1/fluxmoe/budget` re-plans for another GPU budget under the measured popularity, for
+this engine as it runs (vLLM 0.26 cannot resize its KV cache or sequence limit, so those stay
+and only experts and staging move), and applies it: with --enforce-eager every worker rebuilds
+its tiers between steps (`collective_rpc("fluxmoe_rebuild")`; requests wait through it, none
+is dropped, and the GPU memory given up goes back to the driver); under CUDA graphs, which hold
+the arena's addresses, the answer is the restart command with the new plan.
 """
 
 from __future__ import annotations
@@ -108,12 +110,15 @@ class ServerLoop:
         log.info("FluxMoE adaptation: %d swaps made (%s)", len(decision.swaps), decision.reason)
         return decision
 
-    def rebudget(self, budget: str, out_dir: Path) -> dict:
-        """A plan for another GPU budget, and what applying it takes (see the module docstring)."""
+    async def rebudget(self, budget: str, out_dir: Path) -> dict:
+        """A plan for another GPU budget, made for this engine (its KV cache and sequence limit
+        stay), and applied where it can be: the same tier counts need nothing (the loop re-places
+        experts as their popularity asks); other counts are rebuilt between steps in a server
+        started with --enforce-eager, and need a restart with the plan under CUDA graphs."""
         from planner.moves import swaps_between
 
         current = self.replanner.plan
-        plan = self.replanner.rebudget(budget, max_num_seqs=current.max_num_seqs)
+        plan = await asyncio.to_thread(self.replanner.rebudget, budget, live=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{plan.model}-{plan.budget_bytes}.json"
         plan.save(path)
@@ -122,10 +127,19 @@ class ServerLoop:
                   "kv_cache_bytes": plan.kv_cache_bytes, "max_num_seqs": plan.max_num_seqs}
         try:
             swaps_between(current, plan)
-            answer["apply"] = ("no restart: the tier counts are the same; the adaptation loop re-places experts "
-                               "as their popularity asks")
-        except ConfigError as e:
-            answer["apply"] = (f"restart: fluxmoe serve --model {self.replanner.profile.model.name} --plan {path} "
-                               f"(the tier counts change: {e}; vLLM 0.26 cannot resize its KV cache, CUDA graphs "
-                               f"or the expert arena of a running server)")
+            answer["apply"] = ("no change needed: the tier counts are the same; the adaptation loop re-places "
+                               "experts as their popularity asks")
+            return answer
+        except ConfigError:
+            pass
+        try:
+            answer["workers"] = await self.engine.collective_rpc("fluxmoe_rebuild", args=(str(path),))
+        except Exception as e:  # refused (CUDA graphs) or did not fit: the workers run the old plan still
+            answer["apply"] = (f"not applied ({e}); restart: fluxmoe serve --model "
+                               f"{self.replanner.profile.model.name} --plan {path}")
+            return answer
+        self.replanner.adopt(plan)
+        self.history = (self.history + [{"time": time.time(), "act": True, "reason": f"budget {budget}: rebuilt",
+                                         "gain": 0.0, "swaps": 0}])[-100:]
+        answer["apply"] = "applied: every worker rebuilt its tiers between steps; no request was dropped"
         return answer

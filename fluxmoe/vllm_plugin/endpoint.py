@@ -50,7 +50,6 @@ class StatsEndpoint:
 
         @router.post(BUDGET_PATH)
         async def fluxmoe_budget(request: Request):
-            import asyncio
             from pathlib import Path
 
             from fluxmoe.errors import FluxMoEError
@@ -64,7 +63,7 @@ class StatsEndpoint:
                 return JSONResponse({"error": f"field 'budget': expected a string like \"40GiB\", got {budget!r}"},
                                     status_code=400)
             try:
-                return await asyncio.to_thread(loop.rebudget, budget, Path(request.app.state.fluxmoe_plan_dir))
+                return await loop.rebudget(budget, Path(request.app.state.fluxmoe_plan_dir))
             except FluxMoEError as e:  # a bad budget, or none that fits: the message says which
                 return JSONResponse({"error": str(e)}, status_code=400)
 

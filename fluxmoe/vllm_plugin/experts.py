@@ -137,6 +137,7 @@ class PagedRoutedExperts(RoutedExperts):
         if self.use_ep:
             raise ConfigError("FluxMoE plans do not run with expert parallelism yet")
         self.fluxmoe_runtime, self.fluxmoe_layer = runtime, model_layer
+        runtime.bind(model_layer, self._fluxmoe_rebind)
         self.fluxmoe_position = runtime.position(model_layer)
         self.fluxmoe_paged, self.fluxmoe_dummy = paged, _is_dummy_load()
         self.fluxmoe_landing = runtime.landing(model_layer) if paged and not self.fluxmoe_dummy else None
@@ -186,6 +187,15 @@ class PagedRoutedExperts(RoutedExperts):
         # vLLM's kernel set-up sees the span the layer's one kernel call reads.
         self.w13_weight = torch.nn.Parameter(fused.w13, requires_grad=False)
         self.w2_weight = torch.nn.Parameter(fused.w2, requires_grad=False)
+
+    def _fluxmoe_rebind(self, w13: torch.Tensor | None, w2: torch.Tensor | None, paged: bool) -> None:
+        """After a rebuild (a budget change): the stacks this layer's kernel call reads."""
+        if w13 is None:  # the old stacks go: nothing may keep them alive while new ones are made
+            w13, w2 = (torch.empty((0, *shape[1:]), dtype=torch.bfloat16, device=self.fluxmoe_runtime.device)
+                       for shape in self.fluxmoe_shapes)
+        self.w13_weight = torch.nn.Parameter(w13, requires_grad=False)
+        self.w2_weight = torch.nn.Parameter(w2, requires_grad=False)
+        self.fluxmoe_paged = paged
 
     # ------------------------------------------------------------------ running
     def _fluxmoe_config(self, x: torch.Tensor) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from executor.pager import ExpertPager
 from executor.tiers import ExpertLayout, LayerTiers
 from fluxmoe.errors import ConfigError
 from fluxmoe.names import Tier
+from fluxmoe.units import format_bytes
 from fluxmoe.vllm_plugin import LOG_NAME
 
 log = logging.getLogger(LOG_NAME)
@@ -79,6 +81,7 @@ class PagingRuntime:
                       if self.paged_layers else None)
         self.layers: list[LayerTiers | None] = [None] * len(self.moe_layers)
         self._pager: ExpertPager | None = None
+        self.bindings: dict[int, Callable[[torch.Tensor | None, torch.Tensor | None, bool], None]] = {}
         self.checksums: dict[int, tuple[float, float]] = {}  # model layer -> sums of the placed stacks
 
     # ------------------------------------------------------------------ which layer is what
@@ -163,6 +166,61 @@ class PagingRuntime:
                          compressed, self.encode_seconds)
         return self._pager
 
+    def bind(self, layer: int, rebind: Callable[[torch.Tensor | None, torch.Tensor | None, bool], None]) -> None:
+        """`rebind(w13, w2, paged)` points model layer `layer`'s module at the stacks its kernel
+        reads (vLLM's parameters: the whole stack, or the arena span of a paged layer); None, None
+        drops them. A rebuild calls it, since it moves every expert."""
+        self.bindings[self.position(layer)] = rebind
+
+    def rebuild(self, plan) -> dict:
+        """Between steps, with CUDA graphs off (they hold the arena's addresses): the same experts
+        in the tiers of `plan`, a plan for another budget made for this engine (the KV cache stays
+        as vLLM sized it: `Replanner.rebudget(live=True)`). Every expert is read back to the host,
+        the GPU memory of the old tiers given back to the driver, the new tiers built and each
+        module pointed at its new stacks. Where the new tiers do not fit, the old ones are built
+        again and the error says so. Returns the expert bytes before and after and the seconds."""
+        import time
+
+        from executor.pager import RebuildError
+
+        if sorted(lp.layer for lp in plan.layers) != self.moe_layers or plan.model != self.plan.model:
+            raise ConfigError(f"plan: made for {plan.model!r} with MoE layers {sorted(lp.layer for lp in plan.layers)}"
+                              f", this engine runs {self.plan.model!r} with {self.moe_layers}")
+        tiers = [plan.layer(layer).tiers() for layer in self.moe_layers]
+        paged = any(t is not Tier.RESIDENT for layer in tiers for t in layer)
+        slots = plan.slots_per_buffer if paged else 0
+        if paged:  # refused before anything moves
+            ArenaLayout.of(tiers, plan.prefetch_depth + 1, slots).check_fused_limit(f"plan for {plan.model}")
+        started, before = time.perf_counter(), self.expert_bytes
+        pager = self.pager
+        for rebind in self.bindings.values():  # the modules' references to the old stacks go first
+            rebind(None, None, False)
+        self.layers, self.arena = [], None
+        try:
+            new, error = pager.rebuild(tiers, plan.prefetch_depth, slots or None, fused=True), None
+        except RebuildError as e:
+            new, error, plan = e.pager, e, self.plan
+        self._adopt(plan, new)
+        if error is not None:
+            raise ConfigError(f"plan for {format_bytes(plan.budget_bytes)}: {error}")
+        return {"expert_bytes_before": before, "expert_bytes_after": self.expert_bytes,
+                "seconds": round(time.perf_counter() - started, 3)}
+
+    def _adopt(self, plan, pager: ExpertPager) -> None:
+        self.plan, self._pager, self.layers, self.arena = plan, pager, list(pager.layers), pager.arena
+        self.tiers = [plan.layer(layer).tiers() for layer in self.moe_layers]
+        self.paged_layers = {layer for layer, t in zip(self.moe_layers, self.tiers)
+                             if any(x is not Tier.RESIDENT for x in t)}
+        self.buffers = plan.prefetch_depth + 1
+        self.slots = plan.slots_per_buffer if self.paged_layers else 0
+        for i, rebind in self.bindings.items():
+            tiers = pager.layers[i]
+            if self.moe_layers[i] in self.paged_layers:
+                fused = pager.weights[i].fused
+                rebind(fused.w13, fused.w2, True)
+            else:
+                rebind(*tiers.resident, False)
+
     def swap(self, swaps) -> int:
         """Between steps (vLLM runs worker calls there): resident-host swaps in place, each
         (model layer, expert into the GPU, expert out of it); the plan follows. Returns how many."""
@@ -190,6 +248,13 @@ class PagingRuntime:
         compressed = sum(t.gpu_bytes[Tier.COMPRESSED] for t in self.layers if t is not None)
         landing = self._pager.landing.nbytes if self._pager is not None and self._pager.landing is not None else 0
         return (self.arena.nbytes if self.arena is not None else 0) + compressed + landing
+
+    @property
+    def expert_bytes(self) -> int:
+        """GPU bytes of every expert this engine holds: `gpu_bytes` plus all-resident layers' stacks."""
+        whole = sum(sum(x.numel() * x.element_size() for x in t.resident)
+                    for layer, t in zip(self.moe_layers, self.layers) if t is not None and layer not in self.paged_layers)
+        return self.gpu_bytes + whole
 
 
 _current: PagingRuntime | None = None

@@ -31,3 +31,26 @@ class FluxMoEWorkerExtension:
         if runtime is None:
             raise RuntimeError("no FluxMoE plan runs in this worker")
         return runtime.swap(swaps)
+
+    def fluxmoe_rebuild(self, plan_path: str) -> dict:
+        """The same experts in the tiers of the plan at `plan_path` (another budget, made for this
+        engine: `Replanner.rebudget(live=True)`), between steps; only with CUDA graphs off, as
+        they hold the expert arena's addresses. Answers the expert bytes before and after, the
+        seconds it took and the free GPU memory the driver reports afterwards."""
+        import torch
+
+        from fluxmoe.errors import ConfigError
+        from fluxmoe.vllm_plugin.runtime import current_runtime
+        from planner.plan import Plan
+
+        runtime = current_runtime()
+        if runtime is None:
+            raise RuntimeError("no FluxMoE plan runs in this worker")
+        config = getattr(self, "vllm_config", None)  # set by vLLM on its worker
+        if config is not None and not config.model_config.enforce_eager:
+            raise ConfigError("this engine runs CUDA graphs, which hold the expert arena's addresses: a plan with "
+                              "other tier counts needs a restart (or a server started with --enforce-eager)")
+        answer = runtime.rebuild(Plan.load(plan_path))
+        if runtime.device.type == "cuda":
+            answer["driver_free_bytes"] = torch.cuda.mem_get_info(runtime.device)[0]
+        return answer
