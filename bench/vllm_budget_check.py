@@ -99,6 +99,7 @@ def main() -> None:
                 t = time.perf_counter()
                 answer = llm.collective_rpc("fluxmoe_rebuild", args=(paths[changes[step]],))[0]
                 events.append(dict(step=step, plan=changes[step], pause_s=round(time.perf_counter() - t, 2),
+                                   read_s=answer.get("read"), build_s=answer.get("build"),
                                    driver_free_before=before, driver_free_after=free(),
                                    expert_bytes_before=answer["expert_bytes_before"],
                                    expert_bytes_after=answer["expert_bytes_after"]))
@@ -115,6 +116,7 @@ def main() -> None:
         ordered = [done.get(f"{tag}-{i}") for i in range(len(prompts))]
         return ordered, times, events
 
+    run("warm-up", {})  # kernels compiled and tuned before anything is timed
     reference, ref_times, _ = run("fixed", {})
     changed, times, events = run("changing", {a.at: "small", 2 * a.at: "back"})
     phases = [(0, a.at), (a.at, 2 * a.at), (2 * a.at, min(len(times), len(ref_times)))]
@@ -142,10 +144,11 @@ def main() -> None:
                steps=len(times), reference_steps=len(ref_times),
                phases=[dict(steps=f"{lo}-{hi}", tokens_per_s=rate(times, lo, hi),
                             reference_tokens_per_s=rate(ref_times, lo, hi)) for lo, hi in phases])
-    print(f"\n{'change':<8} {'step':>5} {'pause s':>8} {'experts before':>15} {'after':>10} "
+    print(f"\n{'change':<8} {'step':>5} {'pause s':>8} {'read s':>7} {'build s':>8} {'experts before':>15} {'after':>10} "
           f"{'driver free before':>19} {'after':>10}")
     for e in events:
-        print(f"{e['plan']:<8} {e['step']:>5} {e['pause_s']:>8} {format_bytes(e['expert_bytes_before']):>15} "
+        print(f"{e['plan']:<8} {e['step']:>5} {e['pause_s']:>8} {e['read_s']!s:>7} {e['build_s']!s:>8} "
+              f"{format_bytes(e['expert_bytes_before']):>15} "
               f"{format_bytes(e['expert_bytes_after']):>10} {e['driver_free_before'] / GiB:>17.2f} G "
               f"{e['driver_free_after'] / GiB:>8.2f} G")
     print(f"\n{'phase':<10} {'tok/s':>8} {'reference':>10}")

@@ -18,6 +18,7 @@ compute stream wait for all side work in flight, so no capture ends with an unjo
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -186,6 +187,7 @@ class ExpertPager:
         # Issue layer l + depth + 1 as soon as layer l releases its buffer. Off inside piecewise
         # CUDA-graph captures, where that copy could only overlap the end of the capture.
         self.prefetch_on_release = True
+        self.rebuild_seconds: dict[str, float] = {}  # where this pager came from a rebuild: its read and build
 
     @classmethod
     def build(cls, stacks: list[tuple[torch.Tensor, torch.Tensor]], tiers: list[list[Tier]], layout: ExpertLayout,
@@ -288,7 +290,9 @@ class ExpertPager:
         fused: carve an arena for one-call layers (default: as this pager). Where the new tiers
         cannot be built (the GPU has no room for them), the old ones are built again from the
         host copies and `RebuildError` carries that pager: nothing is lost."""
+        started = time.perf_counter()
         stacks = [t.full_stacks("cpu") for t in self.layers]
+        read_s = time.perf_counter() - started
         counter, device, layout = self.route_counter, self.device, self.layout
         common = dict(cpu_order=self.streams.cpu_order, routed_fetch=self.routed_fetch,
                       count_routes=counter is not None, telemetry=self.telemetry)
@@ -298,8 +302,11 @@ class ExpertPager:
                   self.pool.slots if any(self.paged) else None, self.arena is not None)
         self.layers, self.weights, self.fetchers, self.arena, self.pool, self.landing = [], [], [], None, None, None
         self._marks, self.route_counter = [], None
+        built = 0.0
 
         def build(tiers, depth, slots, fused) -> "ExpertPager":
+            nonlocal built
+            built = time.perf_counter()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 torch.cuda.empty_cache()
@@ -307,6 +314,10 @@ class ExpertPager:
             if counter is not None:
                 pager.route_counter.counts.copy_(counter.counts)
                 pager.route_counter.tokens.copy_(counter.tokens)
+            if device.type == "cuda":  # the encoder's temporaries go back to the driver too
+                torch.cuda.synchronize(device)
+                torch.cuda.empty_cache()
+            pager.rebuild_seconds = {"read": round(read_s, 3), "build": round(time.perf_counter() - built, 3)}
             return pager
 
         try:

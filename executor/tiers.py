@@ -180,7 +180,7 @@ class LayerTiers:
         self.compressed_ids = [e for e, t in enumerate(tiers) if t is Tier.COMPRESSED]
 
     def _adopt(self, resident, host, compressed, device: torch.device, host_compressed=None) -> None:
-        self.resident, self.host = resident, host
+        self.resident, self.host, self.device = resident, host, device
         start = time.perf_counter()
         self.compressed = tuple(_CompressedStack(t, device) for t in compressed) if compressed else None
         # (w13 chunks, w2 chunks) of the host-compressed experts
@@ -259,7 +259,9 @@ class LayerTiers:
             index = torch.tensor(ids, dtype=torch.long, device=device)
             for dst, part in zip(out, parts):
                 chunks = part.chunks if isinstance(part, _CompressedStack) else part
-                rows = torch.cat([decode(c[2] if isinstance(c, tuple) else c.encoded).to(device) for c in chunks])
+                # decoded where the layer runs (host-compressed chunks too: the CPU decoder is a slow reference)
+                rows = torch.cat([decode((c[2] if isinstance(c, tuple) else c.encoded).to(self.device)).to(device)
+                                  for c in chunks])
                 dst.index_copy_(0, index, rows)
         return out
 

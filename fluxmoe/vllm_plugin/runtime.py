@@ -204,7 +204,7 @@ class PagingRuntime:
         if error is not None:
             raise ConfigError(f"plan for {format_bytes(plan.budget_bytes)}: {error}")
         return {"expert_bytes_before": before, "expert_bytes_after": self.expert_bytes,
-                "seconds": round(time.perf_counter() - started, 3)}
+                "seconds": round(time.perf_counter() - started, 3), **new.rebuild_seconds}
 
     def _adopt(self, plan, pager: ExpertPager) -> None:
         self.plan, self._pager, self.layers, self.arena = plan, pager, list(pager.layers), pager.arena
