@@ -100,6 +100,9 @@ def main() -> None:
                 answer = llm.collective_rpc("fluxmoe_rebuild", args=(paths[changes[step]],))[0]
                 events.append(dict(step=step, plan=changes[step], pause_s=round(time.perf_counter() - t, 2),
                                    read_s=answer.get("read"), build_s=answer.get("build"),
+                                   read_on_gpu=answer.get("read_on_gpu"),
+                                   torch_reserved=answer.get("torch_reserved_bytes"),
+                                   torch_allocated=answer.get("torch_allocated_bytes"),
                                    driver_free_before=before, driver_free_after=free(),
                                    expert_bytes_before=answer["expert_bytes_before"],
                                    expert_bytes_after=answer["expert_bytes_after"]))

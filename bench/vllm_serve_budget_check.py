@@ -127,7 +127,9 @@ def main() -> None:
                                 expert_bytes_before=w.get("expert_bytes_before"),
                                 expert_bytes_after=w.get("expert_bytes_after"),
                                 driver_free_bytes=w.get("driver_free_bytes"), read_s=w.get("read"),
-                                build_s=w.get("build")))
+                                build_s=w.get("build"), read_on_gpu=w.get("read_on_gpu"),
+                                torch_reserved=w.get("torch_reserved_bytes"),
+                                torch_allocated=w.get("torch_allocated_bytes")))
         worker.join()
         changing_s = time.perf_counter() - t
         changed = streaming["out"]

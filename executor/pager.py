@@ -18,6 +18,7 @@ compute stream wait for all side work in flight, so no capture ends with an unjo
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 
@@ -287,13 +288,17 @@ class ExpertPager:
         emptied, so the free memory the driver reports follows), then the new one is built.
         Pick counts carry over. This pager is unusable afterwards. Inside vLLM only with
         enforce_eager: CUDA graphs hold the old arena's addresses, and vLLM keeps its KV size.
-        fused: carve an arena for one-call layers (default: as this pager). Where the new tiers
-        cannot be built (the GPU has no room for them), the old ones are built again from the
-        host copies and `RebuildError` carries that pager: nothing is lost."""
-        started = time.perf_counter()
-        stacks = [t.full_stacks("cpu") for t in self.layers]
+        fused: carve an arena for one-call layers (default: as this pager). Where the GPU has
+        room for a second copy of every expert, they are read back on the GPU instead (copies and
+        decodes at HBM speed, no host round trip); they go to the host if the new tiers then do
+        not fit. Where the new tiers cannot be built at all, the old ones are built again and
+        `RebuildError` carries that pager: nothing is lost."""
+        started, device, layout = time.perf_counter(), self.device, self.layout
+        need = sum(t.num_experts for t in self.layers) * 2 * (math.prod(layout.w13_shape) + math.prod(layout.w2_shape))
+        on_gpu = device.type == "cuda" and torch.cuda.mem_get_info(device)[0] > 1.2 * need
+        stacks = [t.full_stacks(device if on_gpu else "cpu") for t in self.layers]
         read_s = time.perf_counter() - started
-        counter, device, layout = self.route_counter, self.device, self.layout
+        counter = self.route_counter
         common = dict(cpu_order=self.streams.cpu_order, routed_fetch=self.routed_fetch,
                       count_routes=counter is not None, telemetry=self.telemetry)
         wanted = (tiers, self.depth if prefetch_depth is None else prefetch_depth, slots,
@@ -317,14 +322,23 @@ class ExpertPager:
             if device.type == "cuda":  # the encoder's temporaries go back to the driver too
                 torch.cuda.synchronize(device)
                 torch.cuda.empty_cache()
-            pager.rebuild_seconds = {"read": round(read_s, 3), "build": round(time.perf_counter() - built, 3)}
+            pager.rebuild_seconds = {"read": round(read_s, 3), "build": round(time.perf_counter() - built, 3),
+                                     "read_on_gpu": on_gpu}
             return pager
 
         try:
             return build(*wanted)
         except torch.OutOfMemoryError as e:
-            raise RebuildError(f"the new tiers do not fit on the GPU ({e}); the old ones were built again",
-                               build(*before)) from e
+            error = e
+        if on_gpu:  # the copies read back on the GPU took the room: through the host instead
+            stacks[:] = [tuple(x.cpu() for x in pair) for pair in stacks]
+            on_gpu = False
+            try:
+                return build(*wanted)
+            except torch.OutOfMemoryError as e:
+                error = e
+        raise RebuildError(f"the new tiers do not fit on the GPU ({error}); the old ones were built again",
+                           build(*before)) from error
 
     def placement(self) -> list[dict[Tier, list[int]]]:
         """Each layer's expert ids per tier, as the pager holds them now."""

@@ -53,4 +53,6 @@ class FluxMoEWorkerExtension:
         answer = runtime.rebuild(Plan.load(plan_path))
         if runtime.device.type == "cuda":
             answer["driver_free_bytes"] = torch.cuda.mem_get_info(runtime.device)[0]
+            answer["torch_reserved_bytes"] = torch.cuda.memory_reserved(runtime.device)
+            answer["torch_allocated_bytes"] = torch.cuda.memory_allocated(runtime.device)
         return answer
