@@ -319,7 +319,8 @@ class ExpertPager:
             if counter is not None:
                 pager.route_counter.counts.copy_(counter.counts)
                 pager.route_counter.tokens.copy_(counter.tokens)
-            if device.type == "cuda":  # the encoder's temporaries go back to the driver too
+            stacks.clear()  # the read-back copies and the encoder's temporaries go back to the driver too
+            if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 torch.cuda.empty_cache()
             pager.rebuild_seconds = {"read": round(read_s, 3), "build": round(time.perf_counter() - built, 3),
