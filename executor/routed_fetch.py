@@ -128,7 +128,7 @@ def _launch_gather(host: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) 
         return
     split = min(GATHER_SPLIT, triton.cdiv(numel, GATHER_BLOCK))
     per = triton.cdiv(triton.cdiv(numel, split), GATHER_BLOCK) * GATHER_BLOCK
-    _gather_kernel()[(n, split)](host, slots, rows.view(torch.uint8), numel, per, BLOCK=GATHER_BLOCK)
+    _gather_kernel()[(n, split)](host, slots, rows.view(torch.uint8), numel, PER=per, BLOCK=GATHER_BLOCK)
 
 
 _KERNEL = None
@@ -142,12 +142,14 @@ def _gather_kernel():
         import triton.language as tl
 
         @triton.jit
-        def gather_rows(src, dst, flags, numel, per, BLOCK: tl.constexpr):
+        def gather_rows(src, dst, flags, numel, PER: tl.constexpr, BLOCK: tl.constexpr):
+            # PER is a constant of the stack's shape (one compile per shape): Triton's interpreter
+            # cannot loop over a runtime scalar
             row = tl.program_id(0)
             if tl.load(flags + row) != 0:  # a clear flag: nothing more is issued, nothing crosses the link
                 base = row.to(tl.int64) * numel
-                start = tl.program_id(1).to(tl.int64) * per
-                for step in range(0, per, BLOCK):
+                start = tl.program_id(1).to(tl.int64) * PER
+                for step in range(0, PER, BLOCK):
                     offs = start + step + tl.arange(0, BLOCK)
                     keep = offs < numel
                     tl.store(dst + base + offs, tl.load(src + base + offs, mask=keep), mask=keep)
