@@ -11,7 +11,9 @@ same greedy requests run twice through `LLMEngine.step()`:
 Greedy tokens and logprobs must equal the reference's, request for request, and every request
 must finish. Recorded: the free GPU memory the driver reports before and after each change,
 the experts' GPU bytes, each change's pause, and decode throughput per phase against the same
-steps of the reference run. Prints a table and `RESULT {json}`; writes `--out` if given.
+steps of the reference run (median step times). `--fresh start|small` runs the same requests
+on a fresh engine started with that plan instead, for "throughput at each budget against a fresh
+start there". Prints a table and `RESULT {json}`; writes `--out` if given.
 
     python3 bench/vllm_budget_check.py --model models/mixtral-8x7b-8layers --budget 30GiB --shrink 8GiB
 """
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -43,6 +46,9 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=96)
     ap.add_argument("--at", type=int, default=30, help="engine steps before the shrink, and between shrink and grow")
     ap.add_argument("--out", default="")
+    ap.add_argument("--fresh", choices=["start", "small"], default=None,
+                    help="instead: a fresh engine started with that plan (at its budget), the same requests, "
+                         "for the per-phase comparison")
     a = ap.parse_args()
     from vllm.model_executor.model_loader import weight_utils
 
@@ -66,7 +72,8 @@ def main() -> None:
     for name, p in (("start", plan), ("small", small), ("back", back)):
         paths[name] = f"/tmp/fluxmoe-budget-{name}.json"
         p.save(paths[name])
-    os.environ[vllm_plugin.PLAN_ENV] = paths["start"]
+    os.environ[vllm_plugin.PLAN_ENV] = paths[a.fresh or "start"]
+    served = {"start": plan, "small": small}[a.fresh or "start"]
     vllm_plugin.register()
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -78,7 +85,7 @@ def main() -> None:
     total = torch.cuda.get_device_properties(0).total_memory
     started = time.perf_counter()
     llm = LLM(model=a.model, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", seed=0,
-              gpu_memory_utilization=round(budget / total, 4), enforce_eager=True, max_model_len=512,
+              gpu_memory_utilization=round(served.budget_bytes / total, 4), enforce_eager=True, max_model_len=512,
               max_num_seqs=a.requests, worker_extension_cls=EXTENSION,
               enable_prefix_caching=False)  # the second pass must compute its prompts as the first did
     startup_s = time.perf_counter() - started
@@ -121,11 +128,22 @@ def main() -> None:
 
     run("warm-up", {})  # kernels compiled and tuned before anything is timed
     reference, ref_times, _ = run("fixed", {})
+    if a.fresh:
+        res = dict(device=torch.cuda.get_device_name(0), date=time.strftime("%Y-%m-%d"),
+                   commit=os.environ.get("FLUXMOE_COMMIT", ""), model=a.model, fresh=a.fresh,
+                   budget_bytes=served.budget_bytes, startup_s=round(startup_s, 1),
+                   vllm_kv_blocks=engine.vllm_config.cache_config.num_gpu_blocks,
+                   step_s=[round(t, 6) for t in ref_times], tokens=[r and r[0] for r in reference])
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(res, f, indent=1)
+        print("RESULT " + json.dumps({k: v for k, v in res.items() if k not in ("step_s", "tokens")}), flush=True)
+        return
     changed, times, events = run("changing", {a.at: "small", 2 * a.at: "back"})
-    phases = [(0, a.at), (a.at, 2 * a.at), (2 * a.at, min(len(times), len(ref_times)))]
+    phases = [(1, a.at), (a.at + 1, 2 * a.at), (2 * a.at + 1, min(len(times), len(ref_times)) - 1)]
 
-    def rate(ts, lo, hi):  # decode steps: every request emits one token a step while all run
-        return round(a.requests * (hi - lo) / sum(ts[lo:hi]), 1) if hi > lo else None
+    def rate(ts, lo, hi):  # decode steps (the prefill step and the first after a change left out): the median
+        return round(a.requests / statistics.median(ts[lo:hi]), 1) if hi > lo else None
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -146,7 +164,9 @@ def main() -> None:
                logprobs_equal=[r and r[1] for r in changed] == [r and r[1] for r in reference],
                steps=len(times), reference_steps=len(ref_times),
                phases=[dict(steps=f"{lo}-{hi}", tokens_per_s=rate(times, lo, hi),
-                            reference_tokens_per_s=rate(ref_times, lo, hi)) for lo, hi in phases])
+                            reference_tokens_per_s=rate(ref_times, lo, hi)) for lo, hi in phases],
+               step_s=[round(t, 6) for t in times], reference_step_s=[round(t, 6) for t in ref_times],
+               tokens=[r and r[0] for r in changed])
     print(f"\n{'change':<8} {'step':>5} {'pause s':>8} {'read s':>7} {'build s':>8} {'experts before':>15} {'after':>10} "
           f"{'driver free before':>19} {'after':>10}")
     for e in events:
@@ -162,7 +182,8 @@ def main() -> None:
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
-    print("RESULT " + json.dumps(res), flush=True)
+    print("RESULT " + json.dumps({k: v for k, v in res.items() if not k.endswith("step_s") and k != "tokens"}),
+          flush=True)
 
 
 if __name__ == "__main__":
