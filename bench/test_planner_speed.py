@@ -3,8 +3,9 @@
 The budgets are the slowest of a 1 GiB sweep (10 GiB up to the GPU, every shipped model on
 a40, a40x2 and h200: 1,470 plans) on a 2-core machine, re-measured after vLLM's row limit went
 into the LP (2026-11-24): median 0.11 s, 99th percentile 0.87 s, 9 budgets over 1 s, the worst
-2.16 s (Mixtral-8x7B on the H200 at 99 GiB; Qwen3-30B-A3B at 66 GiB 1.93 s). DeepSeek-V3 fits
-no budget of these GPUs.
+2.16 s (Mixtral-8x7B on the H200 at 99 GiB; Qwen3-30B-A3B at 66 GiB 1.93 s). With the HiGHS
+model kept between solves (session 8; bench/NOTES.md), the same two are the slowest, each now
+one node-limited MILP and little else. DeepSeek-V3 fits no budget of these GPUs.
 
 Run: pytest bench/test_planner_speed.py --benchmark-enable
 """
