@@ -284,15 +284,14 @@ class ExpertPager:
     def rebuild(self, tiers: list[list[Tier]], prefetch_depth: int | None = None,
                 slots: int | None = None, fused: bool | None = None) -> "ExpertPager":
         """A pager over the same experts in other tiers (a new budget), made between steps: every
-        expert is read back to the host, this pager's GPU memory is freed (and torch's cache
-        emptied, so the free memory the driver reports follows), then the new one is built.
-        Pick counts carry over. This pager is unusable afterwards. Inside vLLM only with
-        enforce_eager: CUDA graphs hold the old arena's addresses, and vLLM keeps its KV size.
-        fused: carve an arena for one-call layers (default: as this pager). Where the GPU has
-        room for a second copy of every expert, they are read back on the GPU instead (copies and
-        decodes at HBM speed, no host round trip); they go to the host if the new tiers then do
-        not fit. Where the new tiers cannot be built at all, the old ones are built again and
-        `RebuildError` carries that pager: nothing is lost."""
+        expert is read back in full (on the GPU where it has room for a second copy: copies and
+        decodes at HBM speed; else to the host), this pager's GPU memory is freed (and torch's
+        cache emptied, so the free memory the driver reports follows), then the new one is built
+        (from host copies if the GPU copies leave it no room). Pick counts carry over. This pager
+        is unusable afterwards. Inside vLLM only with enforce_eager: CUDA graphs hold the old
+        arena's addresses, and vLLM keeps its KV size. fused: carve an arena for one-call layers
+        (default: as this pager). Where the new tiers cannot be built at all, the old ones are
+        built again and `RebuildError` carries that pager: nothing is lost."""
         started, device, layout = time.perf_counter(), self.device, self.layout
         need = sum(t.num_experts for t in self.layers) * 2 * (math.prod(layout.w13_shape) + math.prod(layout.w2_shape))
         on_gpu = device.type == "cuda" and torch.cuda.mem_get_info(device)[0] > 1.2 * need
@@ -307,10 +306,8 @@ class ExpertPager:
                   self.pool.slots if any(self.paged) else None, self.arena is not None)
         self.layers, self.weights, self.fetchers, self.arena, self.pool, self.landing = [], [], [], None, None, None
         self._marks, self.route_counter = [], None
-        built = 0.0
 
         def build(tiers, depth, slots, fused) -> "ExpertPager":
-            nonlocal built
             built = time.perf_counter()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -175,12 +176,10 @@ class PagingRuntime:
     def rebuild(self, plan) -> dict:
         """Between steps, with CUDA graphs off (they hold the arena's addresses): the same experts
         in the tiers of `plan`, a plan for another budget made for this engine (the KV cache stays
-        as vLLM sized it: `Replanner.rebudget(live=True)`). Every expert is read back to the host,
-        the GPU memory of the old tiers given back to the driver, the new tiers built and each
-        module pointed at its new stacks. Where the new tiers do not fit, the old ones are built
+        as vLLM sized it: `Replanner.rebudget(live=True)`). Every expert is read back (on the GPU
+        where it has room, see `ExpertPager.rebuild`), the GPU memory of the old tiers given back
+        to the driver, the new tiers built and each module pointed at its new stacks. Where the new tiers do not fit, the old ones are built
         again and the error says so. Returns the expert bytes before and after and the seconds."""
-        import time
-
         from executor.pager import RebuildError
 
         if sorted(lp.layer for lp in plan.layers) != self.moe_layers or plan.model != self.plan.model:
