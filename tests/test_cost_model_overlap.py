@@ -108,3 +108,35 @@ def test_linear_attention_reads_and_writes_each_sequences_state_once_per_layer()
         assert cost._attention_s("linear", step) == pytest.approx(by_hand, rel=1e-12)
     short, long = (cost._attention_s("full", StepShape(64, 64, c)) for c in (100, 20_000))
     assert long > 5 * short  # full attention grows with context, linear does not
+
+
+def test_full_and_sliding_attention_by_hand_with_the_measured_kv_read_curve():
+    """gpt-oss-120b on the measured H200: a full-attention layer reads every sequence's context
+    of KV at the rate the measured curve gives for that many bytes, or is bound by its FLOPs
+    (4 x width x tokens x context) where a long prefill chunk makes those dominate; a sliding
+    layer reads at most its window."""
+    import profiles
+    from planner.cost_model import CostModel, StepShape
+
+    profile = profiles.load("gpt-oss-120b", gpu="h200")
+    m, hw = profile.model, profile.hardware
+    assert hw.attention_kv_gbps is not None and {"full", "sliding"} <= set(m.attention) and m.sliding_window == 128
+    cost = CostModel(profile)
+    flops_per_s = hw.bf16_tflops * 1e12 * hw.gemm_efficiency
+
+    def by_hand(kind, step):
+        context = min(step.context_tokens, m.sliding_window) if kind == "sliding" else step.context_tokens
+        kv = step.sequences * context * m.kv_bytes_per_token_layer[kind]
+        read = kv / (hw.attention_kv_gbps(kv) * 1e9)
+        return max(4 * m.attention_width * step.tokens * context / flops_per_s, read) + hw.kernel_overhead_s
+
+    decode, prefill = StepShape(64, 64, 20_000), StepShape(8192, 1, 4096)
+    for kind in ("full", "sliding"):
+        for step in (decode, prefill, StepShape(64, 64, 100)):
+            assert cost._attention_s(kind, step) == pytest.approx(by_hand(kind, step), rel=1e-12)
+    flops = 4 * m.attention_width * prefill.tokens * prefill.context_tokens / flops_per_s
+    assert cost._attention_s("full", prefill) == pytest.approx(flops + hw.kernel_overhead_s, rel=1e-12)  # FLOP-bound
+    short = StepShape(64, 64, 100)  # within the window, sliding and full read the same
+    assert cost._attention_s("sliding", short) == cost._attention_s("full", short)
+    assert cost._attention_s("sliding", decode) == cost._attention_s("sliding", StepShape(64, 64, 128))
+    assert cost._attention_s("full", decode) > 5 * cost._attention_s("sliding", decode)
