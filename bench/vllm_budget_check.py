@@ -49,7 +49,12 @@ def main() -> None:
     ap.add_argument("--fresh", choices=["start", "small"], default=None,
                     help="instead: a fresh engine started with that plan (at its budget), the same requests, "
                          "for the per-phase comparison")
+    ap.add_argument("--allocator", choices=["default", "expandable"], default="default",
+                    help="expandable: torch's expandable segments, which give freed pages back to the driver "
+                         "even where a segment still holds other tensors")
     a = ap.parse_args()
+    if a.allocator == "expandable":  # before CUDA starts
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     from vllm.model_executor.model_loader import weight_utils
 
     weight_utils.initialize_dummy_weights.__defaults__ = (-0.1, 0.1, 1234)  # finite, varied logits
@@ -151,6 +156,7 @@ def main() -> None:
         commit = ""
     res = dict(device=torch.cuda.get_device_name(0), date=time.strftime("%Y-%m-%d"),
                commit=os.environ.get("FLUXMOE_COMMIT", commit), model=a.model, budget=a.budget, shrink=a.shrink,
+               allocator=a.allocator,
                requests=a.requests, input_len=a.input_len, output_len=a.output_len, startup_s=round(startup_s, 1),
                vllm_kv_blocks=engine.vllm_config.cache_config.num_gpu_blocks,
                plans={name: dict(budget_bytes=p.budget_bytes, kv_cache_bytes=p.kv_cache_bytes,
