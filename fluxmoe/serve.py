@@ -21,6 +21,7 @@ from fluxmoe.errors import ConfigError
 from fluxmoe.vllm_plugin.endpoint import STATS_PATH, StatsEndpoint
 from fluxmoe.vllm_plugin.worker import EXTENSION as WORKER_EXTENSION
 
+ALLOC_ENV = "PYTORCH_CUDA_ALLOC_CONF"
 # Options that FluxMoE sets from the plan: giving them too would make vLLM run another budget.
 PLAN_OWNED = ("--gpu-memory-utilization",)
 
@@ -115,6 +116,9 @@ def prepare(args, vllm_args: list[str], make_plan) -> Launch:
 
         env[ADAPT_ENV] = json.dumps({"model": str(Path(args.model).resolve()), "gpu": args.gpu,
                                      "interval_s": args.adapt_interval})
+        # A budget change frees experts among live tensors: torch's expandable segments give those
+        # pages back to the driver (measured: 7.72 of 8.40 GiB, against 5.50 in fixed segments).
+        env.setdefault(ALLOC_ENV, "expandable_segments:True")
     return Launch(plan, plan_path, argv, env, utilization)
 
 

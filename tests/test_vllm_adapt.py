@@ -198,7 +198,7 @@ def test_fluxmoe_budget_posts_with_the_api_key(monkeypatch, capsys):
     assert "budget" in capsys.readouterr().err
 
 
-def test_serve_with_adapt_hands_the_loop_its_settings(capsys, tmp_path):
+def test_serve_with_adapt_hands_the_loop_its_settings(capsys, tmp_path, monkeypatch):
     from fluxmoe.cli import build_parser
     from fluxmoe.serve import prepare
 
@@ -206,6 +206,11 @@ def test_serve_with_adapt_hands_the_loop_its_settings(capsys, tmp_path):
                                       "--adapt", "--adapt-interval", "3", "--save-plan", str(tmp_path / "p.json")])
     from fluxmoe.cli import _workload, make_plan
 
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     launch = prepare(args, [], lambda profile: make_plan(args, profile, _workload(args)))
     settings = json.loads(launch.env[ADAPT_ENV])
     assert settings["gpu"] == "h200" and settings["interval_s"] == 3 and settings["model"].endswith("mixtral-tiny")
+    assert launch.env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"  # freed experts reach the driver
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "garbage_collection_threshold:0.8")  # the user's own stays
+    assert prepare(args, [], lambda profile: make_plan(args, profile, _workload(args))).env[
+        "PYTORCH_CUDA_ALLOC_CONF"] == "garbage_collection_threshold:0.8"
