@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from fluxmoe.errors import ConfigError
 from planner.cost_model import CostModel, StepShape
 from planner.moves import Swap, apply_swaps, reassign, swap_schedule, swaps_between
-from planner.plan import Plan
+from planner.plan import Plan, WorkloadShape
 from planner.popularity import ExpertPopularity
 from profiles.feedback import RuntimeFeedback
 from profiles.hardware import CodecRates, Curve
@@ -38,12 +38,27 @@ def calibrated(profile: Profile, feedback: RuntimeFeedback) -> Profile:
     return Profile(profile.model, dataclasses.replace(hw, name=f"{hw.name} (as measured)", **changes))
 
 
-def predicted_step_s(profile: Profile, plan: Plan, popularity: ExpertPopularity | None, batch: float) -> float:
-    """The plan's decode step at `batch` sequences, its host experts priced by their own
-    popularity (the ids it puts there, not the coldest)."""
-    cost = CostModel(profile, plan.workload.routing_skew, popularity)
+def measured_workload(profile: Profile, plan: Plan, kv_use: float, batch: float) -> WorkloadShape:
+    """The plan's workload with the context the engine's KV use says its sequences hold: the
+    mean sequence keeps `kv_use` of the plan's KV cache over `batch` sequences, and a steady
+    decode step sees prompt + output / 2 tokens of context (StepShape.steady_decode)."""
+    w, m = plan.workload, profile.model
+    per_sequence = kv_use * plan.kv_cache_bytes / max(batch, 1.0)
+    lo, hi = 1, m.max_context
+    while lo < hi:  # the longest context whose KV fits in `per_sequence` (KV grows with context)
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if m.kv_bytes_per_sequence(mid) <= per_sequence else (lo, mid - 1)
+    return dataclasses.replace(w, prompt_tokens=max(1, round(lo - w.output_tokens / 2)))
+
+
+def predicted_step_s(profile: Profile, plan: Plan, popularity: ExpertPopularity | None, batch: float,
+                     workload: WorkloadShape | None = None) -> float:
+    """The plan's decode step at `batch` sequences of `workload` (default: the plan's), its host
+    experts priced by their own popularity (the ids it puts there, not the coldest)."""
+    workload = workload or plan.workload
+    cost = CostModel(profile, workload.routing_skew, popularity)
     layers = sorted(plan.layers, key=lambda lp: lp.layer)
-    step = StepShape.steady_decode(max(1, round(batch)), plan.workload.prompt_tokens, plan.workload.output_tokens)
+    step = StepShape.steady_decode(max(1, round(batch)), workload.prompt_tokens, workload.output_tokens)
     return cost.step_time(plan.tier_counts(), step, plan.prefetch_depth, plan.routed_fetch,
                           host_ids=[lp.host for lp in layers]).total_s
 
@@ -90,6 +105,7 @@ class Replanner:
         self._cooldown = 0
         self._schedule: list[list[Swap]] = []  # per coming step, the swaps of a change in progress
         self._target: Plan | None = None  # where that change ends
+        self.workload = plan.workload  # as measured: the engine's KV use gives the sequences' context
 
     def _observe(self, feedback: RuntimeFeedback) -> RuntimeFeedback | None:
         """The window since the previous call, folded into the popularity estimate (None: too few tokens)."""
@@ -113,9 +129,11 @@ class Replanner:
             return ReplanDecision(False, f"fewer than {self.policy.min_tokens} routed tokens since the last window")
         profile = calibrated(self.profile, window)
         batch = window.mean_batch or self.plan.max_num_seqs
+        if window.kv_use is not None and window.mean_batch:
+            self.workload = measured_workload(self.profile, self.plan, window.kv_use, window.mean_batch)
         proposal = reassign(self.plan, self.popularity)
-        current = predicted_step_s(profile, self.plan, self.popularity, batch)
-        proposed = predicted_step_s(profile, proposal, self.popularity, batch)
+        current = predicted_step_s(profile, self.plan, self.popularity, batch, self.workload)
+        proposed = predicted_step_s(profile, proposal, self.popularity, batch, self.workload)
         swaps = swaps_between(self.plan, proposal)
         decision = ReplanDecision(False, "", current, proposed, proposal, swaps)
         if self._cooldown > 0:
@@ -159,12 +177,13 @@ class Replanner:
         self.plan, self._streak, self._cooldown = plan, 0, self.policy.cooldown
 
     def rebudget(self, budget: int | str, live: bool = False, **options) -> Plan:
-        """A new plan for another GPU budget, under the measured popularity where there is one.
+        """A new plan for another GPU budget, under the measured popularity and context lengths
+        where there are some.
         live: for the running engine, whose KV cache and sequence limit stay as they are (vLLM
         0.26 cannot resize them): only experts and staging move within the new budget."""
         from planner.search import optimize
 
-        options.setdefault("workload", self.plan.workload)
+        options.setdefault("workload", self.workload)
         if live:
             options.update(kv_cache_bytes=self.plan.kv_cache_bytes, max_num_seqs=self.plan.max_num_seqs)
         return optimize(self.profile, budget, popularity=self.popularity, **options)

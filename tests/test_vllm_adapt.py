@@ -214,3 +214,45 @@ def test_serve_with_adapt_hands_the_loop_its_settings(capsys, tmp_path, monkeypa
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "garbage_collection_threshold:0.8")  # the user's own stays
     assert prepare(args, [], lambda profile: make_plan(args, profile, _workload(args))).env[
         "PYTORCH_CUDA_ALLOC_CONF"] == "garbage_collection_threshold:0.8"
+
+
+class _Registry:
+    """prometheus_client's registry as vLLM's stat loggers fill it (two engines)."""
+
+    def __init__(self, samples):
+        from types import SimpleNamespace
+
+        self.metrics = [SimpleNamespace(samples=[SimpleNamespace(name=n, value=v) for n, v in samples])]
+
+    def collect(self):
+        return self.metrics
+
+
+def test_the_engines_kv_use_and_running_requests_reach_the_replanner(served):
+    """vLLM's gauges give the loop the KV use and the sequences running; the re-planner turns
+    them into the context its sequences hold (KV per sequence, inverted), which prices its
+    decisions and a re-plan for another budget."""
+    from fluxmoe.vllm_plugin.adapt import engine_load
+    from planner.replan import measured_workload
+
+    runtime, routers, stacks, profile, spec = served
+    gauges = _Registry([("vllm:kv_cache_usage_perc", 0.5), ("vllm:kv_cache_usage_perc", 0.3),
+                        ("vllm:num_requests_running", 5.0), ("vllm:num_requests_running", 3.0)])
+    assert engine_load(gauges) == {"kv_use": pytest.approx(0.4), "mean_batch": 8.0}
+    assert engine_load(_Registry([("vllm:num_requests_running", 2.0)])) == {}  # no KV gauge: nothing
+    assert engine_load(_Registry([("vllm:kv_cache_usage_perc", 0.1), ("vllm:num_requests_running", 0.0)])) == \
+        {"kv_use": pytest.approx(0.1)}  # idle: no batch to divide by
+    plan = runtime.plan
+    w = measured_workload(profile, plan, 0.4, 8)
+    context = w.prompt_tokens + w.output_tokens / 2
+    per_sequence = 0.4 * plan.kv_cache_bytes / 8
+    assert spec.kv_bytes_per_sequence(round(context)) <= per_sequence < spec.kv_bytes_per_sequence(round(context) + 2)
+    assert w.output_tokens == plan.workload.output_tokens
+    loop = ServerLoop(Workers(runtime), Replanner(profile, plan, ReplanPolicy(min_tokens=8)), load=lambda: {
+        "kv_use": 0.4, "mean_batch": 8.0})
+    for _ in range(2):
+        _forward(runtime, routers, torch.randn(16, 64).to(torch.bfloat16), spec.experts_per_token)
+    asyncio.run(loop.tick())
+    assert loop.replanner.workload == w and loop.history[-1]["kv_use"] == 0.4
+    assert loop.history[-1]["context_tokens"] == round(context)
+    assert loop.replanner.rebudget("3GiB").workload == w  # a re-plan is made for the measured context

@@ -55,6 +55,30 @@ class AdaptSettings:
         return settings
 
 
+def engine_load(registry=None) -> dict:
+    """vLLM's own gauges in this API server process (its stat loggers keep them in
+    prometheus_client's registry): the share of the KV cache in use and the requests running,
+    summed over engines; {} where they are not there (stats logging off, several API servers)."""
+    if registry is None:
+        try:
+            from prometheus_client import REGISTRY as registry  # vLLM's dependency
+        except ImportError:
+            return {}
+    use, running, found = [], 0.0, False
+    for metric in registry.collect():
+        for sample in metric.samples:
+            if sample.name == "vllm:kv_cache_usage_perc":
+                use.append(sample.value)
+            elif sample.name == "vllm:num_requests_running":
+                running, found = running + sample.value, True
+    if not use or not found:
+        return {}
+    load = {"kv_use": sum(use) / len(use)}
+    if running > 0:
+        load["mean_batch"] = running
+    return load
+
+
 @dataclass
 class ServerLoop:
     engine: object  # anything with `async collective_rpc(method, args=())`
@@ -62,6 +86,7 @@ class ServerLoop:
     interval_s: float = 10.0
     max_slowdown: float = 0.1
     sleep: object = asyncio.sleep
+    load: object = field(default=lambda: engine_load())  # the engine's KV use and running sequences
     history: list[dict] = field(default_factory=list)  # one entry per decision, newest last
     swaps_made: int = 0
 
@@ -92,9 +117,12 @@ class ServerLoop:
         first = workers[0] if workers else {}
         if "route_counts" not in first:
             return None
-        decision = await asyncio.to_thread(self.replanner.consider, RuntimeFeedback.from_stats(first))
+        load = self.load()
+        decision = await asyncio.to_thread(self.replanner.consider, RuntimeFeedback.from_stats({**first, **load}))
         entry = {"time": time.time(), "act": decision.act, "reason": decision.reason,
-                 "gain": round(decision.gain, 4), "swaps": len(decision.swaps)}
+                 "gain": round(decision.gain, 4), "swaps": len(decision.swaps), **load,
+                 "context_tokens": round(self.replanner.workload.prompt_tokens
+                                         + self.replanner.workload.output_tokens / 2)}
         self.history = (self.history + [entry])[-100:]
         if not decision.act:
             return decision
