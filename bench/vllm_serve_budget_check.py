@@ -113,6 +113,7 @@ def main() -> None:
         t = time.perf_counter()
         fixed = send_all()
         fixed_s = time.perf_counter() - t
+        control = send_all()  # the same plan again: what batching alone changes over HTTP
         changes, streaming = [], {}
         worker = threading.Thread(target=lambda: streaming.update(out=send_all()))
         t = time.perf_counter()
@@ -153,6 +154,12 @@ def main() -> None:
                all_succeeded=all(r[0] == 200 for r in fixed + changed),
                text_equal=[r[1] for r in changed] == [r[1] for r in fixed],
                logprobs_equal=[r[2] for r in changed] == [r[2] for r in fixed],
+               control_text_equal=[r[1] for r in control] == [r[1] for r in fixed],
+               control_logprobs_equal=[r[2] for r in control] == [r[2] for r in fixed],
+               logprobs_max_abs_diff=max(abs(x - y) for c, f in zip(changed, fixed) if c[2] and f[2]
+                                         for x, y in zip(c[2], f[2]) if x is not None and y is not None),
+               control_logprobs_max_abs_diff=max(abs(x - y) for c, f in zip(control, fixed) if c[2] and f[2]
+                                                 for x, y in zip(c[2], f[2]) if x is not None and y is not None),
                fixed_s=round(fixed_s, 2), changing_s=round(changing_s, 2),
                latency_fixed_max_s=round(max(r[3] for r in fixed), 2),
                latency_changing_max_s=round(max(r[3] for r in changed), 2),
@@ -163,7 +170,9 @@ def main() -> None:
               f"{format_bytes(c['expert_bytes_after']) if c['expert_bytes_after'] else '-':>14} "
               f"{(c['driver_free_bytes'] or 0) / GiB:>10.2f} G  {c['apply'][:60]}")
     print(f"\nall succeeded: {res['all_succeeded']}; text equal: {res['text_equal']}; logprobs equal: "
-          f"{res['logprobs_equal']}; fixed pass {res['fixed_s']} s, changing pass {res['changing_s']} s; "
+          f"{res['logprobs_equal']} (max diff {res['logprobs_max_abs_diff']:.2e}; the fixed plan twice: text "
+          f"{res['control_text_equal']}, logprobs {res['control_logprobs_equal']}, max diff "
+          f"{res['control_logprobs_max_abs_diff']:.2e}); fixed pass {res['fixed_s']} s, changing pass {res['changing_s']} s; "
           f"budget route without the key: HTTP {without_key}")
     if a.out:
         with open(a.out, "w") as f:

@@ -124,13 +124,13 @@ class Replanner:
         return window
 
     def consider(self, feedback: RuntimeFeedback) -> ReplanDecision:
+        if feedback.kv_use is not None and feedback.mean_batch:  # the engine's gauges now, not a window's counts
+            self.workload = measured_workload(self.profile, self.plan, feedback.kv_use, feedback.mean_batch)
         window = self._observe(feedback)
         if window is None:
             return ReplanDecision(False, f"fewer than {self.policy.min_tokens} routed tokens since the last window")
         profile = calibrated(self.profile, window)
         batch = window.mean_batch or self.plan.max_num_seqs
-        if window.kv_use is not None and window.mean_batch:
-            self.workload = measured_workload(self.profile, self.plan, window.kv_use, window.mean_batch)
         proposal = reassign(self.plan, self.popularity)
         current = predicted_step_s(profile, self.plan, self.popularity, batch, self.workload)
         proposed = predicted_step_s(profile, proposal, self.popularity, batch, self.workload)
