@@ -208,7 +208,9 @@ class PagedRoutedExperts(RoutedExperts):
 
     def forward_modular(self, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
         runtime = self.fluxmoe_runtime
-        if not runtime.any_paged:
+        if not runtime.any_paged:  # vLLM's own call, untouched; the picks are still counted, so a
+            # budget change from here sends the coldest experts to the host
+            runtime.pager.count_routes(self.fluxmoe_position, topk_ids)
             return super().forward_modular(x, topk_weights, topk_ids, shared_experts, shared_experts_input)
         from vllm.model_executor.layers.fused_moe import override_config
 
