@@ -314,8 +314,7 @@ class ExpertPager:
                 torch.cuda.empty_cache()
             pager = ExpertPager.build(stacks, tiers, layout, depth, device, slots=slots, fused=fused, **common)
             if counter is not None:
-                pager.route_counter.counts.copy_(counter.counts)
-                pager.route_counter.tokens.copy_(counter.tokens)
+                pager.route_counter.carry_over(counter)
             stacks.clear()  # the read-back copies and the encoder's temporaries go back to the driver too
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

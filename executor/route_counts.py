@@ -47,6 +47,16 @@ class RouteCounter:
             self._copied.record()
         return self._last
 
+    def carry_over(self, old: "RouteCounter") -> None:
+        """Continue `old`'s counts (a rebuilt pager): on the device, and the host copy that the
+        next `read()` returns, so reads never go backwards across a rebuild."""
+        self.counts.copy_(old.counts)
+        self.tokens.copy_(old.tokens)
+        self._last = old._last
+        if old._copied is not None:  # a rebuild waits for the GPU anyway: take the copy in flight
+            old._copied.synchronize()
+            self._last = (old._host[0].tolist(), old._host[1].tolist())
+
     def read_now(self) -> tuple[list[list[int]], list[int]]:
         """The counts as of now (a host sync: for harnesses and tests)."""
         return self.counts.tolist(), self.tokens.tolist()

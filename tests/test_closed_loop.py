@@ -154,6 +154,28 @@ def test_swaps_keep_cuda_graphs_captured_before_them_bit_exact(depth):
     assert all(sum(c) == t * 6 for c, t in zip(counts, tokens)) and tokens[0] >= 5 * 2
 
 
+@pytest.mark.gpu
+def test_reads_of_the_pick_counts_never_go_backwards_across_a_rebuild():
+    """A read returns the copy started at the previous read; a rebuilt pager takes over the
+    counts and that copy, so the server loop's windows stay non-negative (it once saw a drop)."""
+    routers, stacks = random_stack(L, 256, 384, 64, torch.device("cuda"), 4)
+    stack = PagedMoEStack(routers, stacks, [(["resident", "host"] * 32)] * L, 6, 1, "cuda", fused=True,
+                          count_routes=True)
+    x = torch.randn(5, 256, device="cuda", dtype=torch.bfloat16)
+    seen = []
+    for _ in range(3):
+        stack.forward(x)
+        torch.cuda.synchronize()
+        seen.append(stack.pager.route_counter.read()[1])
+    stack.resize([(["host", "resident"] * 32)] * L)
+    for _ in range(2):
+        seen.append(stack.pager.route_counter.read()[1])
+        stack.forward(x)
+        torch.cuda.synchronize()
+    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:])) and seen[-1][0] >= 5 * 3
+    assert stack.pager.route_counter.read_now()[1][0] == 5 * 5
+
+
 # ---------------------------------------------------------------- moves
 def _plan(budget="60GiB", **options):
     """Qwen3-Next on the H200 for one sequence: resident experts, and host experts fetched routed-only."""
