@@ -71,19 +71,23 @@ class PagingRuntime:
         self.reporter = StatsReporter(self, stats_interval_s) if stats_interval_s is not None else None
         self.moe_layers = sorted(lp.layer for lp in plan.layers)
         self.index = {layer: i for i, layer in enumerate(self.moe_layers)}
-        self.tiers = [plan.layer(layer).tiers() for layer in self.moe_layers]
-        self.paged_layers = {layer for layer, t in zip(self.moe_layers, self.tiers)
-                             if any(x is not Tier.RESIDENT for x in t)}
-        self.buffers = plan.prefetch_depth + 1
-        self.slots = plan.slots_per_buffer if self.paged_layers else 0
-        if self.paged_layers:  # before any allocation: a call vLLM's kernels would refuse
-            ArenaLayout.of(self.tiers, self.buffers, self.slots).check_fused_limit(f"plan for {plan.model}")
+        self._take_layout(plan)  # checked before any allocation
         self.arena = (ExpertArena(self.tiers, self.buffers, self.slots, layout, self.device)
                       if self.paged_layers else None)
         self.layers: list[LayerTiers | None] = [None] * len(self.moe_layers)
         self._pager: ExpertPager | None = None
         self.bindings: dict[int, Callable[[torch.Tensor | None, torch.Tensor | None, bool], None]] = {}
         self.checksums: dict[int, tuple[float, float]] = {}  # model layer -> sums of the placed stacks
+
+    def _take_layout(self, plan) -> None:
+        """`plan`'s tiers per MoE layer, paged layers, buffers and slots per buffer, after checking
+        that no layer's one kernel call would take more rows than vLLM's kernels take."""
+        tiers = [plan.layer(layer).tiers() for layer in self.moe_layers]
+        paged = {layer for layer, t in zip(self.moe_layers, tiers) if any(x is not Tier.RESIDENT for x in t)}
+        buffers, slots = plan.prefetch_depth + 1, plan.slots_per_buffer if paged else 0
+        if paged:
+            ArenaLayout.of(tiers, buffers, slots).check_fused_limit(f"plan for {plan.model}")
+        self.tiers, self.paged_layers, self.buffers, self.slots = tiers, paged, buffers, slots
 
     # ------------------------------------------------------------------ which layer is what
     def position(self, layer: int) -> int:
@@ -178,27 +182,24 @@ class PagingRuntime:
         in the tiers of `plan`, a plan for another budget made for this engine (the KV cache stays
         as vLLM sized it: `Replanner.rebudget(live=True)`). Every expert is read back (on the GPU
         where it has room, see `ExpertPager.rebuild`), the GPU memory of the old tiers given back
-        to the driver, the new tiers built and each module pointed at its new stacks. Where the new tiers do not fit, the old ones are built
-        again and the error says so. Returns the expert bytes before and after and the seconds."""
+        to the driver, the new tiers built and each module pointed at its new stacks. Where the
+        new tiers do not fit, the old ones are built again and the error says so. Returns the expert bytes before and after and the seconds."""
         from executor.pager import RebuildError
 
         if sorted(lp.layer for lp in plan.layers) != self.moe_layers or plan.model != self.plan.model:
             raise ConfigError(f"plan: made for {plan.model!r} with MoE layers {sorted(lp.layer for lp in plan.layers)}"
                               f", this engine runs {self.plan.model!r} with {self.moe_layers}")
-        tiers = [plan.layer(layer).tiers() for layer in self.moe_layers]
-        paged = any(t is not Tier.RESIDENT for layer in tiers for t in layer)
-        slots = plan.slots_per_buffer if paged else 0
-        if paged:  # refused before anything moves
-            ArenaLayout.of(tiers, plan.prefetch_depth + 1, slots).check_fused_limit(f"plan for {plan.model}")
-        started, before = time.perf_counter(), self.expert_bytes
+        started, before, old = time.perf_counter(), self.expert_bytes, self.plan
         pager = self.pager
+        self._take_layout(plan)  # refused before anything moves
         for rebind in self.bindings.values():  # the modules' references to the old stacks go first
             rebind(None, None, False)
         self.layers, self.arena = [], None
         try:
-            new, error = pager.rebuild(tiers, plan.prefetch_depth, slots or None, fused=True), None
+            new, error = pager.rebuild(self.tiers, plan.prefetch_depth, self.slots or None, fused=True), None
         except RebuildError as e:
-            new, error, plan = e.pager, e, self.plan
+            new, error, plan = e.pager, e, old
+            self._take_layout(plan)
         self._adopt(plan, new)
         if error is not None:
             raise ConfigError(f"plan for {format_bytes(plan.budget_bytes)}: {error}")
@@ -206,19 +207,14 @@ class PagingRuntime:
                 "seconds": round(time.perf_counter() - started, 3), **new.rebuild_seconds}
 
     def _adopt(self, plan, pager: ExpertPager) -> None:
+        """Run `pager` (built for `plan`, whose layout is taken) and point each module at its stacks."""
         self.plan, self._pager, self.layers, self.arena = plan, pager, list(pager.layers), pager.arena
-        self.tiers = [plan.layer(layer).tiers() for layer in self.moe_layers]
-        self.paged_layers = {layer for layer, t in zip(self.moe_layers, self.tiers)
-                             if any(x is not Tier.RESIDENT for x in t)}
-        self.buffers = plan.prefetch_depth + 1
-        self.slots = plan.slots_per_buffer if self.paged_layers else 0
         for i, rebind in self.bindings.items():
-            tiers = pager.layers[i]
             if self.moe_layers[i] in self.paged_layers:
                 fused = pager.weights[i].fused
                 rebind(fused.w13, fused.w2, True)
             else:
-                rebind(*tiers.resident, False)
+                rebind(*pager.layers[i].resident, False)
 
     def swap(self, swaps) -> int:
         """Between steps (vLLM runs worker calls there): resident-host swaps in place, each
