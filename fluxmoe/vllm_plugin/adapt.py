@@ -106,7 +106,7 @@ class ServerLoop:
                 await self.tick()
             except Exception as e:  # the loop must never take the server down
                 log.warning("FluxMoE adaptation: %s", e)
-                self.history.append({"time": time.time(), "error": str(e)})
+                self._log({"error": str(e)})
 
     async def tick(self):
         """One window: read, decide, and make the swaps where the decision says so."""
@@ -119,11 +119,10 @@ class ServerLoop:
             return None
         load = self.load()
         decision = await asyncio.to_thread(self.replanner.consider, RuntimeFeedback.from_stats({**first, **load}))
-        entry = {"time": time.time(), "act": decision.act, "reason": decision.reason,
-                 "gain": round(decision.gain, 4), "swaps": len(decision.swaps), **load,
-                 "context_tokens": round(self.replanner.workload.prompt_tokens
-                                         + self.replanner.workload.output_tokens / 2)}
-        self.history = (self.history + [entry])[-100:]
+        self._log({"act": decision.act, "reason": decision.reason, "gain": round(decision.gain, 4),
+                   "swaps": len(decision.swaps), **load,
+                   "context_tokens": round(self.replanner.workload.prompt_tokens
+                                           + self.replanner.workload.output_tokens / 2)})
         if not decision.act:
             return decision
         step_s = decision.current_s
@@ -137,6 +136,10 @@ class ServerLoop:
             await self.sleep(step_s)  # about one engine step between batches
         log.info("FluxMoE adaptation: %d swaps made (%s)", len(decision.swaps), decision.reason)
         return decision
+
+    def _log(self, entry: dict) -> None:
+        """One decision (or error) for `GET /v1/fluxmoe/adapt`, timed; the newest 100 are kept."""
+        self.history = (self.history + [{"time": time.time(), **entry}])[-100:]
 
     async def rebudget(self, budget: str, out_dir: Path) -> dict:
         """A plan for another GPU budget, made for this engine (its KV cache and sequence limit
@@ -167,7 +170,6 @@ class ServerLoop:
                                f"{self.replanner.profile.model.name} --plan {path}")
             return answer
         self.replanner.adopt(plan)
-        self.history = (self.history + [{"time": time.time(), "act": True, "reason": f"budget {budget}: rebuilt",
-                                         "gain": 0.0, "swaps": 0}])[-100:]
+        self._log({"act": True, "reason": f"budget {budget}: rebuilt", "gain": 0.0, "swaps": 0})
         answer["apply"] = "applied: every worker rebuilt its tiers between steps; no request was dropped"
         return answer
