@@ -188,7 +188,7 @@ class ExpertPager:
         # Issue layer l + depth + 1 as soon as layer l releases its buffer. Off inside piecewise
         # CUDA-graph captures, where that copy could only overlap the end of the capture.
         self.prefetch_on_release = True
-        self.rebuild_seconds: dict[str, float] = {}  # where this pager came from a rebuild: its read and build
+        self.rebuild_seconds: dict[str, float | bool] = {}  # from a rebuild: its read and build, read on the GPU
 
     @classmethod
     def build(cls, stacks: list[tuple[torch.Tensor, torch.Tensor]], tiers: list[list[Tier]], layout: ExpertLayout,
@@ -307,18 +307,19 @@ class ExpertPager:
         self.layers, self.weights, self.fetchers, self.arena, self.pool, self.landing = [], [], [], None, None, None
         self._marks, self.route_counter = [], None
 
-        def build(tiers, depth, slots, fused) -> "ExpertPager":
-            built = time.perf_counter()
+        def give_back() -> None:  # freed blocks from torch's cache to the driver
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 torch.cuda.empty_cache()
+
+        def build(tiers, depth, slots, fused) -> "ExpertPager":
+            built = time.perf_counter()
+            give_back()
             pager = ExpertPager.build(stacks, tiers, layout, depth, device, slots=slots, fused=fused, **common)
             if counter is not None:
                 pager.route_counter.carry_over(counter)
             stacks.clear()  # the read-back copies and the encoder's temporaries go back to the driver too
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.empty_cache()
+            give_back()
             pager.rebuild_seconds = {"read": round(read_s, 3), "build": round(time.perf_counter() - built, 3),
                                      "read_on_gpu": on_gpu}
             return pager
