@@ -72,6 +72,14 @@ class _HiGHS(pulp.HiGHS):
             model.clearSolver()  # a MILP starts only from `start`, never from the last solve's values
         return self._finish(lp)
 
+    def createAndConfigureSolver(self, lp):
+        """A new HiGHS model with the same options a kept one gets (`_configure`; the planner
+        registers no callbacks)."""
+        import highspy
+
+        lp.solverModel = highspy.Highs()
+        self._configure(lp.solverModel)
+
     def _solve_fresh(self, lp, shape):
         self.createAndConfigureSolver(lp)
         self.buildSolverModel(lp)
@@ -79,7 +87,7 @@ class _HiGHS(pulp.HiGHS):
         return self._finish(lp)
 
     def _configure(self, model) -> None:
-        """The options `createAndConfigureSolver` sets on a new model, set on a kept one."""
+        """This solve's options (those PuLP's own wrapper sets), on a new or a kept model."""
         model.setOptionValue("output_flag", bool(self.msg))
         for key, value in (("mip_rel_gap", self.gapRel), ("mip_abs_gap", self.gapAbs), ("threads", self.threads),
                            ("time_limit", None if self.timeLimit is None else float(self.timeLimit))):
