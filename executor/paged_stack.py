@@ -35,7 +35,7 @@ class PagedMoEStack:
         layout = ExpertLayout(w13.shape[2], w2.shape[2])
         self.routers = [r.to(self.device) for r in routers]
         self.fused = fused
-        tiers = [[parse_tier(t, f"layer {i} tier") for t in layer] for i, layer in enumerate(tiers)]
+        tiers = _parse_tiers(tiers)
         self.pager = ExpertPager.build(stacks, tiers, layout, prefetch_depth, self.device, slots=slots, fused=fused,
                                        cpu_order=cpu_order, routed_fetch=routed_fetch, count_routes=count_routes)
 
@@ -84,9 +84,13 @@ class PagedMoEStack:
                slots: int | None = None) -> None:
         """Between steps: the same experts in other tiers (a plan for another budget), GPU
         memory given back or taken (ExpertPager.rebuild)."""
-        tiers = [[parse_tier(t, f"layer {i} tier") for t in layer] for i, layer in enumerate(tiers)]
+        tiers = _parse_tiers(tiers)
         self.pager = self.pager.rebuild(tiers, prefetch_depth, slots)
 
     def _routed(self, layer: int, topk_ids: torch.Tensor) -> None:
         self.pager.count_routes(layer, topk_ids)
         self.pager.fetch_routed(layer, topk_ids)
+
+
+def _parse_tiers(tiers: list[list[Tier | str]]) -> list[list[Tier]]:
+    return [[parse_tier(t, f"layer {i} tier") for t in layer] for i, layer in enumerate(tiers)]
