@@ -249,16 +249,18 @@ class _Problem:
     def _span_fixing(self, values: list[tuple[float, ...]], lp_whole: list[float], slots: float,
                      depth: int) -> tuple[int, ...]:
         """Which layers to make all resident so that each group's span fits with the LP's
-        residents and slots: in each group, the layers the LP leans most toward all resident."""
-        E, fixing = self.model.num_experts, [0] * len(values)
+        residents and slots: those the LP made all resident, and in each group, of the partly
+        resident layers that do not fit, as many as do not fit, those the LP leans most toward."""
+        E = self.model.num_experts
+        fixing = [int(v[0] >= E - 1e-6) for v in values]  # the LP's own all-resident layers stay so
         for group in all_span_groups(len(values), depth + 1):
-            partly = [i for i in group if values[i][0] < E - 1e-6]
+            partly = [i for i in group if not fixing[i]]
             fits, rows = 0, slots
             for i in sorted(partly, key=lambda i: (values[i][0], i)):  # fewest residents first
                 if rows + values[i][0] > FUSED_MOE_MAX_ROWS:
                     break
                 rows, fits = rows + values[i][0], fits + 1
-            by_lean = sorted(group, key=lambda i: (-lp_whole[i], -values[i][0], i))
+            by_lean = sorted(partly, key=lambda i: (-lp_whole[i], -values[i][0], i))
             for i in by_lean[:len(partly) - fits]:
                 fixing[i] = 1
         return tuple(fixing)
