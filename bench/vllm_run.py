@@ -250,20 +250,11 @@ def _latencies(outs) -> dict:
 def _fast_dummy() -> None:
     """vLLM fills a CPU-held dummy param on one CPU thread (about 50 MB/s); fill it on the GPU
     with the same generator and seed and copy, so it holds what a GPU-held param would."""
-    import torch
     from vllm.model_executor.model_loader import dummy_loader, weight_utils
 
-    original = weight_utils.initialize_single_dummy_weight
+    from bench.dummy_scale.sitecustomize import fast_fill  # weight_utils is loaded: its import hook stays idle
 
-    def fill(param, low=-1e-3, high=1e-3, seed=1234):
-        if param.device.type != "cpu" or not torch.is_floating_point(param) or torch.finfo(param.dtype).bits < 16:
-            return original(param, low, high, seed)
-        g = torch.Generator(device="cuda")
-        g.manual_seed(seed)
-        tmp = torch.empty(param.shape, dtype=param.dtype, device="cuda")
-        tmp.uniform_(low, high, generator=g)
-        param.copy_(tmp)
-
+    fill = fast_fill(weight_utils.initialize_single_dummy_weight)
     weight_utils.initialize_single_dummy_weight = fill
     dummy_loader.initialize_single_dummy_weight = fill
 

@@ -17,8 +17,6 @@ import argparse
 import json
 import os
 import random
-import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -27,21 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "fluxmoe-budget-check-key"
-
-
-def with_tokenizer(model: str, folder: str) -> str:
-    """A copy of the model folder with a word-level tokenizer over its vocabulary ("t<id>")."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    os.makedirs(folder, exist_ok=True)
-    shutil.copy(os.path.join(model, "config.json"), folder)
-    vocab_size = json.load(open(os.path.join(model, "config.json")))["vocab_size"]
-    tok = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(os.path.join(folder, "tokenizer.json"))
-    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "t0", "bos_token": "t1",
-               "eos_token": "t2", "model_max_length": 4096}, open(os.path.join(folder, "tokenizer_config.json"), "w"))
-    return folder
 
 
 def call(url: str, body: dict | None = None, timeout: float = 600.0) -> tuple[int, dict]:
@@ -67,30 +50,18 @@ def main() -> None:
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     sys.path.insert(0, ROOT)
+    from bench.serving import dummy_weights_env, start_server, stop_server, with_tokenizer
     from fluxmoe.units import GiB, format_bytes, parse_bytes
 
     folder = with_tokenizer(a.model, "/tmp/fluxmoe-serve-model")
     small = f"{(parse_bytes(a.budget, 'budget') - parse_bytes(a.shrink, 'shrink')) / GiB:g}GiB"
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "bench", "dummy_scale") + os.pathsep
-               + os.environ.get("PYTHONPATH", ""), FLUXMOE_DUMMY_SCALE="0.1")
     argv = [sys.executable, "-m", "fluxmoe.cli", "serve", "--model", folder, "--gpu-budget", a.budget,
             "--max-num-seqs", str(a.requests), "--adapt", "--adapt-interval", "2", "--port", str(a.port),
             "--load-format", "dummy", "--max-model-len", "512", "--enforce-eager", "--api-key", KEY,
             "--no-enable-prefix-caching"]
-    started = time.perf_counter()
-    log = open("/tmp/fluxmoe-serve-budget.log", "w")
-    server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+    server, startup_s = start_server(argv, dummy_weights_env(0.1), "/tmp/fluxmoe-serve-budget.log", a.port, 300)
     base = f"http://127.0.0.1:{a.port}"
     try:
-        for _ in range(300):
-            try:
-                if urllib.request.urlopen(base + "/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(1)
-        else:
-            raise SystemExit("the server did not come up in 300 s: see /tmp/fluxmoe-serve-budget.log")
-        startup_s = time.perf_counter() - started
         rng = random.Random(0)
         vocab = json.load(open(os.path.join(folder, "config.json")))["vocab_size"]
         prompts = [[rng.randrange(100, vocab - 100) for _ in range(a.input_len)] for _ in range(a.requests)]
@@ -143,8 +114,7 @@ def main() -> None:
         except urllib.error.HTTPError as e:
             without_key = e.code
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=60)
+        stop_server(server)
     import torch
 
     res = dict(device=torch.cuda.get_device_name(0), date=time.strftime("%Y-%m-%d"),

@@ -1,0 +1,67 @@
+"""What the benchmarks that start a real vLLM OpenAI server share (GPU machine, vLLM 0.26.0):
+a model folder with a tokenizer (nothing can be downloaded there), the environment that draws
+dummy weights from +-0.1 in the server's processes, and a server started and waited for."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def with_tokenizer(model: str, folder: str) -> str:
+    """A copy of the model folder with a word-level tokenizer over its vocabulary ("t<id>"):
+    text of n such words is n tokens, both ways."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    os.makedirs(folder, exist_ok=True)
+    shutil.copy(os.path.join(model, "config.json"), folder)
+    vocab_size = json.load(open(os.path.join(model, "config.json")))["vocab_size"]
+    tok = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "t0", "bos_token": "t1",
+               "eos_token": "t2", "model_max_length": 65536}, open(os.path.join(folder, "tokenizer_config.json"), "w"))
+    return folder
+
+
+def dummy_weights_env(scale: float = 0.1, fast: bool = False) -> dict[str, str]:
+    """The environment for a server whose dummy weights are drawn from +-scale in every process
+    (bench/dummy_scale); `fast`: host-held (offloaded) params are filled on the GPU and copied."""
+    return dict(os.environ, PYTHONPATH=os.path.join(ROOT, "bench", "dummy_scale") + os.pathsep
+                + os.environ.get("PYTHONPATH", ""), FLUXMOE_DUMMY_SCALE=str(scale),
+                FLUXMOE_FAST_DUMMY="1" if fast else "0")
+
+
+def start_server(argv: list[str], env: dict[str, str], log_path: str, port: int,
+                 timeout_s: float = 600.0) -> tuple[subprocess.Popen, float]:
+    """Start a server in its own session (so that its engine processes can be stopped with it)
+    and wait until GET /health answers; returns the process and its start-up seconds."""
+    started = time.perf_counter()
+    log = open(log_path, "w")
+    server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+    while time.perf_counter() - started < timeout_s:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with {server.returncode}: see {log_path}")
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
+                return server, time.perf_counter() - started
+        except OSError:
+            time.sleep(1)
+    stop_server(server)
+    raise RuntimeError(f"the server did not come up in {timeout_s:g} s: see {log_path}")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    try:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(server.pid, 9)
+        except ProcessLookupError:
+            pass
