@@ -31,9 +31,9 @@ def with_tokenizer(model: str, folder: str) -> str:
 
 def dummy_weights_env(scale: float = 0.1, fast: bool = False) -> dict[str, str]:
     """The environment for a server whose dummy weights are drawn from +-scale in every process
-    (bench/dummy_scale); `fast`: host-held (offloaded) params are filled on the GPU and copied."""
-    return dict(os.environ, PYTHONPATH=os.path.join(ROOT, "bench", "dummy_scale") + os.pathsep
-                + os.environ.get("PYTHONPATH", ""), FLUXMOE_DUMMY_SCALE=str(scale),
+    (bench/dummy_scale), with this checkout importable there; `fast`: host-held (offloaded) params are filled on the GPU and copied."""
+    path = [os.path.join(ROOT, "bench", "dummy_scale"), ROOT, os.environ.get("PYTHONPATH", "")]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p), FLUXMOE_DUMMY_SCALE=str(scale),
                 FLUXMOE_FAST_DUMMY="1" if fast else "0")
 
 
