@@ -12,7 +12,7 @@ Each server runs alone on the GPU, started and stopped by this script; dummy wei
 (bench/dummy_scale), offloaded ones filled on the GPU. Prints a table and writes JSON.
 
     python3 bench/online.py --model models/mixtral-8x7b-8layers --util 0.1111 \\
-        --plan bench/plans/mixtral-8x7b-8layers-a40-4tier.json --prefetch 8/7/1 --requests 300 --time-scale 2
+        --plan bench/plans/mixtral-8x7b-8layers-a40-4tier.json --prefetch 8/7/1 --requests 200 --time-scales 2,8
 """
 from __future__ import annotations
 
@@ -28,7 +28,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 TRACE = os.path.join(ROOT, "simulator", "traces", "azure_llm_2023_code_head.csv")
 CHUNK = 16  # tokens per hash id of the timed_trace format
-GOODPUT = {"ttft": 2000.0, "tpot": 200.0}  # ms: the SLO the goodput column counts
+GOODPUT = {"ttft": 5000.0, "tpot": 500.0}  # ms: the SLO the goodput column counts
+KEEP = ("completed", "failed", "duration", "request_throughput", "output_throughput", "total_token_throughput",
+        "total_input_tokens", "total_output_tokens", "request_goodput", "median_ttft_ms", "p99_ttft_ms",
+        "median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "p99_itl_ms", "median_e2el_ms", "p99_e2el_ms", "error")
 
 
 def trace_workload(requests: int, time_scale: float, max_model_len: int):
@@ -96,7 +99,8 @@ def main() -> None:
     ap.add_argument("--plan", required=True, help="FluxMoE's plan (made for this model, GPU and budget)")
     ap.add_argument("--prefetch", default="8/7/1", help="vLLM's prefetch offloader: group/offloaded/step")
     ap.add_argument("--requests", type=int, default=300)
-    ap.add_argument("--time-scale", type=float, default=1.0, help="arrivals divided by this (2: twice the rate)")
+    ap.add_argument("--time-scales", default="1", help="comma-separated: arrivals divided by each (2: twice the "
+                    "rate); each server replays the trace at every one in turn")
     ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--systems", default="fluxmoe,prefetch")
@@ -107,9 +111,10 @@ def main() -> None:
 
     os.makedirs(a.out, exist_ok=True)
     folder = with_tokenizer(a.model, "/tmp/fluxmoe-online-model")
-    wl = trace_workload(a.requests, a.time_scale, a.max_model_len)
-    trace_path = os.path.join(a.out, "trace.jsonl")
-    write_timed_trace(wl, trace_path)
+    scales = [float(x) for x in a.time_scales.split(",")]
+    workloads = {scale: trace_workload(a.requests, scale, a.max_model_len) for scale in scales}
+    for scale, wl in workloads.items():
+        write_timed_trace(wl, os.path.join(a.out, f"trace_x{scale:g}.jsonl"))
     common = ["--load-format", "dummy", "--max-model-len", str(a.max_model_len), "--max-num-seqs",
               str(a.max_num_seqs), "--no-enable-prefix-caching", "--port", str(a.port)]
     group, num, step = a.prefetch.split("/")
@@ -121,12 +126,13 @@ def main() -> None:
                      "--offload-params", "w13_weight", "w2_weight", *common],
     }
     report = {"what": "online: vllm bench serve replaying the Azure code trace against each server",
-              "model": a.model, "util": a.util, "plan": a.plan, "prefetch": a.prefetch, "workload": wl.name,
-              "requests": len(wl), "time_scale": a.time_scale, "goodput_slo_ms": GOODPUT,
+              "model": a.model, "util": a.util, "plan": a.plan, "prefetch": a.prefetch,
+              "workloads": {f"x{k:g}": wl.name for k, wl in workloads.items()},
+              "requests": len(workloads[scales[0]]), "time_scales": scales, "goodput_slo_ms": GOODPUT,
               "date": time.strftime("%Y-%m-%d"), "commit": os.environ.get("FLUXMOE_COMMIT", ""), "runs": {}}
     out_json = os.path.join(a.out, f"online_{time.strftime('%Y-%m-%d')}.json")
     try:
-        report["predicted"] = {"fluxmoe": predict(a.model, a.plan, wl)}
+        report["predicted"] = {f"fluxmoe@x{k:g}": predict(a.model, a.plan, wl) for k, wl in workloads.items()}
     except Exception as e:  # noqa: BLE001 - the measurement still runs
         report["predicted"] = {"error": repr(e)}
     for name in a.systems.split(","):
@@ -136,36 +142,35 @@ def main() -> None:
         except RuntimeError as e:
             report["runs"][name] = {"error": str(e)}
             continue
-        try:
-            result = run_client(folder, trace_path, len(wl), a.port, a.out, name)
-        except (RuntimeError, subprocess.TimeoutExpired) as e:
-            result = {"error": str(e)}
-        finally:
-            stop_server(server)
-        keep = ("completed", "failed", "duration", "request_throughput", "output_throughput",
-                "total_token_throughput", "request_goodput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms",
-                "p99_tpot_ms", "median_itl_ms", "p99_itl_ms", "median_e2el_ms", "p99_e2el_ms", "error")
-        report["runs"][name] = {**{k: result[k] for k in keep if k in result}, "startup_s": round(startup_s, 1),
-                                "kv_tokens": kv_tokens(log)}
-        with open(out_json, "w") as f:
-            json.dump(report, f, indent=1)
-        print(name, json.dumps(report["runs"][name]), flush=True)
+        for scale, wl in workloads.items():
+            label = f"{name}@x{scale:g}"
+            try:
+                result = run_client(folder, os.path.join(a.out, f"trace_x{scale:g}.jsonl"), len(wl), a.port, a.out,
+                                    label.replace("@", "_"))
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                result = {"error": str(e)}
+            report["runs"][label] = {**{k: result[k] for k in KEEP if k in result}, "startup_s": round(startup_s, 1),
+                                     "kv_tokens": kv_tokens(log)}
+            with open(out_json, "w") as f:
+                json.dump(report, f, indent=1)
+            print(label, json.dumps(report["runs"][label]), flush=True)
+        stop_server(server)
     import torch
 
     report["device"] = torch.cuda.get_device_name(0)
     with open(out_json, "w") as f:
         json.dump(report, f, indent=1)
-    print(f"\n{wl.name}: {len(wl)} requests")
-    print(f"{'system':<10} {'req/s':>6} {'out tok/s':>10} {'total tok/s':>11} {'goodput':>8} {'TTFT p50/p99 ms':>17} "
+    print(f"\n{report['requests']} requests of the code trace, replayed at {a.time_scales} x its rate")
+    print(f"{'system':<16} {'req/s':>6} {'out tok/s':>10} {'total tok/s':>11} {'goodput':>8} {'TTFT p50/p99 ms':>17} "
           f"{'TPOT p50/p99 ms':>16} {'KV tokens':>10} {'start s':>8}")
     rows = [(n, r) for n, r in report["runs"].items()] + [(f"{n} (sim)", p) for n, p in report["predicted"].items()
                                                           if isinstance(p, dict)]
     for name, r in rows:
         if "error" in r:
-            print(f"{name:<10} error: {r['error'][:100]}")
+            print(f"{name:<16} error: {r['error'][:100]}")
             continue
         sim = "output_tok_s" in r
-        print(f"{name:<10} {r.get('request_throughput', 0):>6.2f} {r.get('output_throughput', r.get('output_tok_s', 0)):>10.1f} "
+        print(f"{name:<16} {r.get('request_throughput', 0):>6.2f} {r.get('output_throughput', r.get('output_tok_s', 0)):>10.1f} "
               f"{r.get('total_token_throughput', r.get('total_tok_s', 0)):>11.1f} {r.get('request_goodput', 0) or 0:>8.2f} "
               f"{r['ttft_p50_ms' if sim else 'median_ttft_ms']:>8.0f}/{r['ttft_p99_ms' if sim else 'p99_ttft_ms']:<8.0f} "
               f"{r['tpot_p50_ms' if sim else 'median_tpot_ms']:>7.1f}/{r['tpot_p99_ms' if sim else 'p99_tpot_ms']:<8.1f} "

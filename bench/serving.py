@@ -14,18 +14,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def with_tokenizer(model: str, folder: str) -> str:
-    """A copy of the model folder with a word-level tokenizer over its vocabulary ("t<id>"):
-    text of n such words is n tokens, both ways."""
+    """A copy of the model folder with a word-level tokenizer over its vocabulary ("t<id>", the
+    first three special): text of n such words is n tokens, both ways."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     os.makedirs(folder, exist_ok=True)
     shutil.copy(os.path.join(model, "config.json"), folder)
     vocab_size = json.load(open(os.path.join(model, "config.json")))["vocab_size"]
-    tok = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    # Special tokens get names no word starts with: transformers matches them inside words, and
+    # "t1" as BOS split every "t1..." in two (a 6,000-word prompt became 10,168 tokens).
+    special = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    tok = Tokenizer(models.WordLevel(vocab={**special, **{f"t{i}": i for i in range(len(special), vocab_size)}},
+                                     unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(os.path.join(folder, "tokenizer.json"))
-    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "t0", "bos_token": "t1",
-               "eos_token": "t2", "model_max_length": 65536}, open(os.path.join(folder, "tokenizer_config.json"), "w"))
+    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<s>",
+               "eos_token": "</s>", "model_max_length": 65536}, open(os.path.join(folder, "tokenizer_config.json"), "w"))
     return folder
 
 
