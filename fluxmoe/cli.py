@@ -192,7 +192,9 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         raise ConfigError("--timeline and --save-plan are for one budget, not a --sweep")
     profile = profiles.load(args.model, gpu=args.gpu)
     workload = _workload(args)
-    systems = tuple(System) if args.baselines else (System.FLUXMOE,)
+    from simulator.compare import SYSTEMS
+
+    systems = SYSTEMS if args.baselines else (System.FLUXMOE,)
     say = (lambda *a, **k: None) if args.json else print
     say(f"workload: {workload.name} (mean {workload.mean_prompt_tokens:.0f} in / "
         f"{workload.mean_output_tokens:.0f} out)")

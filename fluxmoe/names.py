@@ -23,10 +23,12 @@ class System(StrEnum):
     FLUXMOE = "fluxmoe"
     VLLM = "vllm"  # plain vLLM, every weight resident
     VLLM_OFFLOAD = "vllm_offload"  # vLLM with cpu_offload_gb (UVA reads over PCIe)
+    VLLM_PREFETCH = "vllm_prefetch"  # vLLM's prefetch offloader (whole layers copied ahead)
 
     @property
     def label(self) -> str:
-        return {"fluxmoe": "FluxMoE", "vllm": "vLLM", "vllm_offload": "vLLM + CPU offload"}[self.value]
+        return {"fluxmoe": "FluxMoE", "vllm": "vLLM", "vllm_offload": "vLLM + CPU offload",
+                "vllm_prefetch": "vLLM + prefetch offload"}[self.value]
 
 
 def tier_among(expert: int, groups: tuple[tuple[Tier, list[int]], ...], otherwise: Tier) -> Tier:

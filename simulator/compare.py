@@ -14,7 +14,9 @@ from profiles.registry import Profile
 from simulator.engine import SimulationResult, simulate
 from simulator.workload import Workload
 
-SYSTEMS = tuple(System)
+# The systems a comparison runs. vLLM's prefetch offloader is simulated on request
+# (simulate(system='vllm_prefetch', prefetch_offload=...)); its settings are not tuned here yet.
+SYSTEMS = (System.FLUXMOE, System.VLLM, System.VLLM_OFFLOAD)
 
 
 def baseline_config(plan: Plan, system: System | str) -> dict | None:

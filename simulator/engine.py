@@ -20,6 +20,7 @@ from planner.plan import Plan
 from profiles.registry import Profile
 from simulator.adaptation import Adaptation, AdaptiveLoop, RoutingDrift
 from simulator.execution import OffloadExecution, PagedExecution, ResidentExecution
+from simulator.prefetch_offload import PrefetchOffload
 from simulator.scheduler import Sequence, VLLMScheduler
 from simulator.workload import Workload
 
@@ -83,10 +84,15 @@ class SimulationResult:
                 f"preemptions {self.preemptions}")
 
 
-def _execution_for(env: simpy.Environment, cost: CostModel, plan: Plan | None, system: System, offload_bytes: float):
+def _execution_for(env: simpy.Environment, cost: CostModel, plan: Plan | None, system: System, offload_bytes: float,
+                   prefetch_offload: PrefetchOffload | None):
     if system is System.FLUXMOE:
         host_ids = [lp.host for lp in sorted(plan.layers, key=lambda lp: lp.layer)]
         return PagedExecution(env, cost, plan.tier_counts(), plan.prefetch_depth, plan.routed_fetch, host_ids)
+    if system is System.VLLM_PREFETCH:
+        m = cost.model
+        return PagedExecution(env, cost, prefetch_offload.tiers(m), prefetch_offload.step - 1,
+                              release_after=prefetch_offload.release_after(m))
     if system is System.VLLM:
         return ResidentExecution(env, cost)
     return OffloadExecution(env, cost, offload_bytes)
@@ -96,9 +102,11 @@ def simulate(profile: Profile, workload: Workload, *, plan: Plan | None = None, 
              kv_cache_bytes: int | None = None, max_num_seqs: int | None = None, offload_bytes: float = 0.0,
              max_num_batched_tokens: int = 8192, keep_timeline: bool = True,
              progress: Callable[[int], None] | None = None, routing_skew: float | None = None,
-             drift: RoutingDrift | None = None, adaptation: Adaptation | None = None) -> SimulationResult:
+             drift: RoutingDrift | None = None, adaptation: Adaptation | None = None,
+             prefetch_offload: PrefetchOffload | None = None) -> SimulationResult:
     """Serve `workload` with a FluxMoE `plan` (system 'fluxmoe') or a baseline ('vllm',
-    'vllm_offload', which need kv_cache_bytes and max_num_seqs). `progress(n)` is called as
+    'vllm_offload', 'vllm_prefetch' with its `prefetch_offload` setting; baselines need
+    kv_cache_bytes and max_num_seqs). `progress(n)` is called as
     requests finish. routing_skew: of expert popularity (planner.WorkloadShape); None: the
     plan's, or uniform without a plan. drift: per-expert popularity by phases of steps (it
     replaces routing_skew); adaptation: the closed loop re-places experts as it would on the
@@ -115,6 +123,9 @@ def simulate(profile: Profile, workload: Workload, *, plan: Plan | None = None, 
         max_num_seqs = plan.max_num_seqs if max_num_seqs is None else max_num_seqs
     if kv_cache_bytes is None or max_num_seqs is None:
         raise ConfigError(f"system {system!r} needs kv_cache_bytes and max_num_seqs")
+    if (system is System.VLLM_PREFETCH) != (prefetch_offload is not None):
+        raise ConfigError(f"prefetch_offload: a setting for system 'vllm_prefetch' and only for it, got "
+                          f"{prefetch_offload!r} for {system.value!r}")
     workload.check_fits(profile.model.max_context)
     longest = max(workload.requests, key=lambda r: r.prompt_tokens + r.output_tokens)
     if profile.model.kv_bytes_per_sequence(longest.prompt_tokens + longest.output_tokens) > kv_cache_bytes:
@@ -127,7 +138,7 @@ def simulate(profile: Profile, workload: Workload, *, plan: Plan | None = None, 
     if adaptation is not None and (system is not System.FLUXMOE or drift is None):
         raise ConfigError("adaptation: needs system 'fluxmoe' and a routing drift to adapt to")
     cost = CostModel(profile, routing_skew, drift.at(0) if drift is not None else None)
-    execution = _execution_for(env, cost, plan, system, offload_bytes)
+    execution = _execution_for(env, cost, plan, system, offload_bytes, prefetch_offload)
     loop = AdaptiveLoop(profile, plan, adaptation) if adaptation is not None else None
     scheduler = VLLMScheduler(profile.model, kv_cache_bytes, max_num_seqs, max_num_batched_tokens)
     timeline: list[StepRecord] = []

@@ -64,10 +64,14 @@ class PagedExecution:
     """A FluxMoE plan: GPU and PCIe link as SimPy resources, prefetch bounded by depth."""
 
     def __init__(self, env: simpy.Environment, cost: CostModel, tiers: list[TierCounts], prefetch_depth: int,
-                 routed_fetch: bool = False, host_ids: list[list[int]] | None = None):
+                 routed_fetch: bool = False, host_ids: list[list[int]] | None = None,
+                 release_after: list[int] | None = None):
         """routed_fetch: each layer's routed host experts cross the link after its router, in
         the layer's own time (a share of them that depends on the step's tokens). host_ids: per
-        MoE layer, which experts are on the host (priced by their own popularity, where known)."""
+        MoE layer, which experts are on the host (priced by their own popularity, where known).
+        release_after: per layer, how many layers before it must have finished computing before
+        its transfer may start (default depth + 1 for every layer: FluxMoE's staging buffers;
+        vLLM's prefetch offloader frees its buffers at other distances)."""
         self.env, self.cost, self.depth = env, cost, prefetch_depth
         self.busy = BusyTime()
         m = cost.model
@@ -83,8 +87,12 @@ class PagedExecution:
             if routed_fetch and t.host:
                 self.routed[layer] = t
         L = self.num_layers
+        self.release = list(release_after) if release_after is not None else [prefetch_depth + 1] * L
         # A layer must end its own timeout if a later transfer waits for it to finish.
-        watched = [self.transfer_s[(layer + prefetch_depth + 1) % L] > 0 for layer in range(L)]
+        watched = [False] * L
+        for layer in range(L):
+            if self.transfer_s[layer] > 0:
+                watched[(layer - self.release[layer]) % L] = True
         self._segments = self._split(watched)
         self.link = simpy.Resource(env, capacity=1)
         self.finished = -1  # global index of the last layer whose compute finished
@@ -123,12 +131,12 @@ class PagedExecution:
         return self._ready[g]
 
     def _stream(self):
-        """The PCIe link: host experts of each layer, in order, at most `depth` layers ahead."""
+        """The PCIe link: host experts of each layer, in order, each once its buffer is free."""
         g = 0
         while True:
             seconds = self.transfer_s[g % self.num_layers]
             if seconds > 0:
-                yield self._finished_event(g - self.depth - 1)
+                yield self._finished_event(g - self.release[g % self.num_layers])
                 with self.link.request() as slot:
                     yield slot
                     yield self.env.timeout(seconds)

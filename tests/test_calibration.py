@@ -12,6 +12,7 @@ from planner.memory import MemoryModel
 from planner.plan import Plan
 from simulator.compare import baseline_settings
 from simulator.engine import simulate
+from simulator.prefetch_offload import PrefetchOffload
 from simulator.workload import parse_workload
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +37,12 @@ def test_the_simulator_reproduces_a_measured_run(point):
         plan = Plan.load(ROOT / point["plan"])
         assert plan.budget_bytes == pytest.approx(budget, rel=0.002)  # the run served this plan's budget
         result = simulate(profile, workload, plan=plan, keep_timeline=False)
+    elif point["system"] == "vllm_prefetch":
+        setting = PrefetchOffload.parse(point["prefetch"])
+        assert point["kv"] == "measured"  # the step model alone (see the point's "why")
+        kv = run["kv_tokens"] * profile.model.kv_bytes_per_sequence(1024) // 1024
+        result = simulate(profile, workload, system="vllm_prefetch", prefetch_offload=setting, kv_cache_bytes=kv,
+                          max_num_seqs=min(run["settings"]["max_num_seqs"], len(workload)), keep_timeline=False)
     else:
         config = baseline_settings(MemoryModel.of(profile), point["system"], budget,
                                    int(point.get("offload_gib", 0) * GiB))

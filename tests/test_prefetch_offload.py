@@ -1,0 +1,97 @@
+"""vLLM's prefetch offloader in the simulator: which layers, which buffer waits for which layer,
+its memory, and step times worked out by hand (measured runs: tests/test_calibration.py)."""
+
+import pytest
+import simpy
+
+from fluxmoe.errors import ConfigError
+from planner.cost_model import CostModel, StepShape, TierCounts
+from planner.memory import MemoryModel
+from profiles import Profile
+from simulator.engine import simulate
+from simulator.execution import PagedExecution
+from simulator.prefetch_offload import PrefetchOffload
+from simulator.workload import parse_workload
+from tests.conftest import tiny_gpu, tiny_model
+
+
+def test_layers_tiers_and_release_distances_by_hand():
+    """vLLM offloads the last `offloaded` of every `group` decoder layers; offloaded layer j's
+    copy is issued when offloaded layer j - step finishes (circularly)."""
+    m = tiny_model(8, 4)
+    eight = PrefetchOffload.parse("8/7/1")
+    assert eight.layers(m) == [1, 2, 3, 4, 5, 6, 7]
+    assert eight.tiers(m) == [TierCounts(4, 0, 0)] + [TierCounts(0, 0, 4)] * 7
+    # Layer 1's copy waits for layer 7 of the step before (8 - 7 + 1 = 2 layers back), the rest for the one before.
+    assert eight.release_after(m) == [8, 2, 1, 1, 1, 1, 1, 1]
+    four = PrefetchOffload(4, 3, 1)  # layers 1, 2, 3, 5, 6, 7
+    assert four.release_after(m) == [8, 2, 1, 1, 8, 2, 1, 1]
+    two_buffers = PrefetchOffload(4, 2, 2)  # layers 2, 3, 6, 7: layer 6 reuses layer 2's buffer
+    assert two_buffers.layers(m) == [2, 3, 6, 7]
+    assert two_buffers.release_after(m) == [8, 8, 4, 4, 8, 8, 4, 4]
+    own_buffer = PrefetchOffload(4, 2, 2)  # 4 layers: two offloaded, two buffers: each waits for itself, a step back
+    assert own_buffer.release_after(tiny_model(4, 4)) == [4, 4, 4, 4]
+
+
+def test_memory_is_the_resident_layers_and_step_buffers_of_a_whole_layer():
+    m = tiny_model(8, 4)
+    mem = MemoryModel.of(Profile(m, tiny_gpu()), 16 << 10)
+    for setting, resident_layers in ((PrefetchOffload(8, 7, 1), 1), (PrefetchOffload(4, 2, 2), 4)):
+        layer = 4 * m.expert_bytes
+        assert setting.gpu_bytes(mem) == mem.fixed_bytes + (resident_layers + setting.step) * layer
+        assert setting.kv_cache_bytes(mem, 10 << 20) == (10 << 20) - setting.gpu_bytes(mem)
+        assert setting.host_bytes(m) == (8 - resident_layers) * layer
+
+
+@pytest.mark.parametrize("text", ["8/0/1", "8/9/1", "0/0/1", "8/7/0", "8-7-1", "8/7"])
+def test_bad_settings_are_refused_with_the_setting(text):
+    with pytest.raises(ConfigError, match="prefetch offload"):
+        PrefetchOffload.parse(text)
+
+
+def _third_step_s(setting: PrefetchOffload, cost: CostModel, step: StepShape) -> float:
+    env = simpy.Environment()
+    m = cost.model
+    execution = PagedExecution(env, cost, setting.tiers(m), setting.step - 1, release_after=setting.release_after(m))
+    ends = []
+
+    def steps():
+        for _ in range(3):
+            yield from execution.run_step(step)
+            ends.append(env.now)
+
+    env.process(steps())
+    env.run(until=1.0)
+    return ends[2] - ends[1]
+
+
+def test_step_times_by_hand():
+    """Four layers, compute c = 7.37 us each, fixed part f = 11.82 us after the layers, a whole
+    layer's copy x = 12.57 us (toy GPU at 20 GB/s)."""
+    profile = Profile(tiny_model(4, 4), tiny_gpu(20.0))
+    cost, step = CostModel(profile), StepShape(1, 1, 100.0)
+    c, f = cost.layer_compute_s(step), cost.fixed_s(step)
+    x = cost.layer_transfer_s(TierCounts(0, 0, 4))
+    assert (c[0] * 1e6, f * 1e6, x * 1e6) == (pytest.approx(7.37, abs=0.01), pytest.approx(11.82, abs=0.01),
+                                               pytest.approx(12.57, abs=0.01))
+    # 4/2/1: layer 2's copy starts after layer 3 of the step before, hidden by f + c0 + c1;
+    # layer 3's starts after layer 2 and nothing is left to hide it.
+    assert _third_step_s(PrefetchOffload(4, 2, 1), cost, step) == pytest.approx(sum(c) + f + x, rel=1e-9)
+    # 4/2/2: each copy starts a whole step ahead, after its own layer: both hidden.
+    assert _third_step_s(PrefetchOffload(4, 2, 2), cost, step) == pytest.approx(sum(c) + f, rel=1e-9)
+    # 4/4/1: layer 0's copy hides behind f only (x - f exposed), the other three not at all.
+    assert _third_step_s(PrefetchOffload(4, 4, 1), cost, step) == pytest.approx(sum(c) + f + (x - f) + 3 * x,
+                                                                               rel=1e-9)
+
+
+def test_simulate_takes_a_setting_only_for_the_prefetch_baseline():
+    profile = Profile(tiny_model(4, 4), tiny_gpu(20.0))
+    wl = parse_workload("fixed:n=4,prompt=16,output=8")
+    result = simulate(profile, wl, system="vllm_prefetch", prefetch_offload=PrefetchOffload(4, 2, 1),
+                      kv_cache_bytes=1 << 20, max_num_seqs=4, keep_timeline=False)
+    assert result.output_tokens == 32
+    with pytest.raises(ConfigError, match="prefetch_offload: a setting for system 'vllm_prefetch' and only for it"):
+        simulate(profile, wl, system="vllm_prefetch", kv_cache_bytes=1 << 20, max_num_seqs=4)
+    with pytest.raises(ConfigError, match="prefetch_offload"):
+        simulate(profile, wl, system="vllm", prefetch_offload=PrefetchOffload(4, 2, 1), kv_cache_bytes=1 << 20,
+                 max_num_seqs=4)
