@@ -79,14 +79,22 @@ def kv_tokens(log_path: str) -> int | None:
     return int(found[-1].replace(",", "")) if found else None
 
 
-def predict(model: str, plan_path: str, workload) -> dict:
-    """The simulator's figures for the FluxMoE plan on the same requests and arrivals."""
+def predict(model: str, workload, plan_path: str | None = None, prefetch: str | None = None,
+            kv_tokens: int | None = None, max_num_seqs: int = 256) -> dict:
+    """The simulator's figures for the same requests and arrivals: the FluxMoE plan, or vLLM's
+    prefetch offloader at `prefetch` with the KV cache its server sized (`kv_tokens`)."""
     import profiles
     from planner.plan import Plan
     from simulator.engine import simulate
+    from simulator.prefetch_offload import PrefetchOffload
 
     profile = profiles.Profile(profiles.load_model(os.path.join(ROOT, model)), profiles.load_gpu("h200"))
-    r = simulate(profile, workload, plan=Plan.load(plan_path), keep_timeline=False)
+    if plan_path is not None:
+        r = simulate(profile, workload, plan=Plan.load(plan_path), keep_timeline=False)
+    else:
+        kv = kv_tokens * profile.model.kv_bytes_per_sequence(1024) // 1024
+        r = simulate(profile, workload, system="vllm_prefetch", prefetch_offload=PrefetchOffload.parse(prefetch),
+                     kv_cache_bytes=kv, max_num_seqs=max_num_seqs, keep_timeline=False)
     return {"output_tok_s": r.output_tokens_per_s, "total_tok_s": r.tokens_per_s, "makespan_s": r.makespan_s,
             "ttft_p50_ms": r.ttft_s.p50 * 1e3, "ttft_p99_ms": r.ttft_s.p99 * 1e3,
             "tpot_p50_ms": r.tpot_s.p50 * 1e3, "tpot_p99_ms": r.tpot_s.p99 * 1e3}
@@ -131,10 +139,7 @@ def main() -> None:
               "requests": len(workloads[scales[0]]), "time_scales": scales, "goodput_slo_ms": GOODPUT,
               "date": time.strftime("%Y-%m-%d"), "commit": os.environ.get("FLUXMOE_COMMIT", ""), "runs": {}}
     out_json = os.path.join(a.out, f"online_{time.strftime('%Y-%m-%d')}.json")
-    try:
-        report["predicted"] = {f"fluxmoe@x{k:g}": predict(a.model, a.plan, wl) for k, wl in workloads.items()}
-    except Exception as e:  # noqa: BLE001 - the measurement still runs
-        report["predicted"] = {"error": repr(e)}
+    report["predicted"] = {}
     for name in a.systems.split(","):
         log = os.path.join(a.out, f"{name}_server.log")
         try:
@@ -154,6 +159,12 @@ def main() -> None:
             with open(out_json, "w") as f:
                 json.dump(report, f, indent=1)
             print(label, json.dumps(report["runs"][label]), flush=True)
+            try:
+                report["predicted"][label] = (predict(a.model, wl, plan_path=a.plan) if name == "fluxmoe" else
+                                              predict(a.model, wl, prefetch=a.prefetch, kv_tokens=kv_tokens(log),
+                                                      max_num_seqs=a.max_num_seqs))
+            except Exception as e:  # noqa: BLE001 - the measurement is kept
+                report["predicted"][label] = {"error": repr(e)}
         stop_server(server)
     import torch
 
