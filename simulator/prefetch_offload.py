@@ -74,7 +74,12 @@ class PrefetchOffload:
         return memory.placement_bytes(self.tiers(memory.model), self.step - 1)
 
     def kv_cache_bytes(self, memory: MemoryModel, budget: int) -> int:
-        return int(budget - self.gpu_bytes(memory))
+        """The KV cache vLLM 0.26 sizes for this setting under --gpu-memory-utilization = budget:
+        its memory profile does not see the static buffers (allocated after it measures the
+        weights), so they come on top of the budget. Seen on the H200: the 8-layer stand-in at
+        15.53 GiB logged 3.75 GiB of weights and a 2.82 GB buffer pool, and peaked at 17.89 GiB
+        (bench/results/e2e_a40_standin_2026-11-24.json, prefetch_8_7_1)."""
+        return int(budget - memory.fixed_bytes - memory.expert_gpu_bytes(self.tiers(memory.model)))
 
     def host_bytes(self, model: ModelSpec) -> int:
         return len(self.layers(model)) * model.num_experts * model.expert_bytes
