@@ -151,12 +151,14 @@ def workload(setting: Setting):
 
 
 def predictions(setting: Setting, plan_paths: dict[str, str]) -> dict[str, dict]:
-    """The simulator's figures for the systems it models (FluxMoE plans, plain vLLM, UVA offload)."""
+    """The simulator's figures for the systems it models (FluxMoE plans, plain vLLM, UVA offload, the
+    prefetch offloader)."""
     import profiles
     from planner.memory import MemoryModel
     from planner.plan import Plan
     from simulator.compare import baseline_settings
     from simulator.engine import simulate
+    from simulator.prefetch_offload import PrefetchOffload
 
     profile = profiles.Profile(profiles.load_model(os.path.join(ROOT, setting.model)), profiles.load_gpu("h200"))
     wl, budget = workload(setting), int(setting.budget_gib * GiB)
@@ -164,6 +166,14 @@ def predictions(setting: Setting, plan_paths: dict[str, str]) -> dict[str, dict]
     out = {}
     for name, path in plan_paths.items():
         out[name] = simulate(profile, wl, plan=Plan.load(path), keep_timeline=False)
+    for label in setting.prefetch:  # vLLM's prefetch offloader, KV sized as vLLM sizes it
+        chosen = PrefetchOffload.parse(label)
+        try:
+            out[f"prefetch_{label.replace('/', '_')}"] = simulate(
+                profile, wl, system="vllm_prefetch", prefetch_offload=chosen, max_num_seqs=256,
+                kv_cache_bytes=chosen.kv_cache_bytes(memory, budget), keep_timeline=False)
+        except Exception as e:  # noqa: BLE001 - a setting the simulator cannot hold is reported, not fatal
+            out[f"prefetch_{label.replace('/', '_')}"] = str(e)
     baselines = [("plain", "vllm", 0)] if setting.plain else []
     baselines += [(f"uva_{gib:g}", "vllm_offload", int(gib * GiB)) for gib in setting.uva_gib]
     for name, system, offload in baselines:
