@@ -288,3 +288,43 @@ def test_a_milp_stopped_at_its_node_limit_says_so(monkeypatch):
     p = problem(layers=6, experts=32, budget=4800 * 1024, host=64 * MiB, mip_gap=0.0)
     found = p.milp(1, 1)
     assert found is not None and found.status == "MILP stopped at its limit of 1 nodes"
+
+
+# ---------------------------------------------------------------- the baselines a plan is compared with
+def test_plain_vllm_runs_every_expert_resident_at_the_most_sequences_its_kv_holds():
+    """740 KiB: KV left after every weight holds 5.275 sequences of 640 tokens, so 5 (vLLM
+    admits by KV: a batch between the grid's 4 and 8)."""
+    from planner.search import baselines
+
+    p = problem(budget=740 * 1024)
+    plain, _ = baselines(p)
+    assert p.mem.resident_kv(p.budget) / p.kv_per_seq == pytest.approx(5.275)
+    assert (plain.name, plain.feasible, plain.kv_cache_bytes) == ("vllm", True, p.mem.resident_kv(p.budget))
+    expected = p.cost.resident_step_time(p.step(5))
+    assert plain.prediction.batch_size == 5
+    assert plain.prediction.step_time_s == pytest.approx(expected.total_s, rel=1e-12)
+    assert plain.prediction.output_tokens_per_s == pytest.approx(5 / expected.total_s, rel=1e-12)
+    assert plain.prediction.tokens_per_s == pytest.approx(5 / expected.total_s * (1 + 512 / 128), rel=1e-12)
+    assert plain.prediction.gpu_busy_s == pytest.approx(expected.gpu_s, rel=1e-12)
+
+
+def test_cpu_offload_offloads_what_its_batch_needs_and_picks_its_best_batch():
+    """400 KiB: the weights alone overshoot, so every batch offloads experts to make room for its KV."""
+    from planner.cost_model import BATCH_GRID
+    from planner.search import baselines
+
+    p = problem(budget=400 * 1024)
+    plain, offload = baselines(p)
+    assert not plain.feasible and plain.note == "the model's weights and one sequence's KV exceed the budget"
+    batch = offload.prediction.batch_size
+    need = p.mem.offload_for_kv(p.budget, batch * p.kv_per_seq)
+    assert need > 0 and offload.offload_bytes == need
+    assert offload.kv_cache_bytes == p.mem.resident_kv(p.budget) + need
+    t = p.cost.offload_step_time(p.step(batch), need)
+    assert offload.prediction.step_time_s == pytest.approx(t.total_s, rel=1e-12)
+    assert offload.prediction.link_busy_s == pytest.approx(t.link_s, rel=1e-12)
+    for other in BATCH_GRID:  # no other batch that fits the host budget does better
+        more = p.mem.offload_for_kv(p.budget, other * p.kv_per_seq)
+        if other <= 1024 and more <= min(p.host_budget, p.mem.all_experts_bytes):
+            assert other / p.cost.offload_step_time(p.step(other), more).total_s <= \
+                offload.prediction.output_tokens_per_s * (1 + 1e-12)
