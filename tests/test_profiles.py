@@ -54,3 +54,24 @@ def test_malformed_profile_names_file_field_and_value(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match="schema_version"):
         profiles.load_gpu(path)
+
+
+def test_n_gpus_in_tensor_parallel_add_up_and_pay_an_all_reduce_per_step():
+    """"a40x2": two A40s as one, ideal scaling (an upper bound): memory, HBM, FLOPs, both PCIe
+    directions and the codec's decode rate double; the step overhead grows by half (the
+    all-reduces); the codec ratio and the kernel overhead do not change."""
+    one, two = profiles.load_gpu("a40"), profiles.load_gpu("a40x2")
+    assert two.name == "a40x2" and profiles.load_gpu("a40x1") == one
+    assert two.gpu_memory_bytes == 2 * one.gpu_memory_bytes
+    assert (two.hbm_gbps, two.bf16_tflops) == (2 * one.hbm_gbps, 2 * one.bf16_tflops)
+    for size in (1e5, 64e6, 1e9):
+        assert two.h2d_gbps(size) == pytest.approx(2 * one.h2d_gbps(size))
+        assert two.d2h_gbps(size) == pytest.approx(2 * one.d2h_gbps(size))
+        assert two.h2d_seconds(size) == pytest.approx(one.h2d_seconds(size) / 2)
+    assert two.codec.decode_gbps == 2 * one.codec.decode_gbps
+    assert two.codec.compressed_ratio == one.codec.compressed_ratio
+    assert two.step_overhead_s == pytest.approx(1.5 * one.step_overhead_s)
+    assert two.kernel_overhead_s == one.kernel_overhead_s
+    assert "ideal tensor-parallel scaling" in two.provenance.source
+    with pytest.raises(ConfigError, match="gpus: must be >= 1, got 0"):
+        one.tensor_parallel(0)
