@@ -171,7 +171,7 @@ def predictions(setting: Setting, plan_paths: dict[str, str]) -> dict[str, dict]
         try:
             out[f"prefetch_{label.replace('/', '_')}"] = simulate(
                 profile, wl, system="vllm_prefetch", prefetch_offload=chosen, max_num_seqs=256,
-                kv_cache_bytes=chosen.kv_cache_bytes(memory, budget), keep_timeline=False)
+                kv_cache_bytes=chosen.vllm_kv_cache_bytes(memory, budget), keep_timeline=False)
         except Exception as e:  # noqa: BLE001 - a setting the simulator cannot hold is reported, not fatal
             out[f"prefetch_{label.replace('/', '_')}"] = str(e)
     baselines = [("plain", "vllm", 0)] if setting.plain else []

@@ -152,9 +152,9 @@ def _cmd_plan(args: argparse.Namespace) -> None:
 
 def _result_row(system: System, result, vs: float | None) -> str:
     if result is None:
-        return f"  {system.label:<20} {'does not fit the budget':>40}"
+        return f"  {system.label:<24} {'does not fit the budget':>40}"
     ratio = f"{vs / result.output_tokens_per_s:>9.2f}x" if vs else f"{'':>10}"
-    return (f"  {system.label:<20} {result.output_tokens_per_s:>12,.0f} {result.tokens_per_s:>11,.0f} "
+    return (f"  {system.label:<24} {result.output_tokens_per_s:>12,.0f} {result.tokens_per_s:>11,.0f} "
             f"{result.ttft_s.p50:>10.2f} {result.tpot_s.p50 * 1e3:>10.1f} {result.kv_utilization:>7.0%} "
             f"{result.preemptions:>8} {result.pcie_busy:>7.0%} {ratio}")
 
@@ -175,7 +175,7 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
     from fluxmoe.report import plan_table
     from fluxmoe.serde import to_dict
     from fluxmoe.units import GiB
-    from simulator.compare import baseline_config, offload_settings, simulate_systems
+    from simulator.compare import baseline_config, offload_settings, prefetch_settings, simulate_systems
 
     given = [name for name, v in (("--budget", args.budget), ("--plan", args.plan), ("--sweep", args.sweep)) if v]
     if len(given) != 1:
@@ -213,7 +213,8 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         return
     from tqdm import tqdm
 
-    runs = sum(len(offload_settings(profile, plan, workload)) if s is System.VLLM_OFFLOAD else
+    tuned_settings = {System.VLLM_OFFLOAD: offload_settings, System.VLLM_PREFETCH: prefetch_settings}
+    runs = sum(len(tuned_settings[s](profile, plan, workload)) if s in tuned_settings else
                int(s is System.FLUXMOE or baseline_config(plan, s) is not None) for s in systems)
     with tqdm(total=len(workload) * runs, desc="simulating", unit="req", disable=args.json) as bar:
         results = simulate_systems(profile, plan, workload, systems, progress=bar.update,
@@ -226,7 +227,7 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         print("\n" + plan_table(plan) + "\n")
         print(f"simulated: {profile.model.name} on {profile.hardware.name}, budget "
               f"{plan.budget_bytes / GiB:.2f} GiB, {workload.name}\n"
-              f"  {'system':<20} {'output tok/s':>12} {'total tok/s':>11} {'TTFT p50 s':>10} {'TPOT p50 ms':>10} "
+              f"  {'system':<24} {'output tok/s':>12} {'total tok/s':>11} {'TTFT p50 s':>10} {'TPOT p50 ms':>10} "
               f"{'KV used':>7} {'preempt':>8} {'PCIe busy':>7} {'FluxMoE / it':>10}")
         for system, result in results.items():
             print(_result_row(system, result, None if system is System.FLUXMOE else ours.output_tokens_per_s))
@@ -235,6 +236,11 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
             print(f"  vLLM + CPU offload as tuned: {tuned.setting['offload_bytes'] / GiB:.1f} GiB offloaded, "
                   f"{tuned.setting['kv_cache_bytes'] / GiB:.1f} GiB of KV (best of {tuned.setting['tried']} settings "
                   f"simulated)")
+        tuned = results.get(System.VLLM_PREFETCH)
+        if tuned is not None and tuned.setting:
+            print(f"  vLLM + prefetch offload as tuned: group/offloaded/step {tuned.setting['prefetch_offload']}, "
+                  f"{tuned.setting['kv_cache_bytes'] / GiB:.1f} GiB of KV, its buffers within the budget (best of "
+                  f"{tuned.setting['tried']} settings simulated)")
     if timeline:
         from simulator.plots import write_timeline
 
@@ -244,6 +250,7 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         from simulator.plots import plot_timeline
 
         kv = {System.FLUXMOE: plan.kv_cache_bytes, **{System(b.name): b.kv_cache_bytes for b in plan.baselines}}
+        kv.update({s: r.setting["kv_cache_bytes"] for s, r in results.items() if r is not None and r.setting})
         plot_timeline([(s, r, kv[s]) for s, r in results.items() if r is not None], plot)
         say(f"plot written to {plot}")
     if save_plan:
@@ -253,12 +260,12 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
 def _concurrency(profile, plan, workload, system: System) -> int:
     """Sequences a system can hold at once: FluxMoE its plan's batch; a baseline what its largest
     KV holds of the workload's mean request, up to its max_num_seqs."""
-    from simulator.compare import baseline_config, offload_settings
+    from simulator.compare import baseline_config, offload_settings, prefetch_settings
 
     if system is System.FLUXMOE:
         return plan.max_num_seqs
-    configs = offload_settings(profile, plan, workload) if system is System.VLLM_OFFLOAD else [
-        baseline_config(plan, system)]
+    tuned = {System.VLLM_OFFLOAD: offload_settings, System.VLLM_PREFETCH: prefetch_settings}
+    configs = tuned[system](profile, plan, workload) if system in tuned else [baseline_config(plan, system)]
     configs = [c for c in configs if c]
     if not configs:
         return 1
@@ -294,14 +301,14 @@ def _max_rates(args, profile, plan, workload, systems) -> None:
         return
     print(f"highest Poisson arrival rate under {slo} (the workload's lengths; requests: {QUEUE_FACTOR}x what each "
           f"system holds at once, at least {len(workload)}):")
-    print(f"  {'system':<20} {'requests/s':>10} {'output tok/s':>12} {'TTFT p99 s':>10} {'TPOT p99 ms':>11} "
+    print(f"  {'system':<24} {'requests/s':>10} {'output tok/s':>12} {'TTFT p99 s':>10} {'TPOT p99 ms':>11} "
           f"{'requests':>8}")
     for system, (c, n) in found.items():
         if c.result is None:
-            print(f"  {system.label:<20} {'none: not even 0.01 requests/s meets the SLO, or it does not fit':>64}")
+            print(f"  {system.label:<24} {'none: not even 0.01 requests/s meets the SLO, or it does not fit':>64}")
             continue
         requests = max(len(workload), QUEUE_FACTOR * n)
-        print(f"  {system.label:<20} {c.rate:>10.3g} {c.result.output_tokens_per_s:>12,.0f} "
+        print(f"  {system.label:<24} {c.rate:>10.3g} {c.result.output_tokens_per_s:>12,.0f} "
               f"{c.result.ttft_s.p99:>10.2f} {c.result.tpot_s.p99 * 1e3:>11.1f} {requests:>8}")
 
 
@@ -328,10 +335,10 @@ def _sweep(args, profile, workload, systems, plot, say) -> None:
     if args.json:
         print(json.dumps({"workload": workload.name, "output_tokens_per_s": rows}, indent=2))
     else:
-        print("\noutput tokens/s (simulated)\n  budget GiB " + "".join(f"{s.label:>20}" for s in systems))
+        print("\noutput tokens/s (simulated)\n  budget GiB " + "".join(f"{s.label:>24}" for s in systems))
         for r in rows:
             print(f"  {r['budget_gib']:>10.2f} " + "".join(
-                f"{r[s.value]:>20,.0f}" if r[s.value] else f"{'-':>20}" for s in systems)
+                f"{r[s.value]:>24,.0f}" if r[s.value] else f"{'-':>24}" for s in systems)
                 + (f"   {r['note']}" if r["note"] else ""))
     if plot:
         from simulator.plots import plot_sweep

@@ -14,9 +14,7 @@ from profiles.registry import Profile
 from simulator.engine import SimulationResult, simulate
 from simulator.workload import Workload
 
-# The systems a comparison runs. vLLM's prefetch offloader is simulated on request
-# (simulate(system='vllm_prefetch', prefetch_offload=...)); its settings are not tuned here yet.
-SYSTEMS = (System.FLUXMOE, System.VLLM, System.VLLM_OFFLOAD)
+SYSTEMS = tuple(System)
 
 
 def baseline_config(plan: Plan, system: System | str) -> dict | None:
@@ -52,6 +50,45 @@ def offload_settings(profile: Profile, plan: Plan, workload: Workload, steps: in
     return [c for c in configs if c["kv_cache_bytes"] > 0]
 
 
+PREFETCH_GROUPS = (2, 4, 8)  # offload_group_size values tried (vLLM's examples use 4 and 8)
+PREFETCH_STEPS = (1, 2)
+PREFETCH_SIMULATED = 3  # settings simulated in full, the best by one steady step each
+
+
+def prefetch_settings(profile: Profile, plan: Plan, workload: Workload,
+                      simulated: int = PREFETCH_SIMULATED) -> list[dict]:
+    """vLLM's prefetch offloader as a user would tune it within the budget: every group /
+    offloaded / step of the grid whose KV (what the budget leaves after its weights and its
+    buffers, which vLLM 0.26 would place beyond --gpu-memory-utilization) holds the longest
+    request and whose offloaded experts fit the host budget, ranked by the output rate of one
+    steady decode step at the batch its KV holds; the best `simulated` are returned."""
+    from planner.cost_model import CostModel, StepShape
+    from planner.memory import MemoryModel
+    from simulator.prefetch_offload import PrefetchOffload
+
+    mem = MemoryModel.of(profile, plan.inputs.reserve_bytes if plan.inputs else None)
+    cost = CostModel(profile, plan.workload.routing_skew)
+    longest = max(workload.requests, key=lambda r: r.prompt_tokens + r.output_tokens)
+    prompt, output = round(workload.mean_prompt_tokens), max(1, round(workload.mean_output_tokens))
+    per_seq = mem.kv_per_sequence(prompt + output)
+    cap = min(VLLM_MAX_NUM_SEQS, len(workload))
+    ranked = []
+    for group in PREFETCH_GROUPS:
+        for offloaded in range(1, group + 1):
+            for step in PREFETCH_STEPS:
+                setting = PrefetchOffload(group, offloaded, step)
+                if not setting.layers(profile.model) or setting.host_bytes(profile.model) > plan.host_budget_bytes:
+                    continue
+                kv = setting.kv_cache_bytes(mem, plan.budget_bytes)
+                if kv < mem.kv_per_sequence(longest.prompt_tokens + longest.output_tokens):
+                    continue
+                batch = max(1, min(cap, kv // per_seq))
+                rate = batch / setting.steady_step_s(cost, StepShape.steady_decode(batch, prompt, output))
+                ranked.append((-rate, setting.label, dict(kv_cache_bytes=kv, max_num_seqs=VLLM_MAX_NUM_SEQS,
+                                                          prefetch_offload=setting)))
+    return [config for *_, config in sorted(ranked, key=lambda x: x[:2])[:simulated]]
+
+
 def baseline_settings(memory, system: System | str, budget: int, offload_bytes: int = 0) -> dict:
     """KV, batch cap and offload bytes of a baseline in `budget` (its KV is what its weights leave)."""
     footprint = memory.baseline(System(system), budget, offload_bytes)
@@ -62,17 +99,21 @@ def baseline_settings(memory, system: System | str, budget: int, offload_bytes: 
 def simulate_systems(profile: Profile, plan: Plan, workload: Workload, systems=SYSTEMS, tune_offload: bool = True,
                      **options) -> dict[System, SimulationResult | None]:
     """Each system's simulated result on `workload` (None where it does not fit the budget).
-    vLLM + CPU offload is tuned (`offload_settings`): its best simulated setting is reported,
-    and `result.setting` says which it was."""
+    vLLM + CPU offload and vLLM's prefetch offloader are tuned (`offload_settings`,
+    `prefetch_settings`): each one's best simulated setting is reported, and `result.setting`
+    says which it was."""
     results: dict[System, SimulationResult | None] = {}
     for system in map(System, systems):
         if system is System.FLUXMOE:
             results[system] = simulate(profile, workload, plan=plan, **options)
             continue
-        config = baseline_config(plan, system)
-        configs = [] if config is None else [config]
-        if system is System.VLLM_OFFLOAD and tune_offload and config is not None:
-            configs = offload_settings(profile, plan, workload)
+        if system is System.VLLM_PREFETCH:
+            configs = prefetch_settings(profile, plan, workload)
+        else:
+            config = baseline_config(plan, system)
+            configs = [] if config is None else [config]
+            if system is System.VLLM_OFFLOAD and tune_offload and config is not None:
+                configs = offload_settings(profile, plan, workload)
         best = None
         for config in configs:
             try:
@@ -81,6 +122,8 @@ def simulate_systems(profile: Profile, plan: Plan, workload: Workload, systems=S
             except ConfigError:
                 continue  # e.g. its KV cannot hold the longest request
             result.setting = dict(config, tried=len(configs))
+            if "prefetch_offload" in config:  # named as vLLM's flags take it, for reports and JSON
+                result.setting["prefetch_offload"] = config["prefetch_offload"].label
             if best is None or result.output_tokens_per_s > best.output_tokens_per_s:
                 best = result
         results[system] = best

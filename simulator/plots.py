@@ -14,7 +14,7 @@ from fluxmoe.names import System  # noqa: E402
 from simulator.engine import SimulationResult  # noqa: E402
 
 STYLES = {System.FLUXMOE: dict(marker="o", lw=2), System.VLLM: dict(marker="s", ls="--", ms=8, mfc="none"),
-          System.VLLM_OFFLOAD: dict(marker="^", ls=":")}
+          System.VLLM_OFFLOAD: dict(marker="^", ls=":"), System.VLLM_PREFETCH: dict(marker="v", ls="-.")}
 
 
 def plot_sweep(rows: list[dict], path: str | Path, title: str) -> Path:

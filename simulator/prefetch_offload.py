@@ -17,8 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import simpy
+
 from fluxmoe.errors import ConfigError
-from planner.cost_model import TierCounts
+from planner.cost_model import CostModel, StepShape, TierCounts
 from planner.memory import MemoryModel
 from profiles.model_spec import ModelSpec
 
@@ -74,12 +76,35 @@ class PrefetchOffload:
         return memory.placement_bytes(self.tiers(memory.model), self.step - 1)
 
     def kv_cache_bytes(self, memory: MemoryModel, budget: int) -> int:
-        """The KV cache vLLM 0.26 sizes for this setting under --gpu-memory-utilization = budget:
-        its memory profile does not see the static buffers (allocated after it measures the
-        weights), so they come on top of the budget. Seen on the H200: the 8-layer stand-in at
-        15.53 GiB logged 3.75 GiB of weights and a 2.82 GB buffer pool, and peaked at 17.89 GiB
+        """KV left in `budget` once the buffers are counted too: what this setting can run within
+        the budget (a user lowers --gpu-memory-utilization by the buffers to stay in it)."""
+        return int(budget - self.gpu_bytes(memory))
+
+    def vllm_kv_cache_bytes(self, memory: MemoryModel, budget: int) -> int:
+        """The KV cache vLLM 0.26 sizes at --gpu-memory-utilization = budget: its memory profile
+        does not see the static buffers (allocated after it measures the weights), so they come
+        on top of the budget. Seen on the H200: the 8-layer stand-in at 15.53 GiB logged 3.75 GiB
+        of weights and a 2.82 GB buffer pool, and peaked at 17.89 GiB
         (bench/results/e2e_a40_standin_2026-11-24.json, prefetch_8_7_1)."""
         return int(budget - memory.fixed_bytes - memory.expert_gpu_bytes(self.tiers(memory.model)))
 
     def host_bytes(self, model: ModelSpec) -> int:
         return len(self.layers(model)) * model.num_experts * model.expert_bytes
+
+    def steady_step_s(self, cost: CostModel, step: StepShape) -> float:
+        """One step of `step`'s shape once the copies run in their steady rhythm (the third of
+        three played out), to rank settings before simulating any."""
+        from simulator.execution import PagedExecution
+
+        env, m = simpy.Environment(), cost.model
+        execution = PagedExecution(env, cost, self.tiers(m), self.step - 1, release_after=self.release_after(m))
+        ends: list[float] = []
+
+        def steps():
+            for _ in range(3):
+                yield from execution.run_step(step)
+                ends.append(env.now)
+
+        env.process(steps())
+        env.run()
+        return ends[2] - ends[1]

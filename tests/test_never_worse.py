@@ -1,6 +1,7 @@
 """The planner's pick, simulated, across every shipped model and GPU: never below a baseline
 its plan space contains (all resident is plain vLLM; vLLM + CPU offload is beaten by paging
-the same bytes), and never lower at a larger budget.
+the same bytes; vLLM's prefetch offloader, whole layers on the host, tuned within the budget,
+is paging without the choice of which experts), and never lower at a larger budget.
 
 Offline throughput runs (all requests at t=0), the budgets spread from a tight one to the
 whole GPU; `fluxmoe simulate`'s own path (`verified_optimize`, then `simulate_systems` with the
@@ -28,17 +29,19 @@ def _sweep(model: str, gpu: str, workload: Workload) -> list[tuple[int, float, f
             continue
         results = simulate_systems(profile, plan, workload, keep_timeline=False)
         rows.append((budget, *(results[s].output_tokens_per_s if results[s] else None
-                               for s in ("fluxmoe", "vllm", "vllm_offload"))))
+                               for s in ("fluxmoe", "vllm", "vllm_offload", "vllm_prefetch"))))
     return rows
 
 
 def _check(rows) -> None:
     assert rows, "no budget fits"
-    for budget, ours, plain, offload in rows:
+    for budget, ours, plain, offload, prefetch in rows:
         if plain is not None:
             assert ours >= plain * 0.999, f"{budget} GiB: {ours:.1f} below plain vLLM's {plain:.1f}"
         if offload is not None:
             assert ours >= offload * 0.999, f"{budget} GiB: {ours:.1f} below vLLM + CPU offload's {offload:.1f}"
+        if prefetch is not None:
+            assert ours >= prefetch * 0.999, f"{budget} GiB: {ours:.1f} below vLLM + prefetch offload's {prefetch:.1f}"
     flux = [r[1] for r in rows]
     assert all(b >= a * 0.999 for a, b in zip(flux, flux[1:])), f"throughput fell as the budget grew: {rows}"
 
@@ -75,5 +78,5 @@ def test_where_the_closed_form_ranks_paged_plans_above_all_resident():
         plan = verified_optimize(profile, budget * GiB, workload, top_k=3)
         results = simulate_systems(profile, plan, workload, keep_timeline=False)
         rows.append((budget, *(results[s].output_tokens_per_s if results[s] else None
-                               for s in ("fluxmoe", "vllm", "vllm_offload"))))
+                               for s in ("fluxmoe", "vllm", "vllm_offload", "vllm_prefetch"))))
     _check(rows)

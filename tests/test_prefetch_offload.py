@@ -33,14 +33,15 @@ def test_layers_tiers_and_release_distances_by_hand():
     assert own_buffer.release_after(tiny_model(4, 4)) == [4, 4, 4, 4]
 
 
-def test_memory_is_the_resident_layers_and_step_buffers_of_a_whole_layer_but_kv_sees_no_buffer():
+def test_memory_is_the_resident_layers_and_step_buffers_of_a_whole_layer():
     m = tiny_model(8, 4)
     mem = MemoryModel.of(Profile(m, tiny_gpu()), 16 << 10)
     for setting, resident_layers in ((PrefetchOffload(8, 7, 1), 1), (PrefetchOffload(4, 2, 2), 4)):
         layer = 4 * m.expert_bytes
         assert setting.gpu_bytes(mem) == mem.fixed_bytes + (resident_layers + setting.step) * layer
+        assert setting.kv_cache_bytes(mem, 10 << 20) == (10 << 20) - setting.gpu_bytes(mem)
         # vLLM sizes KV without the buffers, which it allocates after measuring the weights.
-        assert setting.kv_cache_bytes(mem, 10 << 20) == (10 << 20) - setting.gpu_bytes(mem) + setting.step * layer
+        assert setting.vllm_kv_cache_bytes(mem, 10 << 20) == (10 << 20) - setting.gpu_bytes(mem) + setting.step * layer
         assert setting.host_bytes(m) == (8 - resident_layers) * layer
 
 
