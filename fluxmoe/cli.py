@@ -175,7 +175,7 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
     from fluxmoe.report import plan_table
     from fluxmoe.serde import to_dict
     from fluxmoe.units import GiB
-    from simulator.compare import baseline_config, offload_settings, prefetch_settings, simulate_systems
+    from simulator.compare import baseline_configs, simulate_systems
 
     given = [name for name, v in (("--budget", args.budget), ("--plan", args.plan), ("--sweep", args.sweep)) if v]
     if len(given) != 1:
@@ -213,9 +213,7 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         return
     from tqdm import tqdm
 
-    tuned_settings = {System.VLLM_OFFLOAD: offload_settings, System.VLLM_PREFETCH: prefetch_settings}
-    runs = sum(len(tuned_settings[s](profile, plan, workload)) if s in tuned_settings else
-               int(s is System.FLUXMOE or baseline_config(plan, s) is not None) for s in systems)
+    runs = sum(1 if s is System.FLUXMOE else len(baseline_configs(profile, plan, workload, s)) for s in systems)
     with tqdm(total=len(workload) * runs, desc="simulating", unit="req", disable=args.json) as bar:
         results = simulate_systems(profile, plan, workload, systems, progress=bar.update,
                                    keep_timeline=bool(plot or timeline))
@@ -260,13 +258,11 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
 def _concurrency(profile, plan, workload, system: System) -> int:
     """Sequences a system can hold at once: FluxMoE its plan's batch; a baseline what its largest
     KV holds of the workload's mean request, up to its max_num_seqs."""
-    from simulator.compare import baseline_config, offload_settings, prefetch_settings
+    from simulator.compare import baseline_configs
 
     if system is System.FLUXMOE:
         return plan.max_num_seqs
-    tuned = {System.VLLM_OFFLOAD: offload_settings, System.VLLM_PREFETCH: prefetch_settings}
-    configs = tuned[system](profile, plan, workload) if system in tuned else [baseline_config(plan, system)]
-    configs = [c for c in configs if c]
+    configs = baseline_configs(profile, plan, workload, system)
     if not configs:
         return 1
     per_seq = profile.model.kv_bytes_per_sequence(round(workload.mean_prompt_tokens + workload.mean_output_tokens))

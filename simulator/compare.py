@@ -96,6 +96,19 @@ def baseline_settings(memory, system: System | str, budget: int, offload_bytes: 
                 offload_bytes=offload_bytes)
 
 
+def baseline_configs(profile: Profile, plan: Plan, workload: Workload, system: System,
+                     tune_offload: bool = True) -> list[dict]:
+    """The settings a baseline is simulated at: the offloaders' tuned ones, plain vLLM's one."""
+    if system is System.VLLM_PREFETCH:
+        return prefetch_settings(profile, plan, workload)
+    config = baseline_config(plan, system)
+    if config is None:
+        return []
+    if system is System.VLLM_OFFLOAD and tune_offload:
+        return offload_settings(profile, plan, workload)
+    return [config]
+
+
 def simulate_systems(profile: Profile, plan: Plan, workload: Workload, systems=SYSTEMS, tune_offload: bool = True,
                      **options) -> dict[System, SimulationResult | None]:
     """Each system's simulated result on `workload` (None where it does not fit the budget).
@@ -107,13 +120,7 @@ def simulate_systems(profile: Profile, plan: Plan, workload: Workload, systems=S
         if system is System.FLUXMOE:
             results[system] = simulate(profile, workload, plan=plan, **options)
             continue
-        if system is System.VLLM_PREFETCH:
-            configs = prefetch_settings(profile, plan, workload)
-        else:
-            config = baseline_config(plan, system)
-            configs = [] if config is None else [config]
-            if system is System.VLLM_OFFLOAD and tune_offload and config is not None:
-                configs = offload_settings(profile, plan, workload)
+        configs = baseline_configs(profile, plan, workload, system, tune_offload)
         best = None
         for config in configs:
             try:
