@@ -423,10 +423,13 @@ class _Problem:
 
     def milp(self, batch: int, depth: int, incumbent_rate: float = 0.0, slots: int | None = None,
              start: Candidate | None = None) -> Candidate | None:
-        """The MILP's placement for one (batch, depth) and staging slot count (None: any), among
-        those faster than `incumbent_rate` by more than the gap (closer ones cannot matter, and
-        proving that none exists is where a MILP spends its time). `start`: a placement of this
-        (batch, depth) that fits (its LP rounding), which the MILP starts from where its slots agree."""
+        """The MILP's placement for one (batch, depth) and staging slot count (None: any), asked
+        only for those faster than `incumbent_rate` by more than the gap (closer ones cannot
+        matter, and proving that none exists is where a MILP spends its time). HiGHS takes that
+        as an objective bound, which prunes nodes by their LP bound but may still return a
+        slower placement it found: callers compare the answer with their incumbent. `start`: a
+        placement of this (batch, depth) that fits (its LP rounding), which the MILP starts from
+        where its slots agree."""
         step = self.step(batch)
         cutoff = (batch / (incumbent_rate * (1 + self.gap)) - self.cost.fixed_s(step)) if incumbent_rate > 0 else None
         if start is not None and slots is not None and start.staging_slots != slots:
