@@ -2,14 +2,12 @@
 its memory, and step times worked out by hand (measured runs: tests/test_calibration.py)."""
 
 import pytest
-import simpy
 
 from fluxmoe.errors import ConfigError
 from planner.cost_model import CostModel, StepShape, TierCounts
 from planner.memory import MemoryModel
 from profiles import Profile
 from simulator.engine import simulate
-from simulator.execution import PagedExecution
 from simulator.prefetch_offload import PrefetchOffload
 from simulator.workload import parse_workload
 from tests.conftest import tiny_gpu, tiny_model
@@ -51,22 +49,6 @@ def test_bad_settings_are_refused_with_the_setting(text):
         PrefetchOffload.parse(text)
 
 
-def _third_step_s(setting: PrefetchOffload, cost: CostModel, step: StepShape) -> float:
-    env = simpy.Environment()
-    m = cost.model
-    execution = PagedExecution(env, cost, setting.tiers(m), setting.step - 1, release_after=setting.release_after(m))
-    ends = []
-
-    def steps():
-        for _ in range(3):
-            yield from execution.run_step(step)
-            ends.append(env.now)
-
-    env.process(steps())
-    env.run(until=1.0)
-    return ends[2] - ends[1]
-
-
 def test_step_times_by_hand():
     """Four layers, compute c = 7.37 us each, fixed part f = 11.82 us after the layers, a whole
     layer's copy x = 12.57 us (toy GPU at 20 GB/s)."""
@@ -78,11 +60,11 @@ def test_step_times_by_hand():
                                                pytest.approx(12.57, abs=0.01))
     # 4/2/1: layer 2's copy starts after layer 3 of the step before, hidden by f + c0 + c1;
     # layer 3's starts after layer 2 and nothing is left to hide it.
-    assert _third_step_s(PrefetchOffload(4, 2, 1), cost, step) == pytest.approx(sum(c) + f + x, rel=1e-9)
+    assert PrefetchOffload(4, 2, 1).steady_step_s(cost, step) == pytest.approx(sum(c) + f + x, rel=1e-9)
     # 4/2/2: each copy starts a whole step ahead, after its own layer: both hidden.
-    assert _third_step_s(PrefetchOffload(4, 2, 2), cost, step) == pytest.approx(sum(c) + f, rel=1e-9)
+    assert PrefetchOffload(4, 2, 2).steady_step_s(cost, step) == pytest.approx(sum(c) + f, rel=1e-9)
     # 4/4/1: layer 0's copy hides behind f only (x - f exposed), the other three not at all.
-    assert _third_step_s(PrefetchOffload(4, 4, 1), cost, step) == pytest.approx(sum(c) + f + (x - f) + 3 * x,
+    assert PrefetchOffload(4, 4, 1).steady_step_s(cost, step) == pytest.approx(sum(c) + f + (x - f) + 3 * x,
                                                                                rel=1e-9)
 
 
@@ -97,3 +79,22 @@ def test_simulate_takes_a_setting_only_for_the_prefetch_baseline():
     with pytest.raises(ConfigError, match="prefetch_offload"):
         simulate(profile, wl, system="vllm", prefetch_offload=PrefetchOffload(4, 2, 1), kv_cache_bytes=1 << 20,
                  max_num_seqs=4)
+
+
+def test_comparisons_tune_the_offloader_within_the_budget():
+    """The best three settings of the grid by one steady step, each with the KV its budget leaves
+    after its buffers; none whose offloaded experts exceed the host budget."""
+    import planner
+    from simulator.compare import PREFETCH_SIMULATED, prefetch_settings
+
+    profile = Profile(tiny_model(4, 4), tiny_gpu(20.0))
+    wl = parse_workload("fixed:n=8,prompt=64,output=16")
+    plan = planner.optimize(profile, 1200 * 1024, reserve_bytes=16 << 10, host_budget=8 * profile.model.expert_bytes)
+    mem = MemoryModel.of(profile, 16 << 10)
+    configs = prefetch_settings(profile, plan, wl)
+    assert 1 <= len(configs) <= PREFETCH_SIMULATED
+    for config in configs:
+        setting = config["prefetch_offload"]
+        assert setting.host_bytes(profile.model) <= 8 * profile.model.expert_bytes  # two layers of 4 experts at most
+        assert config["kv_cache_bytes"] == setting.kv_cache_bytes(mem, plan.budget_bytes) > 0
+    assert len({c["prefetch_offload"].label for c in configs}) == len(configs)
