@@ -51,3 +51,32 @@ def test_the_simulator_reproduces_a_measured_run(point):
     error = result.output_tokens_per_s / run["output_tok_s"] - 1
     assert abs(error) <= point["tolerance"], f"simulated {result.output_tokens_per_s:.1f} vs measured " \
                                              f"{run['output_tok_s']} output tok/s ({error:+.1%})"
+
+
+ONLINE = ROOT / "bench" / "results" / "online_a40_standin_h200_2026-11-24.json"
+
+
+@pytest.mark.parametrize("system", ["fluxmoe", "prefetch"])
+def test_the_simulator_reproduces_an_online_run_on_the_code_trace(system):
+    """bench/online.py on the H200: each server replayed the code trace's arrivals and lengths.
+    Throughput and median TPOT must hold within 5%; TTFT is a known gap (calibration.json)."""
+    from bench.online import predict, trace_workload
+    from simulator.workload import Workload
+
+    report = json.loads(ONLINE.read_text())
+    run = report["runs"][f"{system}@x2"]
+    assert report["device"] == "NVIDIA H200"
+    trace = trace_workload(report["requests"], 2.0, 4096)
+    assert trace.name == report["workloads"]["x2"]
+    # Both servers refused the same requests (HTTP 400): the longest, whose tokens are exactly
+    # what the run's totals miss.
+    refused = sorted(trace.requests, key=lambda r: -(r.prompt_tokens + r.output_tokens))[:run["failed"]]
+    served = Workload(trace.name, [r for r in trace.requests if r not in refused])
+    assert sum(r.prompt_tokens for r in served.requests) == run["total_input_tokens"]
+    assert sum(r.output_tokens for r in served.requests) == run["total_output_tokens"]
+    if system == "fluxmoe":
+        figures = predict(report["model"], served, plan_path=str(ROOT / report["plan"]))
+    else:
+        figures = predict(report["model"], served, prefetch=report["prefetch"], kv_tokens=run["kv_tokens"])
+    assert figures["output_tok_s"] == pytest.approx(run["output_throughput"], rel=0.05)
+    assert figures["tpot_p50_ms"] == pytest.approx(run["median_tpot_ms"], rel=0.05)
