@@ -4,7 +4,7 @@ by vLLM's `vllm bench serve` client replaying the Azure code trace (arrivals and
 the simulator's prediction of the same requests (GPU machine, vLLM 0.26.0 carried).
 
 The first --requests rows of the trace (simulator/traces/azure_llm_2023_code_head.csv) that fit
---max-model-len, their arrivals divided by --time-scale, become a `timed_trace` file that the
+--max-model-len, their arrivals divided by each of --time-scales, become a `timed_trace` file that the
 client replays by its timestamps (greedy, ignore_eos: every request gets its trace's output
 length). Prompts are random words of the folder's word-level tokenizer, one per token, with no
 prefix shared between requests (the trace has no prefix information; prefix caching is off).
@@ -12,7 +12,8 @@ Each server runs alone on the GPU, started and stopped by this script; dummy wei
 (bench/dummy_scale), offloaded ones filled on the GPU. Prints a table and writes JSON.
 
     python3 bench/online.py --model models/mixtral-8x7b-8layers --util 0.1111 \\
-        --plan bench/plans/mixtral-8x7b-8layers-a40-4tier.json --prefetch 8/7/1 --requests 200 --time-scales 2,8
+        --plan bench/plans/mixtral-8x7b-8layers-a40-4tier.json --prefetch 8/7/1 --requests 200 \\
+        --time-scales 2 --max-model-len 4096          # bench/results/online_a40_standin_h200_2026-11-24.json
 """
 from __future__ import annotations
 
