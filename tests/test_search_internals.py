@@ -316,6 +316,8 @@ def test_cpu_offload_offloads_what_its_batch_needs_and_picks_its_best_batch():
     p = problem(budget=400 * 1024)
     plain, offload = baselines(p)
     assert not plain.feasible and plain.note == "the model's weights and one sequence's KV exceed the budget"
+    assert (plain.prediction, plain.kv_cache_bytes) == (None, 0)
+    assert (offload.name, offload.feasible, offload.note) == ("vllm_offload", True, "")
     batch = offload.prediction.batch_size
     need = p.mem.offload_for_kv(p.budget, batch * p.kv_per_seq)
     assert need > 0 and offload.offload_bytes == need
