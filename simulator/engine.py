@@ -90,9 +90,7 @@ def _execution_for(env: simpy.Environment, cost: CostModel, plan: Plan | None, s
         host_ids = [lp.host for lp in sorted(plan.layers, key=lambda lp: lp.layer)]
         return PagedExecution(env, cost, plan.tier_counts(), plan.prefetch_depth, plan.routed_fetch, host_ids)
     if system is System.VLLM_PREFETCH:
-        m = cost.model
-        return PagedExecution(env, cost, prefetch_offload.tiers(m), prefetch_offload.step - 1,
-                              release_after=prefetch_offload.release_after(m))
+        return prefetch_offload.execution(env, cost)
     if system is System.VLLM:
         return ResidentExecution(env, cost)
     return OffloadExecution(env, cost, offload_bytes)

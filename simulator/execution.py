@@ -72,7 +72,7 @@ class PagedExecution:
         release_after: per layer, how many layers before it must have finished computing before
         its transfer may start (default depth + 1 for every layer: FluxMoE's staging buffers;
         vLLM's prefetch offloader frees its buffers at other distances)."""
-        self.env, self.cost, self.depth = env, cost, prefetch_depth
+        self.env, self.cost = env, cost
         self.busy = BusyTime()
         m = cost.model
         self.num_layers = m.num_layers

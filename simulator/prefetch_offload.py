@@ -23,6 +23,7 @@ from fluxmoe.errors import ConfigError
 from planner.cost_model import CostModel, StepShape, TierCounts
 from planner.memory import MemoryModel
 from profiles.model_spec import ModelSpec
+from simulator.execution import PagedExecution
 
 
 @dataclass(frozen=True)
@@ -91,13 +92,17 @@ class PrefetchOffload:
     def host_bytes(self, model: ModelSpec) -> int:
         return len(self.layers(model)) * model.num_experts * model.expert_bytes
 
+    def execution(self, env: simpy.Environment, cost: CostModel) -> PagedExecution:
+        """The offloader's steps on SimPy resources: paged execution with its layers, buffers and
+        release distances."""
+        m = cost.model
+        return PagedExecution(env, cost, self.tiers(m), self.step - 1, release_after=self.release_after(m))
+
     def steady_step_s(self, cost: CostModel, step: StepShape) -> float:
         """One step of `step`'s shape once the copies run in their steady rhythm (the third of
         three played out), to rank settings before simulating any."""
-        from simulator.execution import PagedExecution
-
-        env, m = simpy.Environment(), cost.model
-        execution = PagedExecution(env, cost, self.tiers(m), self.step - 1, release_after=self.release_after(m))
+        env = simpy.Environment()
+        execution = self.execution(env, cost)
         ends: list[float] = []
 
         def steps():
