@@ -93,7 +93,7 @@ def predict(model: str, workload, plan_path: str | None = None, prefetch: str | 
     if plan_path is not None:
         r = simulate(profile, workload, plan=Plan.load(plan_path), keep_timeline=False)
     else:
-        kv = kv_tokens * profile.model.kv_bytes_per_sequence(1024) // 1024
+        kv = kv_tokens * profile.model.kv_bytes_per_token
         r = simulate(profile, workload, system="vllm_prefetch", prefetch_offload=PrefetchOffload.parse(prefetch),
                      kv_cache_bytes=kv, max_num_seqs=max_num_seqs, keep_timeline=False)
     return {"output_tok_s": r.output_tokens_per_s, "total_tok_s": r.tokens_per_s, "makespan_s": r.makespan_s,
@@ -148,6 +148,7 @@ def main() -> None:
         except RuntimeError as e:
             report["runs"][name] = {"error": str(e)}
             continue
+        kv = kv_tokens(log)  # as the server sized it
         for scale, wl in workloads.items():
             label = f"{name}@x{scale:g}"
             try:
@@ -156,13 +157,13 @@ def main() -> None:
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 result = {"error": str(e)}
             report["runs"][label] = {**{k: result[k] for k in KEEP if k in result}, "startup_s": round(startup_s, 1),
-                                     "kv_tokens": kv_tokens(log)}
+                                     "kv_tokens": kv}
             with open(out_json, "w") as f:
                 json.dump(report, f, indent=1)
             print(label, json.dumps(report["runs"][label]), flush=True)
             try:
                 report["predicted"][label] = (predict(a.model, wl, plan_path=a.plan) if name == "fluxmoe" else
-                                              predict(a.model, wl, prefetch=a.prefetch, kv_tokens=kv_tokens(log),
+                                              predict(a.model, wl, prefetch=a.prefetch, kv_tokens=kv,
                                                       max_num_seqs=a.max_num_seqs))
             except Exception as e:  # noqa: BLE001 - the measurement is kept
                 report["predicted"][label] = {"error": repr(e)}

@@ -40,7 +40,7 @@ def test_the_simulator_reproduces_a_measured_run(point):
     elif point["system"] == "vllm_prefetch":
         setting = PrefetchOffload.parse(point["prefetch"])
         assert point["kv"] == "measured"  # the step model alone (see the point's "why")
-        kv = run["kv_tokens"] * profile.model.kv_bytes_per_sequence(1024) // 1024
+        kv = run["kv_tokens"] * profile.model.kv_bytes_per_token
         result = simulate(profile, workload, system="vllm_prefetch", prefetch_offload=setting, kv_cache_bytes=kv,
                           max_num_seqs=min(run["settings"]["max_num_seqs"], len(workload)), keep_timeline=False)
     else:
