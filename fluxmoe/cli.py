@@ -175,7 +175,7 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
     from fluxmoe.report import plan_table
     from fluxmoe.serde import to_dict
     from fluxmoe.units import GiB
-    from simulator.compare import baseline_configs, simulate_systems
+    from simulator.compare import SYSTEMS, baseline_configs, simulate_systems
 
     given = [name for name, v in (("--budget", args.budget), ("--plan", args.plan), ("--sweep", args.sweep)) if v]
     if len(given) != 1:
@@ -192,8 +192,6 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         raise ConfigError("--timeline and --save-plan are for one budget, not a --sweep")
     profile = profiles.load(args.model, gpu=args.gpu)
     workload = _workload(args)
-    from simulator.compare import SYSTEMS
-
     systems = SYSTEMS if args.baselines else (System.FLUXMOE,)
     say = (lambda *a, **k: None) if args.json else print
     say(f"workload: {workload.name} (mean {workload.mean_prompt_tokens:.0f} in / "
