@@ -25,12 +25,7 @@ class FluxMoEWorkerExtension:
     def fluxmoe_swap(self, swaps: list) -> int:
         """Resident-host swaps, each [model layer, expert into the GPU, expert out], made between
         steps in place (CUDA graphs stay valid); how many were made."""
-        from fluxmoe.vllm_plugin.runtime import current_runtime
-
-        runtime = current_runtime()
-        if runtime is None:
-            raise RuntimeError("no FluxMoE plan runs in this worker")
-        return runtime.swap(swaps)
+        return _running().swap(swaps)
 
     def fluxmoe_rebuild(self, plan_path: str) -> dict:
         """The same experts in the tiers of the plan at `plan_path` (another budget, made for this
@@ -40,12 +35,9 @@ class FluxMoEWorkerExtension:
         import torch
 
         from fluxmoe.errors import ConfigError
-        from fluxmoe.vllm_plugin.runtime import current_runtime
         from planner.plan import Plan
 
-        runtime = current_runtime()
-        if runtime is None:
-            raise RuntimeError("no FluxMoE plan runs in this worker")
+        runtime = _running()
         config = getattr(self, "vllm_config", None)  # set by vLLM on its worker
         if config is not None and not config.model_config.enforce_eager:
             raise ConfigError("this engine runs CUDA graphs, which hold the expert arena's addresses: a plan with "
@@ -56,3 +48,13 @@ class FluxMoEWorkerExtension:
             answer["torch_reserved_bytes"] = torch.cuda.memory_reserved(runtime.device)
             answer["torch_allocated_bytes"] = torch.cuda.memory_allocated(runtime.device)
         return answer
+
+
+def _running():
+    """This worker's paging runtime, for calls that act on it (refused where no plan runs)."""
+    from fluxmoe.vllm_plugin.runtime import current_runtime
+
+    runtime = current_runtime()
+    if runtime is None:
+        raise RuntimeError("no FluxMoE plan runs in this worker")
+    return runtime
