@@ -127,8 +127,9 @@ def _cmd_profiles(args: argparse.Namespace) -> None:
     for g in gpus:
         kind = f"measured ({g['measured_on']})" if g["provenance"] == "measured" else "datasheet"
         print(f"  {g['name']:<22} {format_bytes(g['memory_bytes']):>11}  {kind}")
-    print("\n  '<gpu>xN' (e.g. a40x2) is N such GPUs in ideal tensor parallel; a path to a config.json or a "
-          "hardware profile JSON works too.")
+    print("\n  '<gpu>xN' (e.g. h200x2) is N such GPUs of one host in tensor parallel (--expert-parallel for "
+          f"expert parallel), budgets per GPU; interconnects: {', '.join(profiles.list_interconnects())}.\n"
+          "  A path to a config.json or a hardware profile JSON works too.")
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
@@ -136,7 +137,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     from fluxmoe.report import plan_table
 
     out = check_output(args.out, "--out", (".json",))
-    profile = profiles.load(args.model, gpu=args.gpu)
+    profile = profiles.load(args.model, gpu=args.gpu, expert_parallel=args.expert_parallel)
     plan = make_plan(args, profile, _workload(args))
     if out:
         plan.save(out)
@@ -190,7 +191,7 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         raise ConfigError("--slo goes with --find-max-rate")
     if args.sweep and (timeline or save_plan):
         raise ConfigError("--timeline and --save-plan are for one budget, not a --sweep")
-    profile = profiles.load(args.model, gpu=args.gpu)
+    profile = profiles.load(args.model, gpu=args.gpu, expert_parallel=args.expert_parallel)
     workload = _workload(args)
     systems = SYSTEMS if args.baselines else (System.FLUXMOE,)
     say = (lambda *a, **k: None) if args.json else print
@@ -414,8 +415,11 @@ def _planning_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", required=True, help="shipped model name (see `fluxmoe profiles`) or path to a HF "
                                                    "config.json")
-    p.add_argument("--gpu", default="h200", help="shipped GPU name, '<gpu>xN' for N in tensor parallel, or a "
-                                                 "hardware profile JSON")
+    p.add_argument("--gpu", default="h200", help="shipped GPU name, '<gpu>xN' for N of them in tensor parallel "
+                                                 "(the budget is per GPU), or a hardware profile JSON")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="with '<gpu>xN': split each layer's experts whole over the N GPUs, as vLLM's "
+                        "--enable-expert-parallel does (attention stays tensor parallel)")
     p.add_argument("--host-budget", default=None, help="pinned host memory for experts, e.g. 100GiB "
                                                        "(default: the GPU profile's)")
     p.add_argument("--workload", default=DEFAULT_WORKLOAD, help=f"requests to plan for and simulate: {WORKLOAD_HELP}")

@@ -24,8 +24,13 @@ def _layer_rows(plan: Plan) -> list[str]:
 
 def plan_table(plan: Plan) -> str:
     mem = plan.memory
+    split = ""
+    if plan.tensor_parallel > 1:
+        how = "expert parallel" if plan.expert_parallel > 1 else "tensor parallel"
+        split = (f" per GPU ({plan.tensor_parallel} GPUs, {how}; every rank holds this plan, "
+                 f"{'its own experts' if plan.expert_parallel > 1 else 'its cut of every expert'})")
     lines = [
-        f"FluxMoE plan: {plan.model} on {plan.gpu}, budget {format_bytes(plan.budget_bytes)} "
+        f"FluxMoE plan: {plan.model} on {plan.gpu}, budget {format_bytes(plan.budget_bytes)}{split} "
         f"(workload {plan.workload.prompt_tokens} in / {plan.workload.output_tokens} out)",
         "",
         "  MoE layers   resident  compressed    host  host-compressed",

@@ -83,19 +83,20 @@ def prepare(args, vllm_args: list[str], make_plan) -> Launch:
         if _given(option, vllm_args):
             raise ConfigError(f"{option}: set by FluxMoE from the plan's budget; give --gpu-budget instead")
     config = model_config(args.model)
-    spec = profiles.load_model(args.model)
-    hardware = profiles.load_gpu(args.gpu)
+    tensor_parallel, expert_parallel = vllm_parallelism(vllm_args)
+    gpu = f"{args.gpu}x{tensor_parallel}" if tensor_parallel > 1 else args.gpu
+    profile = profiles.load(args.model, gpu, expert_parallel=expert_parallel)  # one rank's view
     if args.plan:
         if args.budget:
             raise ConfigError("give --gpu-budget or --plan, not both")
         plan = Plan.load(args.plan)
-        check_plan_for_model(plan, config)
-        plan.check_matches(profiles.Profile(dataclasses.replace(spec, name=plan.model), hardware))
+        check_plan_for_model(plan, config, tensor_parallel, expert_parallel)
+        plan.check_matches(dataclasses.replace(profile, model=dataclasses.replace(profile.model, name=plan.model)))
     else:
         if not args.budget:
-            raise ConfigError("give --gpu-budget (e.g. 46GiB) or --plan")
-        plan = make_plan(profiles.Profile(spec, hardware))
-    total = _gpu_memory_bytes(hardware)
+            raise ConfigError("give --gpu-budget (e.g. 46GiB, per GPU) or --plan")
+        plan = make_plan(profile)
+    total = _gpu_memory_bytes(profile.hardware)
     utilization = int(plan.budget_bytes / total * 1e4) / 1e4  # rounded down: never more than the budget
     if not 0 < utilization <= 1:
         raise ConfigError(f"plan's budget of {plan.budget_bytes} bytes is not within this GPU's {total}")
@@ -114,12 +115,29 @@ def prepare(args, vllm_args: list[str], make_plan) -> Launch:
     if getattr(args, "adapt", False):
         from fluxmoe.vllm_plugin.adapt import ADAPT_ENV
 
-        env[ADAPT_ENV] = json.dumps({"model": str(Path(args.model).resolve()), "gpu": args.gpu,
-                                     "interval_s": args.adapt_interval})
+        env[ADAPT_ENV] = json.dumps({"model": str(Path(args.model).resolve()), "gpu": gpu,
+                                     "expert_parallel": expert_parallel, "interval_s": args.adapt_interval})
         # A budget change frees experts among live tensors: torch's expandable segments give those
         # pages back to the driver (measured: 7.72 of 8.40 GiB, against 5.50 in fixed segments).
         env.setdefault(ALLOC_ENV, "expandable_segments:True")
     return Launch(plan, plan_path, argv, env, utilization)
+
+
+def vllm_parallelism(vllm_args: list[str]) -> tuple[int, bool]:
+    """(tensor-parallel size, expert parallel on) as vLLM reads them from its options, which
+    pass through to it: the plan must be made for the same split."""
+    size = 1
+    for i, a in enumerate(vllm_args):
+        value = None
+        if a in ("--tensor-parallel-size", "-tp"):
+            value = vllm_args[i + 1] if i + 1 < len(vllm_args) else ""
+        elif a.startswith(("--tensor-parallel-size=", "-tp=")):
+            value = a.split("=", 1)[1]
+        if value is not None:
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"--tensor-parallel-size: expected a whole number >= 1, got {value!r}")
+            size = int(value)
+    return size, any(a in ("--enable-expert-parallel", "-ep") for a in vllm_args)
 
 
 def _given(option: str, args: list[str]) -> bool:

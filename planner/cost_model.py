@@ -21,12 +21,20 @@ per-expert popularity (planner/popularity.py), the odds are each expert's own, a
 experts sit on the host matters: by default the coldest, or the ids a plan names.
 Baselines: plain vLLM (all resident) and vLLM with CPU weight offload, whose offloaded bytes
 cross PCIe every step without overlap.
+
+On several GPUs (profiles/parallel.py) the profile is one rank's: every layer adds two
+all-reduces of the step's hidden states to the GPU timeline (NCCL kernels run on the compute
+stream), the step adds the embedding's all-reduce and the logits' gather, and under expert
+parallel a layer's experts take as long as the busiest rank's: the one the batch routes the
+most tokens to (under a routing skew, averaged over random placements of hot experts).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from planner.popularity import ExpertPopularity
 from profiles.registry import Profile
@@ -90,15 +98,28 @@ class CostModel:
                                                                                            m.num_experts):
             raise ValueError(f"popularity: covers {popularity.num_layers} layers of {popularity.num_experts} experts, "
                              f"the model has {m.num_moe_layers} of {m.num_experts}")
+        self.parallel = profile.parallel
+        if popularity is not None and self.parallel.expert_shards > 1:
+            raise ValueError("popularity: measured per-expert popularity under expert parallel is not modelled")
         self.profile = profile
         self.routing_skew = routing_skew
         self.popularity = popularity
         self.model = profile.model
         self.hw = profile.hardware
+        # Under expert parallel a token picks among every rank's experts: num_experts x shards.
+        self.routing_experts = m.num_experts * self.parallel.expert_shards
         m, hw = self.model, self.hw
         self._flops_per_s = hw.bf16_tflops * 1e12 * hw.gemm_efficiency
         self._bytes_per_s = hw.hbm_gbps * 1e9 * hw.memory_efficiency
         self._ffn_curve = hw.expert_ffn_s.get(f"{m.hidden_size}x{m.expert_intermediate_size}")
+        self._ffn_scale = 1.0
+        tp = self.parallel.tensor_parallel
+        if self._ffn_curve is None and tp > 1 and self.parallel.expert_shards == 1:
+            # A tensor-parallel cut of a measured expert: 1/tp of its FLOPs and bytes, in the
+            # same fused kernel, so 1/tp of its measured time (the roofline would charge each
+            # cut a kernel launch of its own).
+            self._ffn_curve = hw.expert_ffn_s.get(f"{m.hidden_size}x{m.expert_intermediate_size * tp}")
+            self._ffn_scale = 1 / tp
         self.expert_bytes = m.expert_bytes
         self.compressed_expert_bytes = m.expert_bytes * hw.codec.compressed_ratio
         # Per-expert costs of the paged tiers. A host-compressed expert crosses the link encoded;
@@ -112,9 +133,12 @@ class CostModel:
         self._compute_cache: dict[StepShape, list[float]] = {}
         self._active_cache: dict[float, float] = {}  # tokens -> active experts, under a routing skew
         self._pick_odds: list[float] | None = None  # per expert, P(one token picks it), under a skew
+        self._rank_cache: dict[float, tuple[float, float]] = {}  # tokens -> busiest rank's (active, routed)
 
     def set_popularity(self, popularity: ExpertPopularity | None) -> None:
         """Routing changed (the simulator's drift): per-step caches that depend on it are dropped."""
+        if popularity is not None and self.parallel.expert_shards > 1:
+            raise ValueError("popularity: measured per-expert popularity under expert parallel is not modelled")
         self.popularity = popularity
         self._active_cache.clear()
         self._compute_cache.clear()
@@ -130,13 +154,16 @@ class CostModel:
     def expert_ffn_s(self, tokens: float) -> float:
         """One expert's FFN over `tokens` tokens: measured table if the profile has one, else roofline."""
         if self._ffn_curve is not None:
-            return self._ffn_curve(tokens)
+            return self._ffn_curve(tokens) * self._ffn_scale
         return self._gemm_s(self.model.expert_params, tokens)
 
     def active_experts(self, tokens: float) -> float:
-        """Expected experts of a layer that at least one of `tokens` tokens routes to."""
+        """Expected experts of a layer (of this rank's, on the busiest rank under expert
+        parallel) that at least one of `tokens` tokens routes to."""
         m = self.model
         E, k = m.num_experts, m.experts_per_token
+        if self.parallel.expert_shards > 1:
+            return self.busiest_rank(tokens)[0]
         if self.popularity is not None:
             if tokens not in self._active_cache:
                 self._active_cache[tokens] = self.popularity.active_experts(tokens)
@@ -144,11 +171,48 @@ class CostModel:
         if self.routing_skew == 0:
             return E * (1 - (1 - k / E) ** tokens)
         if tokens not in self._active_cache:  # E terms, asked for every simulated step: once per size
-            if self._pick_odds is None:
-                weights = [rank ** -self.routing_skew for rank in range(1, E + 1)]
-                self._pick_odds = [min(1.0, k * w / sum(weights)) for w in weights]
-            self._active_cache[tokens] = sum(1 - (1 - q) ** tokens for q in self._pick_odds)
+            self._active_cache[tokens] = sum(1 - (1 - q) ** tokens for q in self.pick_odds())
         return self._active_cache[tokens]
+
+    def routed_pairs(self, tokens: float) -> float:
+        """Token-expert pairs a layer's experts on this rank (the busiest one) compute."""
+        if self.parallel.expert_shards > 1:
+            return self.busiest_rank(tokens)[1]
+        return tokens * self.model.experts_per_token
+
+    def pick_odds(self) -> list[float]:
+        """Per expert of a layer, hottest first: the odds that one token picks it (Zipf skew)."""
+        if self._pick_odds is None:
+            E, k = self.routing_experts, self.model.experts_per_token
+            weights = [rank ** -self.routing_skew for rank in range(1, E + 1)]
+            self._pick_odds = [min(1.0, k * w / sum(weights)) for w in weights]
+        return self._pick_odds
+
+    # Random placements of experts by popularity over the ranks, averaged under a skew: which
+    # ids are hot is not known ahead, and vLLM places experts by id.
+    EP_PLACEMENT_DRAWS = 64
+
+    def busiest_rank(self, tokens: float) -> tuple[float, float]:
+        """Expert parallel: the (active experts, routed token-expert pairs) of the rank that a
+        step of `tokens` tokens routes the most to. Uniform routing: every rank alike."""
+        cached = self._rank_cache.get(tokens)
+        if cached is not None:
+            return cached
+        E, k, local = self.routing_experts, self.model.experts_per_token, self.model.num_experts
+        if self.routing_skew == 0:
+            answer = (local * (1 - (1 - k / E) ** tokens), tokens * k * local / E)
+        else:
+            odds = np.asarray(self.pick_odds())
+            rng = np.random.default_rng(0)
+            draws = np.stack([odds[rng.permutation(E)] for _ in range(self.EP_PLACEMENT_DRAWS)])
+            groups = draws.reshape(self.EP_PLACEMENT_DRAWS, -1, local)  # draw, rank, expert
+            routed = tokens * groups.sum(axis=2)
+            busiest = routed.argmax(axis=1)
+            rows = np.arange(self.EP_PLACEMENT_DRAWS)
+            active = (1 - (1 - groups[rows, busiest]) ** tokens).sum(axis=1)
+            answer = (float(active.mean()), float(routed[rows, busiest].mean()))
+        self._rank_cache[tokens] = answer
+        return answer
 
     def routed_share(self, tokens: float) -> float:
         """The share of a layer's experts a step of `tokens` tokens routes to (routed-only fetch
@@ -174,11 +238,13 @@ class CostModel:
             return cached
         m = self.model
         active = self.active_experts(step.tokens)
-        per_expert_tokens = step.tokens * m.experts_per_token / active
-        experts_s = active * self.expert_ffn_s(per_expert_tokens)
+        experts_s = active * self.expert_ffn_s(self.routed_pairs(step.tokens) / active)
+        # Tensor parallel: attention and the FFN each end in an all-reduce of the hidden states.
+        all_reduces_s = 2 * self.parallel.all_reduce_s(step.tokens * m.hidden_size * m.dtype_bytes)
         times = []
         for layer in range(m.num_layers):
-            t = self._gemm_s(m.layer_dense_params(layer), step.tokens) + self._attention_s(m.attention[layer], step)
+            t = (self._gemm_s(m.layer_dense_params(layer), step.tokens) + self._attention_s(m.attention[layer], step)
+                 + all_reduces_s)
             if m.is_moe_layer(layer):
                 t += experts_s
             times.append(t)
@@ -186,9 +252,12 @@ class CostModel:
         return times
 
     def fixed_s(self, step: StepShape) -> float:
-        """Per-step cost outside the layers: LM head over the sampled rows, engine overhead."""
-        m = self.model
-        return self._gemm_s(m.vocab_size * m.hidden_size, step.sequences) + self.hw.step_overhead_s
+        """Per-step cost outside the layers: LM head over the sampled rows, engine overhead;
+        on several GPUs the embedding's all-reduce and the gather of each rank's logits."""
+        m, par = self.model, self.parallel
+        collectives = (par.all_reduce_s(step.tokens * m.hidden_size * m.dtype_bytes)
+                       + par.gather_s(step.sequences * m.vocab_size * par.tensor_parallel * m.dtype_bytes))
+        return self._gemm_s(m.vocab_size * m.hidden_size, step.sequences) + self.hw.step_overhead_s + collectives
 
     # ------------------------------------------------------------------ steps
     def step_time(self, tiers: list[TierCounts], step: StepShape, prefetch_depth: int,
@@ -256,8 +325,7 @@ class CostModel:
         `offload_tile_tokens` token rows, so each expert's weights cross the link once per
         such block of the tokens routed to it (what made prefill so slow on the H200).
         """
-        m = self.model
-        per_expert = step.tokens * m.experts_per_token / self.active_experts(step.tokens)
+        per_expert = self.routed_pairs(step.tokens) / self.active_experts(step.tokens)
         return max(1, math.ceil(per_expert / self.hw.offload_tile_tokens))
 
     def offload_step_time(self, step: StepShape, offload_bytes: float) -> StepTime:

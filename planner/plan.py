@@ -184,6 +184,8 @@ class Plan:
     candidates_solved: int = 0
     tpot_limit_s: float | None = None
     simulated: SimulatedFigures | None = None
+    # Several GPUs: every rank holds this plan (its own shard of each layer's experts, ids local
+    # under expert parallel) in a budget of `budget_bytes` of its own (profiles/parallel.py).
     tensor_parallel: int = 1
     expert_parallel: int = 1
     weight_dtype: str = "bfloat16"
@@ -198,9 +200,9 @@ class Plan:
         for name in ("budget_bytes", "max_num_seqs", "tensor_parallel", "expert_parallel"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"field '{name}': must be > 0, got {getattr(self, name)!r}")
-        if self.tensor_parallel != 1 or self.expert_parallel != 1:
-            raise ConfigError(f"fields 'tensor_parallel', 'expert_parallel': only 1 is supported so far, got "
-                              f"{self.tensor_parallel!r}, {self.expert_parallel!r}")
+        if self.expert_parallel not in (1, self.tensor_parallel):
+            raise ConfigError(f"field 'expert_parallel': experts split over all {self.tensor_parallel} tensor-"
+                              f"parallel ranks or none (1), got {self.expert_parallel!r}")
         if self.weight_dtype != "bfloat16":
             raise ConfigError(f"field 'weight_dtype': only 'bfloat16' is supported, got {self.weight_dtype!r}")
         for name in ("prefetch_depth", "staging_slots", "kv_cache_bytes", "host_budget_bytes"):
@@ -255,6 +257,10 @@ class Plan:
 
     def check_matches(self, profile, check_hardware: bool = True) -> None:
         """Refuse a plan made for another model or GPU than `profile`, or one it cannot hold."""
+        par = profile.parallel
+        if (self.tensor_parallel, self.expert_parallel) != (par.tensor_parallel, par.expert_shards):
+            raise ConfigError(f"plan was made for tensor_parallel={self.tensor_parallel}, expert_parallel="
+                              f"{self.expert_parallel}, not {par.tensor_parallel} and {par.expert_shards}")
         if self.model_hash != profile.model.content_hash():
             raise ConfigError(f"plan was made for model {self.model!r} (hash {self.model_hash}), "
                               f"not {profile.model.name!r} (hash {profile.model.content_hash()})")

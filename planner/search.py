@@ -731,4 +731,5 @@ def _make_plan(p: _Problem, best: Candidate, objective: str, limit: float | None
                 max_num_seqs=best.batch, kv_cache_bytes=kv, memory=memory,
                 predicted=_prediction(p, best.batch, best.tiers, best.depth), baselines=baselines(p),
                 solver_status=status, solve_time_s=elapsed, candidates_solved=solved, tpot_limit_s=limit,
-                inputs=inputs, routed_fetch=best.routed)
+                inputs=inputs, routed_fetch=best.routed, tensor_parallel=p.profile.parallel.tensor_parallel,
+                expert_parallel=p.profile.parallel.expert_shards)

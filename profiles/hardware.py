@@ -8,7 +8,6 @@ roofline on the peak rates times an efficiency. Provenance says which kind each 
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import hashlib
 import json
 import math
@@ -115,23 +114,6 @@ class HardwareProfile:
         for name in ("gemm_efficiency", "memory_efficiency"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"field '{name}': must be in (0, 1], got {getattr(self, name)!r}")
-
-    def tensor_parallel(self, gpus: int) -> "HardwareProfile":
-        """`gpus` of these working as one (tensor parallel): memory, bandwidths, FLOPs and host
-        links add up; each step pays one all-reduce per layer, folded into the step overhead.
-        Ideal scaling otherwise: an upper bound on what the GPUs do together."""
-        if gpus < 1:
-            raise ConfigError(f"gpus: must be >= 1, got {gpus!r}")
-        if gpus == 1:
-            return self
-        scale = lambda c: Curve(c.x, [y * gpus for y in c.y], c.log_x)  # noqa: E731
-        return dataclasses.replace(
-            self, name=f"{self.name}x{gpus}", gpu_memory_bytes=self.gpu_memory_bytes * gpus,
-            hbm_gbps=self.hbm_gbps * gpus, bf16_tflops=self.bf16_tflops * gpus, h2d_gbps=scale(self.h2d_gbps),
-            d2h_gbps=scale(self.d2h_gbps), codec=CodecRates(self.codec.decode_gbps * gpus, self.codec.compressed_ratio),
-            step_overhead_s=self.step_overhead_s * 1.5,
-            provenance=dataclasses.replace(self.provenance, source=f"{gpus} x ({self.provenance.source}), "
-                                                                      f"ideal tensor-parallel scaling"))
 
     def h2d_seconds(self, nbytes: float) -> float:
         """Time of one pinned host-to-device copy of `nbytes`."""

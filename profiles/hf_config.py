@@ -65,6 +65,10 @@ def _gqa_attention(c: _Config, h: int, qk_norm: bool, bias: bool = False, q_gate
     return params, 2 * nkv * hd * 2, nh * hd
 
 
+def _kv_heads(c: _Config) -> int:
+    return c.get("num_key_value_heads", c.req("num_attention_heads"))
+
+
 def _mixtral(c: _Config) -> dict[str, Any]:
     base = c.common()
     h, n = base["hidden_size"], base["num_layers"]
@@ -75,7 +79,8 @@ def _mixtral(c: _Config) -> dict[str, Any]:
                 experts_per_token=c.req("num_experts_per_tok"), expert_intermediate_size=c.req("intermediate_size"),
                 expert_has_bias=False, moe_layers=list(range(n)), shared_ffn_params=[0] * n,
                 attention=[kind] * n, attention_params=[attn] * n, kv_bytes_per_token_layer={kind: kv},
-                sliding_window=window if kind == "sliding" else 0, attention_width=width, other_params=h)
+                sliding_window=window if kind == "sliding" else 0, attention_width=width, other_params=h,
+                kv_heads=_kv_heads(c))
 
 
 def _qwen_moe_layers(c: _Config, n: int) -> list[int]:
@@ -95,7 +100,7 @@ def _qwen3_moe(c: _Config) -> dict[str, Any]:
                 expert_has_bias=False, moe_layers=moe,
                 shared_ffn_params=[0 if i in moe else dense for i in range(n)],
                 attention=["full"] * n, attention_params=[attn] * n, kv_bytes_per_token_layer={"full": kv},
-                attention_width=width, other_params=h)
+                attention_width=width, other_params=h, kv_heads=_kv_heads(c))
 
 
 def _qwen3_next(c: _Config) -> dict[str, Any]:
@@ -128,7 +133,7 @@ def _qwen3_next(c: _Config) -> dict[str, Any]:
                 shared_ffn_params=[shared if i in moe else dense for i in range(n)],
                 attention=kinds, attention_params=[full_attn if k == "full" else linear_attn for k in kinds],
                 kv_bytes_per_token_layer={"full": kv}, linear_state_bytes_per_layer=state,
-                attention_width=width, other_params=h)
+                attention_width=width, other_params=h, kv_heads=_kv_heads(c))
 
 
 def _deepseek(c: _Config, family: str) -> dict[str, Any]:
@@ -168,7 +173,8 @@ def _gpt_oss(c: _Config) -> dict[str, Any]:
                 expert_intermediate_size=c.req("intermediate_size"), expert_has_bias=True,
                 moe_layers=list(range(n)), shared_ffn_params=[0] * n, attention=kinds,
                 attention_params=[attn] * n, kv_bytes_per_token_layer={"full": kv, "sliding": kv},
-                sliding_window=c.req("sliding_window"), attention_width=width, other_params=h)
+                sliding_window=c.req("sliding_window"), attention_width=width, other_params=h,
+                kv_heads=_kv_heads(c))
 
 
 _READERS: dict[str, Callable[[_Config], dict[str, Any]]] = {

@@ -53,6 +53,9 @@ class ModelSpec:
     attention_width: int = 0
     dtype_bytes: int = 2
     other_params: int = 0  # norms, router biases and the like, counted once
+    # KV heads of the grouped-query attention layers: tensor parallel splits KV by heads and
+    # replicates them where ranks outnumber heads (0: MLA or unknown, see profiles/parallel.py).
+    kv_heads: int = 0
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "vocab_size", "num_experts", "experts_per_token",
@@ -160,8 +163,10 @@ class ModelSpec:
 
     # ----------------------------------------------------------------- identity and I/O
     def content_hash(self) -> str:
-        """Short hash of the shapes, so a Plan can refuse to run on another model."""
-        return hashlib.sha256(json.dumps(to_dict(self), sort_keys=True).encode()).hexdigest()[:16]
+        """Short hash of the shapes, so a Plan can refuse to run on another model. `kv_heads`
+        is left out: one GPU never reads it, and a tensor-parallel shard's KV bytes carry it."""
+        shapes = {k: v for k, v in to_dict(self).items() if k != "kv_heads"}
+        return hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> "ModelSpec":

@@ -14,7 +14,7 @@ from fluxmoe.errors import InfeasibleError
 from simulator import Workload, simulate_systems, verified_optimize
 
 GiB = 2**30
-BUDGETS = {"a40": [24, 34, 44], "a40x2": [50, 70, 89], "h200": [40, 80, 120, 139]}
+BUDGETS = {"a40": [24, 34, 44], "a40x2": [24, 34, 44], "h200": [40, 80, 120, 139]}
 MODELS = ["mixtral-8x7b", "mixtral-8x22b", "qwen3-next-80b-a3b", "qwen3-30b-a3b", "deepseek-v2-lite", "gpt-oss-120b"]
 WORKLOADS = {"short": Workload.synthetic(64, 512, 128), "long": Workload.synthetic(32, 4096, 512)}
 

@@ -54,7 +54,7 @@ def test_a_plan_is_checked_against_the_shapes_vllm_loads(tiny_plans):
     check_plan_for_model(plan, dict(config, _name_or_path="/some/other/folder"))  # the name may differ
     with pytest.raises(ConfigError, match="other shapes"):
         check_plan_for_model(plan, dict(config, num_local_experts=16))
-    with pytest.raises(ConfigError, match="tensor_parallel=1, vLLM runs 2"):
+    with pytest.raises(ConfigError, match="tensor_parallel=1, expert_parallel=1; vLLM runs 2"):
         check_plan_for_model(plan, config, tensor_parallel=2)
 
 

@@ -29,15 +29,16 @@ from pathlib import Path
 from fluxmoe.errors import ConfigError
 from fluxmoe.vllm_plugin import LOG_NAME
 
-ADAPT_ENV = "FLUXMOE_ADAPT"  # JSON: {"model": folder, "gpu": profile name, "interval_s": seconds}
+ADAPT_ENV = "FLUXMOE_ADAPT"  # JSON: {"model": folder, "gpu": profile name, "expert_parallel": bool, "interval_s": s}
 log = logging.getLogger(LOG_NAME)
 
 
 @dataclass
 class AdaptSettings:
     model: str  # the model folder (its config.json gives the shapes)
-    gpu: str  # the GPU profile the plan was made for
+    gpu: str  # the GPU profile the plan was made for ("h200x2": one rank of two)
     interval_s: float = 10.0
+    expert_parallel: bool = False
     max_slowdown: float = 0.1
 
     @classmethod
@@ -96,7 +97,7 @@ class ServerLoop:
         from planner.plan import Plan
         from planner.replan import Replanner
 
-        profile = profiles.Profile(profiles.load_model(settings.model), profiles.load_gpu(settings.gpu))
+        profile = profiles.load(settings.model, settings.gpu, expert_parallel=settings.expert_parallel)
         return cls(engine, Replanner(profile, Plan.load(plan_path)), settings.interval_s, settings.max_slowdown)
 
     async def run(self) -> None:

@@ -63,9 +63,12 @@ def _runtime_for(moe_config, params_dtype, quant_config) -> PagingRuntime:
         raise ConfigError(f"FluxMoE pages bf16 experts; vLLM loads them as {params_dtype} (pass --dtype bfloat16)")
     config = get_current_vllm_config()
     plan = Plan.load(_plan_path)
-    check_plan_for_model(plan, config.model_config.hf_config.to_dict(), config.parallel_config.tensor_parallel_size)
-    if config.parallel_config.enable_expert_parallel:
-        raise ConfigError("FluxMoE plans do not run with expert parallelism yet")
+    parallel = config.parallel_config
+    check_plan_for_model(plan, config.model_config.hf_config.to_dict(), parallel.tensor_parallel_size,
+                         parallel.enable_expert_parallel)
+    if parallel.enable_expert_parallel:
+        raise ConfigError("FluxMoE's plugin does not page under expert parallelism yet (plans and the simulator "
+                          "model it; tensor parallel pages)")
     layout = ExpertLayout(moe_config.hidden_dim, moe_config.intermediate_size_per_partition)
     runtime = PagingRuntime(plan, layout, torch.device("cuda", torch.cuda.current_device()),
                             stats_interval_s=interval_from_env())

@@ -48,17 +48,22 @@ class Landing:
         return part, row
 
 
-def check_plan_for_model(plan, hf_config: dict, tensor_parallel: int = 1) -> None:
-    """Refuse a plan made for other model shapes (the name may differ) or another parallelism."""
+def check_plan_for_model(plan, hf_config: dict, tensor_parallel: int = 1, expert_parallel: bool = False) -> None:
+    """Refuse a plan made for other model shapes (the name may differ) or another parallelism.
+    Under tensor or expert parallel a plan holds one rank's shard: its hash is the shard's."""
     from profiles.hf_config import spec_from_hf_config
+    from profiles.parallel import shard_model
 
-    spec = dataclasses.replace(spec_from_hf_config(hf_config), name=plan.model)
+    if (plan.tensor_parallel, plan.expert_parallel) != (tensor_parallel, tensor_parallel if expert_parallel else 1):
+        raise ConfigError(f"plan is for tensor_parallel={plan.tensor_parallel}, expert_parallel="
+                          f"{plan.expert_parallel}; vLLM runs {tensor_parallel}"
+                          f"{' with expert parallel' if expert_parallel else ''}")
+    spec = dataclasses.replace(shard_model(spec_from_hf_config(hf_config), tensor_parallel, expert_parallel),
+                               name=plan.model)
     if spec.content_hash() != plan.model_hash:
         raise ConfigError(f"plan was made for model {plan.model!r} (hash {plan.model_hash}); the model vLLM "
                           f"loads has other shapes (hash {spec.content_hash()} under that name): "
                           f"plan again for this model")
-    if plan.tensor_parallel != tensor_parallel:
-        raise ConfigError(f"plan is for tensor_parallel={plan.tensor_parallel}, vLLM runs {tensor_parallel}")
 
 
 class PagingRuntime:
