@@ -63,6 +63,9 @@ def main() -> None:
                                                 "--num-prompts rows, capped to fit --max-model-len)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=0)
     ap.add_argument("--label", default="")
+    ap.add_argument("--step-log", action="store_true",
+                    help="record each engine step of the timed run: when the scheduler made it, its tokens, "
+                         "sequences and the context they had (bench/step_times.py reads it)")
     a = ap.parse_args()
     if a.fast_dummy:
         _fast_dummy()
@@ -138,6 +141,7 @@ def main() -> None:
         sp = [SamplingParams(temperature=1.0, top_p=1.0, max_tokens=n_out, ignore_eos=True, seed=0)
               for _, n_out in lengths]
     llm.generate([prompts[0]], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)  # warm-up
+    steps = _log_steps(llm) if a.step_log else None
     torch.cuda.synchronize()
     t1 = time.perf_counter()
     outs = llm.generate(prompts, sp, use_tqdm=False)
@@ -180,11 +184,34 @@ def main() -> None:
         return found
 
     res["probe"] = llm.apply_model(probe)
+    if steps is not None:
+        res["steps"] = [[round(t - t1, 6), *rest] for t, *rest in steps]  # seconds from the run's start
+        res["steps_fields"] = ["scheduled_at_s", "tokens", "sequences", "context_tokens_after"]
     if a.greedy:
         res["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
         res["logprobs"] = [[float(step[t].logprob) for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
                            for o in outs]
     print("RESULT " + json.dumps(res), flush=True)
+
+
+def _log_steps(llm) -> list:
+    """Wrap the in-process scheduler: per step with work, (time scheduled, tokens, sequences,
+    the sequences' summed context once the step's tokens are in). Steps are scheduled one
+    GPU step apart (the engine waits for a step's output before scheduling past the next)."""
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    schedule, steps = scheduler.schedule, []
+
+    def logged(*args, **kwargs):
+        out = schedule(*args, **kwargs)
+        if out.total_num_scheduled_tokens:
+            before = (sum(out.scheduled_cached_reqs.num_computed_tokens)
+                      + sum(r.num_computed_tokens for r in out.scheduled_new_reqs))
+            steps.append((time.perf_counter(), out.total_num_scheduled_tokens, len(out.num_scheduled_tokens),
+                          before + out.total_num_scheduled_tokens))
+        return out
+
+    scheduler.schedule = logged
+    return steps
 
 
 def launch(args: list[str], log, timeout_s: float | None = None) -> dict:
