@@ -33,6 +33,19 @@ RUNS = {  # name: vllm_run.py options
                    "--output-len", "512", "--max-model-len", "4608"],
     "resident_long": ["--model", "models/mixtral-8x7b", "--plan", "bench/plans/mixtral-8x7b-full.json", "--util", "0.9",
                       "--num-prompts", "128", "--input-len", "4096", "--output-len", "512", "--max-model-len", "4608"],
+    "plain_short_twice": ["--model", "models/mixtral-8x7b", "--util", "0.9", "--num-prompts", "256", "--input-len",
+                          "512", "--output-len", "128", "--max-model-len", "2048", "--repeat", "2"],
+    "plain_long_twice": ["--model", "models/mixtral-8x7b", "--util", "0.9", "--num-prompts", "128", "--input-len",
+                         "4096", "--output-len", "512", "--max-model-len", "4608", "--repeat", "2"],
+    "resident_long_twice": ["--model", "models/mixtral-8x7b", "--plan", "bench/plans/mixtral-8x7b-full.json", "--util",
+                            "0.9", "--num-prompts", "128", "--input-len", "4096", "--output-len", "512",
+                            "--max-model-len", "4608", "--repeat", "2"],
+    "resident_short_twice": ["--model", "models/mixtral-8x7b", "--plan", "bench/plans/mixtral-8x7b-full.json",
+                             "--util", "0.9", "--num-prompts", "256", "--input-len", "512", "--output-len", "128",
+                             "--max-model-len", "2048", "--repeat", "2"],
+    "standin_plan_twice": ["--model", "models/mixtral-8x7b-8layers", "--plan",
+                           "bench/plans/mixtral-8x7b-8layers-a40-4tier.json", "--num-prompts", "256", "--input-len",
+                           "512", "--output-len", "128", "--max-model-len", "2048", "--repeat", "2"],
     "standin_plain": ["--model", "models/mixtral-8x7b-8layers", "--util", "0.9", "--num-prompts", "256",
                       "--input-len", "512", "--output-len", "128", "--max-model-len", "2048"],
 }
@@ -47,6 +60,8 @@ def measure(names: list[str], timeout_s: float) -> str:
                date=datetime.date.today().isoformat(), commit=commit, runs={})
     path = os.path.join(RESULTS, f"step_times_{out['date']}.json")
     os.makedirs(RESULTS, exist_ok=True)
+    if os.path.exists(path):  # runs of the same day add to it
+        out["runs"] = json.load(open(path))["runs"]
     with open(os.path.join(RESULTS, f"step_times_{out['date']}.log"), "a") as log:
         for name in names:
             result = launch([*RUNS[name], "--step-log", "--label", name], log, timeout_s)

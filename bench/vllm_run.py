@@ -63,6 +63,9 @@ def main() -> None:
                                                 "--num-prompts rows, capped to fit --max-model-len)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=0)
     ap.add_argument("--label", default="")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the workload this many times and time the last: the first pays one-time costs "
+                         "(Triton compiling kernels for batch shapes the start-up did not see)")
     ap.add_argument("--step-log", action="store_true",
                     help="record each engine step of the timed run: when the scheduler made it, its tokens, "
                          "sequences and the context they had (bench/step_times.py reads it)")
@@ -141,6 +144,10 @@ def main() -> None:
         sp = [SamplingParams(temperature=1.0, top_p=1.0, max_tokens=n_out, ignore_eos=True, seed=0)
               for _, n_out in lengths]
     llm.generate([prompts[0]], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)  # warm-up
+    for r in range(1, a.repeat):  # other token ids of the same lengths: no prefix-cache hits in the timed run
+        other = random.Random(r)
+        llm.generate([TokensPrompt(prompt_token_ids=[other.randrange(100, vocab - 100) for _ in range(n_in)])
+                      for n_in, _ in lengths], sp, use_tqdm=False)
     steps = _log_steps(llm) if a.step_log else None
     torch.cuda.synchronize()
     t1 = time.perf_counter()

@@ -343,10 +343,10 @@ def _sweep(args, profile, workload, systems, plot, say) -> None:
 
 
 def _cmd_profile(args: argparse.Namespace) -> None:
-    from profiles.profiler import run
+    from profiles.profiler import remeasure_expert_ffn, run
 
     out = check_output(args.out, "--out", (".json",))
-    print(f"written {run(args.gpu_name, out)}")
+    print(f"written {(remeasure_expert_ffn if args.expert_ffn_only else run)(args.gpu_name, out)}")
 
 
 # ---------------------------------------------------------------------- parser
@@ -537,6 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "simulator then use by default.")
     p.add_argument("--gpu-name", required=True, help="profile name, e.g. h200 (the datasheet one fills gaps)")
     p.add_argument("--out", default=None, help="where to write (default profiles/gpus/<name>-measured.json)")
+    p.add_argument("--expert-ffn-only", action="store_true",
+                   help="re-measure only the expert FFN tables of the measured profile (with vLLM's fused-MoE "
+                        "kernel where vLLM is installed), keeping its other figures")
     p.set_defaults(func=_cmd_profile)
     return parser
 

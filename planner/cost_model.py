@@ -153,8 +153,11 @@ class CostModel:
 
     def expert_ffn_s(self, tokens: float) -> float:
         """One expert's FFN over `tokens` tokens: measured table if the profile has one, else roofline."""
-        if self._ffn_curve is not None:
-            return self._ffn_curve(tokens) * self._ffn_scale
+        curve = self._ffn_curve
+        if curve is not None:
+            # Past the table's last row the kernel is compute-bound: time grows with the tokens.
+            stretch = max(1.0, tokens / curve.x[-1])
+            return curve(tokens) * stretch * self._ffn_scale
         return self._gemm_s(self.model.expert_params, tokens)
 
     def active_experts(self, tokens: float) -> float:

@@ -73,6 +73,110 @@ def build_profile(name: str, m: Measurements, base: HardwareProfile | None = Non
     return HardwareProfile(**fields)
 
 
+def _ms(fn, reps: int = 20) -> float:  # pragma: no cover - needs a GPU
+    """Median CUDA-event milliseconds of `fn` after one warm-up call."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def vllm_fused_experts():  # pragma: no cover - needs vLLM
+    """vLLM's Triton fused-MoE call, where vLLM is installed (what it serves bf16 experts with)."""
+    try:
+        from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
+    except ImportError:
+        return None
+    return fused_experts
+
+
+def balanced_routing(tokens_per_expert: int, experts: int, top_k: int):
+    """Top-k expert ids per token (an int array, tokens x k) that give every expert
+    `tokens_per_expert` tokens (a few one more where E t is not a multiple of k): token m
+    picks experts m k, m k + 1, ... m k + k - 1, mod E, so the picks walk the experts in turn."""
+    import numpy as np
+
+    tokens = -(-tokens_per_expert * experts // top_k)
+    return np.add.outer(np.arange(tokens) * top_k, np.arange(top_k)) % experts
+
+
+def measure_expert_ffn(expert_shapes: list[tuple[int, int, int]],
+                       top_k: int = 2) -> dict[str, dict[int, float]]:  # pragma: no cover - needs a GPU
+    """Seconds of one expert's FFN against its tokens, for each (hidden, intermediate, experts).
+    With vLLM installed: its Triton fused-MoE kernel over every expert of a layer at once,
+    routing balanced (`balanced_routing`), divided by the experts; without: batched torch
+    matmuls (gate, up, SiLU, down), which large prefill steps run faster than vLLM's kernel."""
+    import torch
+    from tqdm import tqdm
+
+    fused = vllm_fused_experts()
+    dev = torch.device("cuda")
+    ffn: dict[str, dict[int, float]] = {}
+    for h, i, experts in tqdm(expert_shapes, desc="expert FFN shapes"):
+        n = max(1, min(experts, (2 << 30) // (3 * h * i * 2))) if fused is None else experts
+        points = {}
+        if fused is not None:
+            w1 = torch.randn(n, 2 * i, h, device=dev, dtype=torch.bfloat16) * 0.02
+            w2 = torch.randn(n, h, i, device=dev, dtype=torch.bfloat16) * 0.02
+            k = min(top_k, n)
+            for t in EXPERT_TOKENS:
+                ids = torch.from_numpy(balanced_routing(t, n, k)).to(dev, torch.int32)
+                if ids.shape[0] * k * (h + 2 * i) * 2 > 8 << 30:
+                    continue  # activations past 8 GiB: the table's last point stands for larger t
+                x = torch.randn(ids.shape[0], h, device=dev, dtype=torch.bfloat16)
+                weights = torch.full(ids.shape, 1 / k, device=dev, dtype=torch.float32)
+                points[t] = _ms(lambda: fused(x, w1, w2, weights, ids)) / 1e3 / n
+                del x, ids, weights
+        else:
+            w13 = torch.randn(n, h, 2 * i, device=dev, dtype=torch.bfloat16) * 0.02  # gate and up, fused
+            w2 = torch.randn(n, i, h, device=dev, dtype=torch.bfloat16) * 0.02
+            for t in EXPERT_TOKENS:
+                if n * t * (h + 2 * i) * 2 > 8 << 30:
+                    continue  # activations past 8 GiB: the table's last point stands for larger t
+                x = torch.randn(n, t, h, device=dev, dtype=torch.bfloat16)
+
+                def experts_ffn():
+                    gate_up = torch.bmm(x, w13)  # [n, t, 2i]
+                    act = torch.nn.functional.silu(gate_up[..., :i]) * gate_up[..., i:]  # [n, t, i]
+                    return torch.bmm(act, w2)  # [n, t, h]
+
+                points[t] = _ms(experts_ffn) / 1e3 / n
+                del x
+            del w13
+        ffn[f"{h}x{i}"] = points
+        del w2
+        torch.cuda.empty_cache()
+    return ffn
+
+
+def remeasure_expert_ffn(gpu_name: str, out: str | Path | None = None) -> Path:  # pragma: no cover - needs a GPU
+    """Re-measure only the expert FFN tables of `gpu_name`'s measured profile (the kernel as
+    `measure_expert_ffn` picks it), keeping every other figure; the provenance says so."""
+    from fluxmoe.serde import load_json
+
+    path = GPUS_DIR / f"{gpu_name}-measured.json"
+    profile = load_json(HardwareProfile, path)
+    ffn = measure_expert_ffn(shipped_expert_shapes())
+    kernel = "vLLM's Triton fused-MoE kernel" if vllm_fused_experts() else "batched torch matmuls"
+    source = (profile.provenance.source.split("; expert FFN tables re-measured")[0]
+              + f"; expert FFN tables re-measured {datetime.date.today().isoformat()} with {kernel}")
+    curve = lambda d: Curve(sorted(d), [d[k] for k in sorted(d)], log_x=True)  # noqa: E731
+    updated = dataclasses.replace(profile, expert_ffn_s={shape: curve(points) for shape, points in ffn.items()},
+                                  provenance=dataclasses.replace(profile.provenance, source=source))
+    target = Path(out or path)
+    dump_json(updated, target)
+    return target
+
+
 def measure(expert_shapes: list[tuple[int, int, int]]) -> Measurements:  # pragma: no cover - needs a GPU
     import os
 
@@ -84,19 +188,7 @@ def measure(expert_shapes: list[tuple[int, int, int]]) -> Measurements:  # pragm
     from executor.codec import encode
     from executor.codec.triton_decode import DeviceDecoder
 
-    def ms(fn, reps: int = 20) -> float:
-        fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-
+    ms = _ms
     dev = torch.device("cuda")
     h2d, d2h = {}, {}
     host = torch.empty(max(TRANSFER_SIZES), dtype=torch.uint8, pin_memory=True)
@@ -119,26 +211,7 @@ def measure(expert_shapes: list[tuple[int, int, int]]) -> Measurements:  # pragm
     codec_ratio = decoder.enc.ratio
     assert torch.equal(out.view(torch.int16), weights.view(torch.int16))
     del weights, decoder, out
-    ffn: dict[str, dict[int, float]] = {}
-    for h, i, experts in tqdm(expert_shapes, desc="expert FFN shapes"):
-        n = max(1, min(experts, (2 << 30) // (3 * h * i * 2)))  # up to 2 GiB of experts at once
-        w13 = torch.randn(n, h, 2 * i, device=dev, dtype=torch.bfloat16) * 0.02  # gate and up, fused
-        w2 = torch.randn(n, i, h, device=dev, dtype=torch.bfloat16) * 0.02
-        points = {}
-        for t in EXPERT_TOKENS:
-            if n * t * (h + 2 * i) * 2 > 8 << 30:
-                continue  # activations past 8 GiB: the table's last point stands for larger t
-            x = torch.randn(n, t, h, device=dev, dtype=torch.bfloat16)
-
-            def experts_ffn():
-                gate_up = torch.bmm(x, w13)  # [n, t, 2i]
-                act = torch.nn.functional.silu(gate_up[..., :i]) * gate_up[..., i:]  # [n, t, i]
-                return torch.bmm(act, w2)  # [n, t, h]
-
-            points[t] = ms(experts_ffn) / 1e3 / n
-            del x
-        ffn[f"{h}x{i}"] = points
-        del w13, w2
+    ffn = measure_expert_ffn(expert_shapes)
     attention: dict[int, float] = {}
     heads, kv_heads, head_dim = 32, 8, 128  # Mixtral's; the curve is in KV bytes, so it transfers
     for batch in tqdm((1, 8, 32, 128), desc="decode attention"):

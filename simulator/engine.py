@@ -21,7 +21,7 @@ from profiles.registry import Profile
 from simulator.adaptation import Adaptation, AdaptiveLoop, RoutingDrift
 from simulator.execution import OffloadExecution, PagedExecution, ResidentExecution
 from simulator.prefetch_offload import PrefetchOffload
-from simulator.scheduler import Sequence, VLLMScheduler
+from simulator.scheduler import Sequence, VLLMScheduler, vllm_batched_tokens
 from simulator.workload import Workload
 
 
@@ -98,7 +98,7 @@ def _execution_for(env: simpy.Environment, cost: CostModel, plan: Plan | None, s
 
 def simulate(profile: Profile, workload: Workload, *, plan: Plan | None = None, system: str = "fluxmoe",
              kv_cache_bytes: int | None = None, max_num_seqs: int | None = None, offload_bytes: float = 0.0,
-             max_num_batched_tokens: int = 8192, keep_timeline: bool = True,
+             max_num_batched_tokens: int | None = None, keep_timeline: bool = True,
              progress: Callable[[int], None] | None = None, routing_skew: float | None = None,
              drift: RoutingDrift | None = None, adaptation: Adaptation | None = None,
              prefetch_offload: PrefetchOffload | None = None) -> SimulationResult:
@@ -108,7 +108,9 @@ def simulate(profile: Profile, workload: Workload, *, plan: Plan | None = None, 
     requests finish. routing_skew: of expert popularity (planner.WorkloadShape); None: the
     plan's, or uniform without a plan. drift: per-expert popularity by phases of steps (it
     replaces routing_skew); adaptation: the closed loop re-places experts as it would on the
-    GPU (simulator/adaptation.py; needs a FluxMoE plan and a drift)."""
+    GPU (simulator/adaptation.py; needs a FluxMoE plan and a drift). max_num_batched_tokens:
+    None for vLLM's default on this GPU, offline (`LLM`) for a workload all there at t=0,
+    else its server's (`vllm_batched_tokens`)."""
     try:
         system = System(system)
     except ValueError:
@@ -138,6 +140,9 @@ def simulate(profile: Profile, workload: Workload, *, plan: Plan | None = None, 
     cost = CostModel(profile, routing_skew, drift.at(0) if drift is not None else None)
     execution = _execution_for(env, cost, plan, system, offload_bytes, prefetch_offload)
     loop = AdaptiveLoop(profile, plan, adaptation) if adaptation is not None else None
+    if max_num_batched_tokens is None:
+        max_num_batched_tokens = vllm_batched_tokens(profile.hardware.gpu_memory_bytes, workload.offline,
+                                                     profile.hardware.name)
     scheduler = VLLMScheduler(profile.model, kv_cache_bytes, max_num_seqs, max_num_batched_tokens)
     timeline: list[StepRecord] = []
     finished: list[Sequence] = []

@@ -62,6 +62,15 @@ class ScheduledStep:
         return not self.work
 
 
+def vllm_batched_tokens(gpu_memory_bytes: int, offline: bool, gpu_name: str = "") -> int:
+    """vLLM 0.26's default max_num_batched_tokens (engine/arg_utils.py): 16,384 for its offline
+    `LLM` class and 8,192 for its server on GPUs of >= 70 GiB other than the A100; 8,192 and
+    2,048 below that. Measured on the H200: offline prefill chunks of 16,384 tokens
+    (bench/results/step_times_2026-11-25.json)."""
+    big = gpu_memory_bytes >= 70 * 2**30 and "a100" not in gpu_name.lower()
+    return (16384 if offline else 8192) if big else (8192 if offline else 2048)
+
+
 class VLLMScheduler:
     """Continuous batching over a KV pool of `kv_cache_bytes`."""
 

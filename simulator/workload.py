@@ -61,6 +61,11 @@ class Workload:
         return len(self.requests)
 
     @property
+    def offline(self) -> bool:
+        """Every request there at t=0: a batch job, as vLLM's offline `LLM` class runs one."""
+        return all(r.arrival_s == 0 for r in self.requests)
+
+    @property
     def mean_prompt_tokens(self) -> float:
         return float(np.mean([r.prompt_tokens for r in self.requests]))
 

@@ -33,20 +33,22 @@ def test_the_simulator_reproduces_a_measured_run(point):
     assert run["prompt_tokens"] == sum(r.prompt_tokens for r in workload.requests)  # the same requests
     assert run["output_tokens"] == sum(r.output_tokens for r in workload.requests)
     budget = int(run["util"] * run["gpu_total_bytes"])  # what vLLM's --gpu-memory-utilization means
+    measured_kv = run["kv_tokens"] * profile.model.kv_bytes_per_token if point.get("kv") == "measured" else None
     if point["system"] == "fluxmoe":
         plan = Plan.load(ROOT / point["plan"])
         assert plan.budget_bytes == pytest.approx(budget, rel=0.002)  # the run served this plan's budget
-        result = simulate(profile, workload, plan=plan, keep_timeline=False)
+        result = simulate(profile, workload, plan=plan, kv_cache_bytes=measured_kv, keep_timeline=False)
     elif point["system"] == "vllm_prefetch":
         setting = PrefetchOffload.parse(point["prefetch"])
-        assert point["kv"] == "measured"  # the step model alone (see the point's "why")
-        kv = run["kv_tokens"] * profile.model.kv_bytes_per_token
-        result = simulate(profile, workload, system="vllm_prefetch", prefetch_offload=setting, kv_cache_bytes=kv,
+        assert measured_kv is not None  # the step model alone (see the point's "why")
+        result = simulate(profile, workload, system="vllm_prefetch", prefetch_offload=setting, kv_cache_bytes=measured_kv,
                           max_num_seqs=min(run["settings"]["max_num_seqs"], len(workload)), keep_timeline=False)
     else:
         config = baseline_settings(MemoryModel.of(profile), point["system"], budget,
                                    int(point.get("offload_gib", 0) * GiB))
         config["max_num_seqs"] = min(config["max_num_seqs"], len(workload))
+        if measured_kv is not None:
+            config["kv_cache_bytes"] = measured_kv
         result = simulate(profile, workload, system=point["system"], keep_timeline=False, **config)
     error = result.output_tokens_per_s / run["output_tok_s"] - 1
     assert abs(error) <= point["tolerance"], f"simulated {result.output_tokens_per_s:.1f} vs measured " \
