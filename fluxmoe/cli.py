@@ -346,7 +346,12 @@ def _cmd_profile(args: argparse.Namespace) -> None:
     from profiles.profiler import remeasure_expert_ffn, run
 
     out = check_output(args.out, "--out", (".json",))
-    print(f"written {(remeasure_expert_ffn if args.expert_ffn_only else run)(args.gpu_name, out)}")
+    if args.expert_ffn_only:
+        print(f"written {remeasure_expert_ffn(args.gpu_name, out, args.ffn_kernel)}")
+    elif args.ffn_kernel != "torch":
+        raise ConfigError("--ffn-kernel goes with --expert-ffn-only")
+    else:
+        print(f"written {run(args.gpu_name, out)}")
 
 
 # ---------------------------------------------------------------------- parser
@@ -538,8 +543,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-name", required=True, help="profile name, e.g. h200 (the datasheet one fills gaps)")
     p.add_argument("--out", default=None, help="where to write (default profiles/gpus/<name>-measured.json)")
     p.add_argument("--expert-ffn-only", action="store_true",
-                   help="re-measure only the expert FFN tables of the measured profile (with vLLM's fused-MoE "
-                        "kernel where vLLM is installed), keeping its other figures")
+                   help="re-measure only the expert FFN tables of the measured profile, keeping its other figures")
+    p.add_argument("--ffn-kernel", choices=("torch", "vllm"), default="torch",
+                   help="expert FFN timed as batched torch matmuls (the shipped profile's way) or as vLLM's Triton "
+                        "fused-MoE kernel replayed from a CUDA graph (needs vLLM)")
     p.set_defaults(func=_cmd_profile)
     return parser
 

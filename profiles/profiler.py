@@ -109,16 +109,38 @@ def balanced_routing(tokens_per_expert: int, experts: int, top_k: int):
     return np.add.outer(np.arange(tokens) * top_k, np.arange(top_k)) % experts
 
 
-def measure_expert_ffn(expert_shapes: list[tuple[int, int, int]],
+def _graph_ms(fn, reps: int = 20) -> float:  # pragma: no cover - needs a GPU
+    """Median milliseconds of `fn` replayed from a CUDA graph, as vLLM runs decode steps: the
+    kernels alone, without the launch gaps an event-timed eager call also pays."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm-up outside the capture (Triton compiles here)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return _ms(graph.replay, reps)
+
+
+def measure_expert_ffn(expert_shapes: list[tuple[int, int, int]], kernel: str = "torch",
                        top_k: int = 2) -> dict[str, dict[int, float]]:  # pragma: no cover - needs a GPU
     """Seconds of one expert's FFN against its tokens, for each (hidden, intermediate, experts).
-    With vLLM installed: its Triton fused-MoE kernel over every expert of a layer at once,
-    routing balanced (`balanced_routing`), divided by the experts; without: batched torch
-    matmuls (gate, up, SiLU, down), which large prefill steps run faster than vLLM's kernel."""
+    kernel "torch": batched torch matmuls (gate, up, SiLU, down), event-timed, as the shipped
+    H200 profile was measured; "vllm": vLLM's Triton fused-MoE kernel over every expert of a
+    layer at once, routing balanced (`balanced_routing`), replayed from a CUDA graph (timed
+    eagerly it measured 7-42% above torch at 1-64 tokens per expert, launch gaps included, and
+    5% above at 4,096; bench/NOTES.md, session 10); both divided by the experts."""
     import torch
     from tqdm import tqdm
 
-    fused = vllm_fused_experts()
+    if kernel not in ("torch", "vllm"):
+        raise ConfigError(f"kernel: expected 'torch' or 'vllm', got {kernel!r}")
+    fused = vllm_fused_experts() if kernel == "vllm" else None
+    if kernel == "vllm" and fused is None:
+        raise ConfigError("kernel 'vllm': vLLM is not installed here")
     dev = torch.device("cuda")
     ffn: dict[str, dict[int, float]] = {}
     for h, i, experts in tqdm(expert_shapes, desc="expert FFN shapes"):
@@ -134,7 +156,7 @@ def measure_expert_ffn(expert_shapes: list[tuple[int, int, int]],
                     continue  # activations past 8 GiB: the table's last point stands for larger t
                 x = torch.randn(ids.shape[0], h, device=dev, dtype=torch.bfloat16)
                 weights = torch.full(ids.shape, 1 / k, device=dev, dtype=torch.float32)
-                points[t] = _ms(lambda: fused(x, w1, w2, weights, ids)) / 1e3 / n
+                points[t] = _graph_ms(lambda: fused(x, w1, w2, weights, ids)) / 1e3 / n
                 del x, ids, weights
         else:
             w13 = torch.randn(n, h, 2 * i, device=dev, dtype=torch.bfloat16) * 0.02  # gate and up, fused
@@ -158,17 +180,18 @@ def measure_expert_ffn(expert_shapes: list[tuple[int, int, int]],
     return ffn
 
 
-def remeasure_expert_ffn(gpu_name: str, out: str | Path | None = None) -> Path:  # pragma: no cover - needs a GPU
-    """Re-measure only the expert FFN tables of `gpu_name`'s measured profile (the kernel as
-    `measure_expert_ffn` picks it), keeping every other figure; the provenance says so."""
+def remeasure_expert_ffn(gpu_name: str, out: str | Path | None = None,
+                         kernel: str = "torch") -> Path:  # pragma: no cover - needs a GPU
+    """Re-measure only the expert FFN tables of `gpu_name`'s measured profile with `kernel`
+    (see `measure_expert_ffn`), keeping every other figure; the provenance says so."""
     from fluxmoe.serde import load_json
 
     path = GPUS_DIR / f"{gpu_name}-measured.json"
     profile = load_json(HardwareProfile, path)
-    ffn = measure_expert_ffn(shipped_expert_shapes())
-    kernel = "vLLM's Triton fused-MoE kernel" if vllm_fused_experts() else "batched torch matmuls"
+    ffn = measure_expert_ffn(shipped_expert_shapes(), kernel)
+    how = "vLLM's Triton fused-MoE kernel in a CUDA graph" if kernel == "vllm" else "batched torch matmuls"
     source = (profile.provenance.source.split("; expert FFN tables re-measured")[0]
-              + f"; expert FFN tables re-measured {datetime.date.today().isoformat()} with {kernel}")
+              + f"; expert FFN tables re-measured {datetime.date.today().isoformat()} with {how}")
     curve = lambda d: Curve(sorted(d), [d[k] for k in sorted(d)], log_x=True)  # noqa: E731
     updated = dataclasses.replace(profile, expert_ffn_s={shape: curve(points) for shape, points in ffn.items()},
                                   provenance=dataclasses.replace(profile.provenance, source=source))
