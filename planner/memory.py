@@ -28,17 +28,21 @@ HOST_CHUNK_BYTES = 128 << 20
 LANDING_SLOTS = 2
 
 # What vLLM 0.26 holds on the GPU besides weights and KV, as its start-up log on the H200 itemizes
-# it (Mixtral-8x7B shape, FluxMoE at 46 GiB, bench/results/vllm_mixtral_2026-11-24.json): peak
-# activation 3.5 GiB at its default 8192 batched tokens, 0.43 GiB outside torch, 0.96 GiB of
-# CUDA graphs. The activation peak is measured per model family and scaled to other shapes of
-# the family (and to families not measured, from Mixtral's) by the width of a token's
-# activations (`activation_width`). Qwen3-Next's (8-layer stand-in at 14 GiB, its log in the
-# run of bench/results/e2e_qwen3_next_small_batch_standin_spread_2026-11-24.json): 2.54 GiB,
-# where Mixtral's scaled by width had said 0.80 and a plan that trusted it left vLLM no KV.
-VLLM_BATCHED_TOKENS = 8192
-VLLM_NON_TORCH_BYTES = int(0.43 * GiB)
-VLLM_CUDA_GRAPH_BYTES = int(0.96 * GiB)
-MEASURED_ACTIVATIONS = {  # family: (peak activation bytes at VLLM_BATCHED_TOKENS, activation_width)
+# it. Peak activation: 3.5 GiB for Mixtral's shape at the 16,384 batched tokens of its offline
+# engine on a GPU this large (logged alike by FluxMoE at 46 GiB of the full model,
+# bench/results/vllm_mixtral_2026-11-24.json, and by vLLM's prefetch offloader on the 8-layer
+# stand-in, bench/results/e2e_a40_standin_2026-11-25.json). Outside torch: 0.27 GiB (the
+# stand-in's log; FluxMoE's plugin run logged 0.43). CUDA graphs grow with the layers captured:
+# 0.29 GiB logged for 8 layers, and 0.61 for Mixtral's 32 (plain vLLM at 0.9 of the H200: the
+# 4.38 GiB it kept beside weights and KV, less the other two; step_times_2026-11-25.json), so
+# 0.183 GiB + 0.0133 GiB a layer. The activation peak is measured per model family and scaled
+# to other shapes of the family (and to families not measured, from Mixtral's) by the width of
+# a token's activations (`activation_width`). Qwen3-Next's (8-layer stand-in at 14 GiB, its log
+# in the run of bench/results/e2e_qwen3_next_small_batch_standin_spread_2026-11-24.json): 2.54
+# GiB, where Mixtral's scaled by width had said 0.80 and a plan that trusted it left vLLM no KV.
+VLLM_NON_TORCH_BYTES = int(0.27 * GiB)
+VLLM_CUDA_GRAPH_BYTES = (int(0.183 * GiB), int(0.0133 * GiB))  # fixed, per decoder layer
+MEASURED_ACTIVATIONS = {  # family: (peak activation bytes, activation_width)
     "mixtral": (int(3.5 * GiB), 2 * 3 * 14336 + 4 * 4096),  # Mixtral-8x7B
     "qwen3_next": (int(2.54 * GiB), 10 * 3 * 512 + 4 * 2048),  # Qwen3-Next-80B-A3B
 }
@@ -54,7 +58,8 @@ def vllm_reserve_bytes(model) -> int:
     """vLLM's own GPU memory beyond weights and KV for `model` (see the constants above)."""
     measured, width = MEASURED_ACTIVATIONS.get(model.family, MEASURED_ACTIVATIONS["mixtral"])
     activation = measured * activation_width(model) / width
-    return int(VLLM_NON_TORCH_BYTES + VLLM_CUDA_GRAPH_BYTES + activation)
+    graphs = VLLM_CUDA_GRAPH_BYTES[0] + VLLM_CUDA_GRAPH_BYTES[1] * model.num_layers
+    return int(VLLM_NON_TORCH_BYTES + graphs + activation)
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,8 @@ def test_the_simulator_reproduces_a_measured_run(point):
         result = simulate(profile, workload, plan=plan, kv_cache_bytes=measured_kv, keep_timeline=False)
     elif point["system"] == "vllm_prefetch":
         setting = PrefetchOffload.parse(point["prefetch"])
-        assert measured_kv is not None  # the step model alone (see the point's "why")
-        result = simulate(profile, workload, system="vllm_prefetch", prefetch_offload=setting, kv_cache_bytes=measured_kv,
+        kv = setting.vllm_kv_cache_bytes(MemoryModel.of(profile), budget) if measured_kv is None else measured_kv
+        result = simulate(profile, workload, system="vllm_prefetch", prefetch_offload=setting, kv_cache_bytes=kv,
                           max_num_seqs=min(run["settings"]["max_num_seqs"], len(workload)), keep_timeline=False)
     else:
         config = baseline_settings(MemoryModel.of(profile), point["system"], budget,

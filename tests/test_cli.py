@@ -90,7 +90,7 @@ MODELS = Path(__file__).resolve().parent.parent / "models"
 BAD = [
     (["plan", "--model", "nope", "--budget", "40GiB"], "unknown model 'nope'"),
     (["plan", "--model", "mixtral-8x7b", "--budget", "2GiB"], "smallest budget that works is"),
-    (["plan", "--model", "mixtral-8x7b", "--budget", "10.58GiB"], "smallest budget that works is 10.59 GiB"),
+    (["plan", "--model", "mixtral-8x7b", "--budget", "10.07GiB"], "smallest budget that works is 10.08 GiB"),
     (["plan", "--model", "mixtral-8x7b", "--budget", "139.8GiB", "--tpot-ms", "1"], "at any budget"),
     (["plan", "--model", "mixtral-8x7b", "--budget", "46GiB", "--host-budget", "1GiB"], "holds only 3 experts"),
     (["plan", "--model", "mixtral-8x7b", "--budget", "lots"], "budget: cannot read 'lots'"),

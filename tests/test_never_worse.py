@@ -51,8 +51,7 @@ def _check(rows) -> None:
 # expert for Mixtral-8x22B). A tier that reads host experts in place is not built yet.
 IN_PLACE_READS_WIN = pytest.mark.xfail(strict=True, reason="UVA's in-place routed reads beat paging at the "
                                                            "tightest budget by 2-3% (no in-place host tier yet)")
-CASES = [pytest.param(m, g, marks=IN_PLACE_READS_WIN) if (m, g) in {("mixtral-8x22b", "a40"),
-                                                                    ("qwen3-next-80b-a3b", "h200")}
+CASES = [pytest.param(m, g, marks=IN_PLACE_READS_WIN) if (m, g) == ("mixtral-8x22b", "a40")
          else (m, g) for m in MODELS for g in BUDGETS]
 
 
