@@ -188,3 +188,55 @@ def test_serve_plans_for_the_split_vllm_is_told_to_run(tmp_path):
     args.plan, args.budget = str(tmp_path / "p.json"), None
     with pytest.raises(ConfigError, match="plan is for tensor_parallel=2"):
         prepare(args, [], lambda p: None)
+
+
+def test_each_rank_pages_its_cut_of_a_tensor_parallel_plan_and_the_ranks_add_up_to_the_layer():
+    """The plugin's runtime on each of two ranks, CPU reference path: a TP=2 plan with experts in
+    every tier pages each rank's cut of the experts (vLLM's per-partition layout: gate and up rows
+    and down columns of its half of the intermediate dimension) bit-exact, and the ranks' outputs,
+    added as the all-reduce adds them, give the whole layer's to bf16 rounding."""
+    import torch
+
+    from bench.vllm_identity import variants
+    from executor.moe_layer import moe_layer, random_stack, reference_forward
+    from executor.tiers import ExpertLayout
+    from fluxmoe.vllm_plugin.runtime import PagingRuntime
+
+    tiny = ROOT / "models" / "mixtral-tiny"
+    spec = profiles.load_model(tiny)
+    plan = variants(optimize(profiles.load(tiny, "h200x2"), 3 * GiB, workload=WorkloadShape(64, 16)))["per_expert_d2"]
+    assert plan.tensor_parallel == 2
+    hidden, inter, k = 64, 96, spec.experts_per_token
+    routers, stacks = random_stack(spec.num_moe_layers, hidden, inter, spec.num_experts, torch.device("cpu"), seed=5)
+    stacks = [(w13 * 5, w2 * 5) for w13, w2 in stacks]  # experts that move the residual by ~1, not ~0.01
+    half = inter // 2
+
+    def cut(w13, w2, rank):
+        rows = list(range(rank * half, (rank + 1) * half))
+        return (torch.cat([w13[:, rows], w13[:, [inter + r for r in rows]]], dim=1).contiguous(),
+                w2[:, :, rank * half:(rank + 1) * half].contiguous())
+
+    cuts = [[cut(w13, w2, rank) for w13, w2 in stacks] for rank in (0, 1)]
+    runtimes = [PagingRuntime(plan, ExpertLayout(hidden, half), torch.device("cpu")) for _ in (0, 1)]
+    for runtime, rank_stacks in zip(runtimes, cuts):
+        for layer, (w13, w2) in zip(runtime.moe_layers, rank_stacks):
+            runtime.place(layer, w13, w2) if runtime.is_paged(layer) else runtime.keep_resident(layer, w13, w2)
+    x0 = torch.randn(5, hidden, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    x, want = x0, x0
+    for i, router in enumerate(routers):
+        outs = []
+        for runtime in runtimes:
+            weights = runtime.pager.before_layer(i)
+            outs.append(moe_layer(x, router, weights.fused.experts() if weights.fused else weights.experts, k))
+            runtime.pager.after_layer(i)
+        direct = [moe_layer(want, router, list(zip(*cuts[rank][i])), k) for rank in (0, 1)]
+        assert all(torch.equal(a, b) for a, b in zip(outs, direct))  # each rank's cut, paged bit-exact
+        x = outs[0] + outs[1] - x  # each output carries the residual once: the all-reduce's sum
+        want = direct[0] + direct[1] - want
+    for runtime in runtimes:
+        runtime.pager.end_step()
+    assert torch.equal(x, want)
+    whole = reference_forward(x0, routers, stacks, k)
+    moved, moved_whole = (x.float() - x0.float()), (whole.float() - x0.float())
+    assert moved_whole.abs().max() > 1  # the experts' share, far above bf16 rounding of the residual
+    assert (moved - moved_whole).abs().max() < 0.1  # (one rank's share alone is off by 1.3)
