@@ -95,10 +95,15 @@ def main() -> None:
     from vllm.inputs import TokensPrompt
 
     vocab = json.load(open(os.path.join(a.model, "config.json")))["vocab_size"]
-    rng = random.Random(0)
     lengths = _lengths(a)
-    prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(100, vocab - 100) for _ in range(n_in)])
-               for n_in, _ in lengths]
+
+    def token_prompts(seed: int) -> list:
+        """One prompt of random token ids per request, of its length."""
+        rng = random.Random(seed)
+        return [TokensPrompt(prompt_token_ids=[rng.randrange(100, vocab - 100) for _ in range(n_in)])
+                for n_in, _ in lengths]
+
+    prompts = token_prompts(0)
     kw = dict(model=a.model, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               gpu_memory_utilization=round(util, 4), enforce_eager=a.eager, max_model_len=a.max_model_len,
               seed=0)
@@ -145,9 +150,7 @@ def main() -> None:
               for _, n_out in lengths]
     llm.generate([prompts[0]], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)  # warm-up
     for r in range(1, a.repeat):  # other token ids of the same lengths: no prefix-cache hits in the timed run
-        other = random.Random(r)
-        llm.generate([TokensPrompt(prompt_token_ids=[other.randrange(100, vocab - 100) for _ in range(n_in)])
-                      for n_in, _ in lengths], sp, use_tqdm=False)
+        llm.generate(token_prompts(r), sp, use_tqdm=False)
     steps = _log_steps(llm) if a.step_log else None
     torch.cuda.synchronize()
     t1 = time.perf_counter()

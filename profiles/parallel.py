@@ -26,7 +26,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from fluxmoe.errors import ConfigError
+from fluxmoe.errors import ConfigError, UnknownNameError
+from fluxmoe.serde import dump_json, load_json
 from profiles.hardware import Curve, HardwareProfile, Provenance
 from profiles.model_spec import ModelSpec
 
@@ -175,9 +176,6 @@ INTERCONNECTS_DIR = Path(__file__).parent / "interconnects"
 
 def load_interconnect(name: str) -> Interconnect:
     """A shipped interconnect profile by name ("h200x2"), or a profile JSON by path."""
-    from fluxmoe.errors import UnknownNameError
-    from fluxmoe.serde import load_json
-
     path = Path(name)
     if not (path.suffix == ".json" and path.exists()):
         path = INTERCONNECTS_DIR / f"{name}.json"
@@ -191,8 +189,6 @@ def load_interconnect(name: str) -> Interconnect:
 
 def write_nccl_interconnect(result_path: str | Path, name: str) -> Path:
     """Ship a measured interconnect: bench/nccl_profile.py's JSON into profiles/interconnects/."""
-    from fluxmoe.serde import dump_json
-
     out = INTERCONNECTS_DIR / f"{name}.json"
     dump_json(Interconnect.from_nccl_profile(json.loads(Path(result_path).read_text()), name), out)
     return out

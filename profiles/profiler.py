@@ -51,17 +51,21 @@ class Measurements:
     attention_kv_gbps: dict[int, float] = field(default_factory=dict)  # KV bytes read -> GB/s
 
 
+def _curve(points: dict) -> Curve:
+    """A measured table {size or tokens: value} as a curve in log size."""
+    return Curve(sorted(points), [points[k] for k in sorted(points)], log_x=True)
+
+
 def build_profile(name: str, m: Measurements, base: HardwareProfile | None = None) -> HardwareProfile:
     """A measured profile; what is not measured comes from `base` (the datasheet profile)."""
-    curve = lambda d: Curve(sorted(d), [d[k] for k in sorted(d)], log_x=True)  # noqa: E731
-    ffn = {shape: curve(points) for shape, points in m.expert_ffn_s.items()}
+    ffn = {shape: _curve(points) for shape, points in m.expert_ffn_s.items()}
     fields = dict(
         name=name, gpu_memory_bytes=m.gpu_memory_bytes, hbm_gbps=m.copy_gbps, bf16_tflops=m.matmul_tflops,
-        h2d_gbps=curve(m.h2d_gbps), d2h_gbps=curve(m.d2h_gbps),
+        h2d_gbps=_curve(m.h2d_gbps), d2h_gbps=_curve(m.d2h_gbps),
         codec=CodecRates(m.codec_decode_gbps, m.codec_ratio), host_pinned_bytes=m.host_memory_bytes,
         # Achieved rates were measured, so no further discount on them.
         gemm_efficiency=1.0, memory_efficiency=1.0, expert_ffn_s=ffn,
-        attention_kv_gbps=curve(m.attention_kv_gbps) if m.attention_kv_gbps else None,
+        attention_kv_gbps=_curve(m.attention_kv_gbps) if m.attention_kv_gbps else None,
         provenance=Provenance("measured", "fluxmoe profiler: PCIe curves, D2D copy, bf16 matmul, codec, expert "
                               "FFN tables and decode-attention KV bandwidth measured; prefill attention is roofline; "
                               "step overhead and host memory from the datasheet profile",
@@ -192,8 +196,7 @@ def remeasure_expert_ffn(gpu_name: str, out: str | Path | None = None,
     how = "vLLM's Triton fused-MoE kernel in a CUDA graph" if kernel == "vllm" else "batched torch matmuls"
     source = (profile.provenance.source.split("; expert FFN tables re-measured")[0]
               + f"; expert FFN tables re-measured {datetime.date.today().isoformat()} with {how}")
-    curve = lambda d: Curve(sorted(d), [d[k] for k in sorted(d)], log_x=True)  # noqa: E731
-    updated = dataclasses.replace(profile, expert_ffn_s={shape: curve(points) for shape, points in ffn.items()},
+    updated = dataclasses.replace(profile, expert_ffn_s={shape: _curve(points) for shape, points in ffn.items()},
                                   provenance=dataclasses.replace(profile.provenance, source=source))
     target = Path(out or path)
     dump_json(updated, target)
