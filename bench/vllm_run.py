@@ -160,7 +160,7 @@ def main() -> None:
     n_in = sum(len(o.prompt_token_ids) for o in outs)
     cache = llm.llm_engine.vllm_config.cache_config
     res = dict(label=a.label, model=a.model, plan=a.plan, eager=a.eager, util=round(util, 4), dummy_scale=a.dummy_scale,
-               startup_s=round(startup, 1), elapsed_s=round(elapsed, 3), prompt_tokens=n_in, output_tokens=n_out,
+               timed_pass=a.repeat, startup_s=round(startup, 1), elapsed_s=round(elapsed, 3), prompt_tokens=n_in, output_tokens=n_out,
                total_tok_s=round((n_in + n_out) / elapsed, 1), output_tok_s=round(n_out / elapsed, 1),
                num_gpu_blocks=cache.num_gpu_blocks, block_size=cache.block_size,
                kv_tokens=(cache.num_gpu_blocks or 0) * cache.block_size,

@@ -71,6 +71,11 @@ class PrefetchOffload:
             release[layer] = (layer - issuer) % L or L
         return release
 
+    def buffer_bytes(self, model: ModelSpec) -> int:
+        """The static buffer pool: `step` buffers of one offloaded layer's experts each (vLLM 0.26's
+        StaticBufferPool, slot_capacity = prefetch_step)."""
+        return self.step * model.num_experts * model.expert_bytes
+
     def gpu_bytes(self, memory: MemoryModel) -> float:
         """GPU bytes before KV: fixed part, resident layers' experts and `step` layers' buffers
         (a placement's staging at depth step - 1, one whole layer a buffer)."""

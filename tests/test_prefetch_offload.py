@@ -40,7 +40,35 @@ def test_memory_is_the_resident_layers_and_step_buffers_of_a_whole_layer():
         assert setting.kv_cache_bytes(mem, 10 << 20) == (10 << 20) - setting.gpu_bytes(mem)
         # vLLM sizes KV without the buffers, which it allocates after measuring the weights.
         assert setting.vllm_kv_cache_bytes(mem, 10 << 20) == (10 << 20) - setting.gpu_bytes(mem) + setting.step * layer
+        assert setting.buffer_bytes(m) == setting.step * layer
         assert setting.host_bytes(m) == (8 - resident_layers) * layer
+
+
+def test_the_benchmark_holds_the_offloader_within_the_budget_and_ranks_only_runs_within_it():
+    """bench/e2e.py: an `_in_budget` run asks vLLM for the budget less the static buffers (the
+    stand-in's experts: 8 x 3 x 4096 x 14336 x 2 bytes a layer); a run whose measured peak
+    exceeds the budget is shown but is not its family's best."""
+    from bench.e2e import SETTINGS, prefetch_in_budget_util, table
+
+    setting = SETTINGS["a40_standin"]()
+    layer = 8 * 3 * 4096 * 14336 * 2
+    total = 150_109_880_320  # the H200's torch total
+    assert prefetch_in_budget_util(setting, "8/7/1", total) == round((15.53 * 2**30 - layer) / total, 4) == 0.0923
+    assert prefetch_in_budget_util(setting, "8/6/2", total) == round((15.53 * 2**30 - 2 * layer) / total, 4)
+    run = dict(output_tok_s=0.0, total_tok_s=0.0, kv_tokens=1, startup_s=1.0)
+    report = {"setting": "a40_standin", "note": "", "util": 0.1111, "config": {"budget_gib": 15.53}, "predicted": {},
+              "runs": {"prefetch_8_6_1": {**run, "output_tok_s": 700.0, "max_allocated_bytes": 17.9 * 2**30},
+                       "prefetch_8_7_1_in_budget": {**run, "output_tok_s": 600.0, "max_allocated_bytes": 15.3 * 2**30},
+                       "fluxmoe_plan": {**run, "output_tok_s": 900.0, "max_allocated_bytes": 15.1 * 2**30}}}
+    text = table(report)
+    assert "peak 17.90 GiB: over the budget" in text.splitlines()[2]
+    assert "best prefetch within the budget (prefetch_8_7_1_in_budget): 1.50x" in text
+
+
+def prefetch_in_budget_util(setting, label, total):
+    from bench.e2e import prefetch_in_budget_util
+
+    return prefetch_in_budget_util(setting, label, total)
 
 
 @pytest.mark.parametrize("text", ["8/0/1", "8/9/1", "0/0/1", "8/7/0", "8-7-1", "8/7"])
