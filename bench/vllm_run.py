@@ -69,6 +69,9 @@ def main() -> None:
     ap.add_argument("--step-log", action="store_true",
                     help="record each engine step of the timed run: when the scheduler made it, its tokens, "
                          "sequences and the context they had (bench/step_times.py reads it)")
+    ap.add_argument("--kernel-profile", type=int, default=0, metavar="N",
+                    help="profile the timed run's GPU kernels (torch.profiler) and report the N with the most "
+                         "time, with their calls and total milliseconds")
     a = ap.parse_args()
     if a.fast_dummy:
         _fast_dummy()
@@ -153,9 +156,18 @@ def main() -> None:
         llm.generate(token_prompts(r), sp, use_tqdm=False)
     steps = _log_steps(llm) if a.step_log else None
     torch.cuda.synchronize()
+    profiler = None
+    if a.kernel_profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        profiler = profile(activities=[ProfilerActivity.CUDA])
+        profiler.__enter__()
     t1 = time.perf_counter()
     outs = llm.generate(prompts, sp, use_tqdm=False)
     elapsed = time.perf_counter() - t1
+    if profiler is not None:
+        torch.cuda.synchronize()
+        profiler.__exit__(None, None, None)
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     n_in = sum(len(o.prompt_token_ids) for o in outs)
     cache = llm.llm_engine.vllm_config.cache_config
@@ -197,11 +209,23 @@ def main() -> None:
     if steps is not None:
         res["steps"] = [[round(t - t1, 6), *rest] for t, *rest in steps]  # seconds from the run's start
         res["steps_fields"] = ["scheduled_at_s", "tokens", "sequences", "context_tokens_after"]
+    if profiler is not None:
+        res["kernels"] = _kernel_summary(profiler, a.kernel_profile)
     if a.greedy:
         res["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
         res["logprobs"] = [[float(step[t].logprob) for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
                            for o in outs]
     print("RESULT " + json.dumps(res), flush=True)
+
+
+def _kernel_summary(profiler, top: int) -> list[dict]:
+    """The `top` GPU kernels by their total time in the profiled run: name, calls, total ms
+    (the profiler's per-name aggregate; the time inside CUDA graphs is attributed to their
+    kernels as well)."""
+    rows = [(e.key, e.count, e.self_device_time_total / 1e3) for e in profiler.key_averages()
+            if e.self_device_time_total > 0]
+    rows.sort(key=lambda r: -r[2])
+    return [{"kernel": k[:160], "calls": n, "total_ms": round(ms, 3)} for k, n, ms in rows[:top]]
 
 
 def _log_steps(llm) -> list:
