@@ -78,7 +78,10 @@ def measure(names: list[str], timeout_s: float) -> str:
 def compare(run: dict) -> list[dict]:
     """Per kind of step (prefill chunks, decode by batch): measured seconds against the cost
     model's for the same shapes. A step's time is until the next one is scheduled (the last:
-    until the run's end)."""
+    until the run's end). vLLM 0.26 schedules asynchronously, so a schedule can come before the
+    step before it has ended (two equal prefill steps of the stand-in: 190 ms, then 25 ms;
+    bench/NOTES.md, session 11): the split between kinds is approximate, the "all" row is the
+    measurement. Kernel times per step: vllm_run.py --kernel-profile."""
     import profiles
     from planner.cost_model import CostModel, StepShape
     from planner.plan import Plan
