@@ -222,8 +222,12 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated system names")
     ap.add_argument("--repeat", type=int, default=1,
                     help="serve the workload this many times per engine and time the last (vllm_run.py --repeat)")
+    ap.add_argument("--num-prompts", type=int, default=0,
+                    help="serve the setting's first N requests only (a slow setting in the time a machine has)")
     a = ap.parse_args()
     setting = SETTINGS[a.setting]()
+    if a.num_prompts:
+        setting = dataclasses.replace(setting, num_prompts=a.num_prompts)
     date = datetime.date.today().isoformat()
     out_dir = os.path.join(RESULTS, f"e2e_{a.setting}")
     os.makedirs(out_dir, exist_ok=True)
