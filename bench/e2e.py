@@ -189,20 +189,15 @@ def predictions(setting: Setting, plan_paths: dict[str, str]) -> dict[str, dict]
     out = {}
     for name, path in plan_paths.items():
         out[name] = simulate(profile, wl, plan=Plan.load(path), keep_timeline=False)
-    for label in setting.prefetch:  # vLLM's prefetch offloader, KV sized as vLLM sizes it
+    for label in setting.prefetch:  # vLLM's prefetch offloader: KV as vLLM sizes it, and held within the budget
         chosen = PrefetchOffload.parse(label)
-        try:
-            out[f"prefetch_{label.replace('/', '_')}"] = simulate(
-                profile, wl, system="vllm_prefetch", prefetch_offload=chosen, max_num_seqs=256,
-                kv_cache_bytes=chosen.vllm_kv_cache_bytes(memory, budget), keep_timeline=False)
-        except Exception as e:  # noqa: BLE001 - a setting the simulator cannot hold is reported, not fatal
-            out[f"prefetch_{label.replace('/', '_')}"] = str(e)
-        try:  # held within the budget: the buffers' bytes come out of the KV
-            out[f"prefetch_{label.replace('/', '_')}_in_budget"] = simulate(
-                profile, wl, system="vllm_prefetch", prefetch_offload=chosen, max_num_seqs=256,
-                kv_cache_bytes=chosen.kv_cache_bytes(memory, budget), keep_timeline=False)
-        except Exception as e:  # noqa: BLE001 - a setting the simulator cannot hold is reported, not fatal
-            out[f"prefetch_{label.replace('/', '_')}_in_budget"] = str(e)
+        for name, kv in ((f"prefetch_{label.replace('/', '_')}", chosen.vllm_kv_cache_bytes(memory, budget)),
+                         (f"prefetch_{label.replace('/', '_')}_in_budget", chosen.kv_cache_bytes(memory, budget))):
+            try:
+                out[name] = simulate(profile, wl, system="vllm_prefetch", prefetch_offload=chosen, max_num_seqs=256,
+                                     kv_cache_bytes=kv, keep_timeline=False)
+            except Exception as e:  # noqa: BLE001 - a setting the simulator cannot hold is reported, not fatal
+                out[name] = str(e)
     baselines = [("plain", "vllm", 0)] if setting.plain else []
     baselines += [(f"uva_{gib:g}", "vllm_offload", int(gib * GiB)) for gib in setting.uva_gib]
     for name, system, offload in baselines:

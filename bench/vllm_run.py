@@ -161,13 +161,13 @@ def main() -> None:
         from torch.profiler import ProfilerActivity, profile
 
         profiler = profile(activities=[ProfilerActivity.CUDA])
-        profiler.__enter__()
+        profiler.start()
     t1 = time.perf_counter()
     outs = llm.generate(prompts, sp, use_tqdm=False)
     elapsed = time.perf_counter() - t1
     if profiler is not None:
         torch.cuda.synchronize()
-        profiler.__exit__(None, None, None)
+        profiler.stop()
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     n_in = sum(len(o.prompt_token_ids) for o in outs)
     cache = llm.llm_engine.vllm_config.cache_config
@@ -230,8 +230,9 @@ def _kernel_summary(profiler, top: int) -> list[dict]:
 
 def _log_steps(llm) -> list:
     """Wrap the in-process scheduler: per step with work, (time scheduled, tokens, sequences,
-    the sequences' summed context once the step's tokens are in). Steps are scheduled one
-    GPU step apart (the engine waits for a step's output before scheduling past the next)."""
+    the sequences' summed context once the step's tokens are in). vLLM 0.26 schedules
+    asynchronously: a step can be scheduled before the one before it has ended, so the times
+    between schedules are not step durations (bench/NOTES.md, session 11)."""
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     schedule, steps = scheduler.schedule, []
 

@@ -106,8 +106,7 @@ class CostModel:
             raise ValueError(f"popularity: covers {popularity.num_layers} layers of {popularity.num_experts} experts, "
                              f"the model has {m.num_moe_layers} of {m.num_experts}")
         self.parallel = profile.parallel
-        if popularity is not None and self.parallel.expert_shards > 1:
-            raise ValueError("popularity: measured per-expert popularity under expert parallel is not modelled")
+        self._refuse_under_expert_parallel(popularity)
         self.profile = profile
         self.routing_skew = routing_skew
         self.popularity = popularity
@@ -142,10 +141,13 @@ class CostModel:
         self._pick_odds: list[float] | None = None  # per expert, P(one token picks it), under a skew
         self._rank_cache: dict[float, tuple[float, float]] = {}  # tokens -> busiest rank's (active, routed)
 
-    def set_popularity(self, popularity: ExpertPopularity | None) -> None:
-        """Routing changed (the simulator's drift): per-step caches that depend on it are dropped."""
+    def _refuse_under_expert_parallel(self, popularity: ExpertPopularity | None) -> None:
         if popularity is not None and self.parallel.expert_shards > 1:
             raise ValueError("popularity: measured per-expert popularity under expert parallel is not modelled")
+
+    def set_popularity(self, popularity: ExpertPopularity | None) -> None:
+        """Routing changed (the simulator's drift): per-step caches that depend on it are dropped."""
+        self._refuse_under_expert_parallel(popularity)
         self.popularity = popularity
         self._active_cache.clear()
         self._compute_cache.clear()
