@@ -37,6 +37,8 @@ def smi() -> dict:
 def kernels():
     import torch
 
+    from profiles.profiler import torch_experts_ffn
+
     dev = torch.device("cuda")
     out = {}
     a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
@@ -46,12 +48,7 @@ def kernels():
     w2 = torch.randn(n, i, h, device=dev, dtype=torch.bfloat16) * 0.02
     for t in (4096, 512, 16):  # a prefill chunk's tokens per expert, a mixed step's, a decode step's
         x = torch.randn(n, t, h, device=dev, dtype=torch.bfloat16)
-
-        def ffn(x=x):
-            gate_up = torch.bmm(x, w13)
-            return torch.bmm(torch.nn.functional.silu(gate_up[..., :i]) * gate_up[..., i:], w2)
-
-        out[f"Mixtral expert FFN, {t} tokens/expert x 8"] = ffn
+        out[f"Mixtral expert FFN, {t} tokens/expert x 8"] = lambda x=x: torch_experts_ffn(x, w13, w2)
     return out
 
 

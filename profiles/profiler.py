@@ -113,6 +113,17 @@ def balanced_routing(tokens_per_expert: int, experts: int, top_k: int):
     return np.add.outer(np.arange(tokens) * top_k, np.arange(top_k)) % experts
 
 
+def torch_experts_ffn(x, w13, w2):  # pragma: no cover - timed on a GPU
+    """n experts' FFNs as batched torch matmuls: x [n, t, h], w13 [n, h, 2i] (gate and up,
+    fused), w2 [n, i, h]; the shipped profile's expert FFN tables time this."""
+    import torch
+
+    i = w2.shape[1]
+    gate_up = torch.bmm(x, w13)  # [n, t, 2i]
+    act = torch.nn.functional.silu(gate_up[..., :i]) * gate_up[..., i:]  # [n, t, i]
+    return torch.bmm(act, w2)  # [n, t, h]
+
+
 def _graph_ms(fn, reps: int = 20) -> float:  # pragma: no cover - needs a GPU
     """Median milliseconds of `fn` replayed from a CUDA graph, as vLLM runs decode steps: the
     kernels alone, without the launch gaps an event-timed eager call also pays."""
@@ -169,13 +180,7 @@ def measure_expert_ffn(expert_shapes: list[tuple[int, int, int]], kernel: str = 
                 if n * t * (h + 2 * i) * 2 > 8 << 30:
                     continue  # activations past 8 GiB: the table's last point stands for larger t
                 x = torch.randn(n, t, h, device=dev, dtype=torch.bfloat16)
-
-                def experts_ffn():
-                    gate_up = torch.bmm(x, w13)  # [n, t, 2i]
-                    act = torch.nn.functional.silu(gate_up[..., :i]) * gate_up[..., i:]  # [n, t, i]
-                    return torch.bmm(act, w2)  # [n, t, h]
-
-                points[t] = _ms(experts_ffn) / 1e3 / n
+                points[t] = _ms(lambda: torch_experts_ffn(x, w13, w2)) / 1e3 / n
                 del x
             del w13
         ffn[f"{h}x{i}"] = points
