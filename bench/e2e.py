@@ -105,6 +105,13 @@ SETTINGS = {
     "qwen3_next_full": lambda: Setting("models/qwen3-next-80b-a3b", 0.9 * 139.8, uva_gib=[40.0], prefetch=["8/2/1"],
                                        extra=["--gdn-prefill-backend", "triton"],
                                        note="Qwen3-Next-80B-A3B at 0.9 of the H200 (does not fit)"),
+    # As above with dummy weights of +-0.1: the 11-24 runs used vLLM's +-1e-3, whose router logits
+    # tie so that every token picks the same experts, and UVA offload read only those. UVA sizes
+    # around the simulator's best (44 GiB; 40 was the 11-24 run's); each run can take 10 minutes.
+    "qwen3_next_full_spread": lambda: dataclasses.replace(
+        SETTINGS["qwen3_next_full"](), uva_gib=[40.0, 44.0, 48.0], timeout_s=900,
+        extra=["--gdn-prefill-backend", "triton", "--dummy-scale", "0.1"],
+        note="Qwen3-Next-80B-A3B at 0.9 of the H200 (does not fit), dummy weights +-0.1: routing spread"),
     # Small steps of fine-grained experts, where routed-only fetch pays: Qwen3-Next's shapes on
     # 8 layers (24 GiB of experts) at 14 GiB, 8 sequences of 64 in / 256 out.
     "qwen3_next_small_batch_standin": lambda: Setting(

@@ -79,7 +79,7 @@ def _convert(tp: Any, value: Any, source: str, path: str) -> Any:
             try:
                 return _convert(arg, value, source, path)
             except ConfigError as e:
-                errors.append(str(e))
+                errors.append(e)
         raise errors[0] if len(errors) == 1 else _fail(source, path, f"got {value!r}, which matches none of {tp}")
     if origin is typing.Literal:
         if value not in args:

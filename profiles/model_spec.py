@@ -147,12 +147,27 @@ class ModelSpec:
         """Fixed state one sequence holds whatever its length (linear-attention layers)."""
         return self.linear_state_bytes_per_layer * self.attention.count("linear")
 
-    def kv_bytes_per_sequence(self, context_tokens: int, block_tokens: int = 16) -> int:
-        """Cache one sequence of `context_tokens` holds, KV rounded up to whole blocks."""
+    @cached_property
+    def kv_block_tokens(self) -> int:
+        """Tokens in one KV block as vLLM sizes it: 16, or on hybrid models (linear-attention
+        layers beside attention) the fewest multiple of 16 whose page in one attention layer
+        holds a linear layer's state, since vLLM gives every layer one page size and pads the
+        state to it (vLLM 0.26 `_align_hybrid_block_size`, prefix caching off: Qwen3-Next's 544)."""
+        per_layer = max((self.kv_bytes_per_token_layer.get(kind, 0) for kind in ("full", "mla")), default=0)
+        if not self.linear_state_bytes_per_layer or not per_layer:
+            return 16
+        return 16 * -(-self.linear_state_bytes_per_layer // (16 * per_layer))
+
+    def kv_bytes_per_sequence(self, context_tokens: int, block_tokens: int | None = None) -> int:
+        """Cache one sequence of `context_tokens` holds: KV rounded up to whole blocks (the
+        model's `kv_block_tokens` unless given), and each linear layer's state in one page."""
+        block_tokens = block_tokens or self.kv_block_tokens
         blocks = -(-context_tokens // block_tokens) * block_tokens
         window = min(blocks, -(-self.sliding_window // block_tokens) * block_tokens) if self.sliding_window else 0
-        return (self.kv_bytes_per_token * blocks + self.sliding_kv_bytes_per_token * window
-                + self.state_bytes_per_sequence)
+        per_layer = max((self.kv_bytes_per_token_layer.get(kind, 0) for kind in ("full", "mla")), default=0)
+        page = block_tokens * per_layer if per_layer and self.linear_state_bytes_per_layer else 0
+        state = self.attention.count("linear") * max(page, self.linear_state_bytes_per_layer)
+        return self.kv_bytes_per_token * blocks + self.sliding_kv_bytes_per_token * window + state
 
     @cached_property
     def _moe_set(self) -> frozenset[int]:

@@ -75,9 +75,10 @@ class VLLMScheduler:
     """Continuous batching over a KV pool of `kv_cache_bytes`."""
 
     def __init__(self, model: ModelSpec, kv_cache_bytes: int, max_num_seqs: int,
-                 max_num_batched_tokens: int = 8192, block_tokens: int = 16):
+                 max_num_batched_tokens: int = 8192, block_tokens: int | None = None):
         self.model, self.capacity = model, kv_cache_bytes
-        self.max_num_seqs, self.max_tokens, self.block_tokens = max_num_seqs, max_num_batched_tokens, block_tokens
+        self.max_num_seqs, self.max_tokens = max_num_seqs, max_num_batched_tokens
+        self.block_tokens = block_tokens or model.kv_block_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.used = 0

@@ -7,52 +7,17 @@ from pathlib import Path
 
 import pytest
 
-import profiles
-from planner.memory import MemoryModel
-from planner.plan import Plan
-from simulator.compare import baseline_settings
-from simulator.engine import simulate
-from simulator.prefetch_offload import PrefetchOffload
-from simulator.workload import parse_workload
+from bench import calibration
 
 ROOT = Path(__file__).resolve().parent.parent
-CALIBRATION = json.loads((ROOT / "bench" / "calibration.json").read_text())
-GiB = 2**30
 
 
-def _model(name: str) -> str:
-    return str(ROOT / name) if "/" in name else name
-
-
-@pytest.mark.parametrize("point", CALIBRATION["points"], ids=lambda p: p["run"] + "@" + Path(p["source"]).stem)
+@pytest.mark.parametrize("point", calibration.points(), ids=calibration.point_id)
 def test_the_simulator_reproduces_a_measured_run(point):
-    run = json.loads((ROOT / point["source"]).read_text())["runs"][point["run"]]
-    assert run["gpu"] == "NVIDIA H200"
-    profile = profiles.Profile(profiles.load_model(_model(point["model"])), profiles.load_gpu("h200"))
-    workload = parse_workload(point["workload"])
-    assert run["prompt_tokens"] == sum(r.prompt_tokens for r in workload.requests)  # the same requests
-    assert run["output_tokens"] == sum(r.output_tokens for r in workload.requests)
-    budget = int(run["util"] * run["gpu_total_bytes"])  # what vLLM's --gpu-memory-utilization means
-    measured_kv = run["kv_tokens"] * profile.model.kv_bytes_per_token if point.get("kv") == "measured" else None
-    if point["system"] == "fluxmoe":
-        plan = Plan.load(ROOT / point["plan"])
-        assert plan.budget_bytes == pytest.approx(budget, rel=0.002)  # the run served this plan's budget
-        result = simulate(profile, workload, plan=plan, kv_cache_bytes=measured_kv, keep_timeline=False)
-    elif point["system"] == "vllm_prefetch":
-        setting = PrefetchOffload.parse(point["prefetch"])
-        kv = setting.vllm_kv_cache_bytes(MemoryModel.of(profile), budget) if measured_kv is None else measured_kv
-        result = simulate(profile, workload, system="vllm_prefetch", prefetch_offload=setting, kv_cache_bytes=kv,
-                          max_num_seqs=min(run["settings"]["max_num_seqs"], len(workload)), keep_timeline=False)
-    else:
-        config = baseline_settings(MemoryModel.of(profile), point["system"], budget,
-                                   int(point.get("offload_gib", 0) * GiB))
-        config["max_num_seqs"] = min(config["max_num_seqs"], len(workload))
-        if measured_kv is not None:
-            config["kv_cache_bytes"] = measured_kv
-        result = simulate(profile, workload, system=point["system"], keep_timeline=False, **config)
-    error = result.output_tokens_per_s / run["output_tok_s"] - 1
-    assert abs(error) <= point["tolerance"], f"simulated {result.output_tokens_per_s:.1f} vs measured " \
-                                             f"{run['output_tok_s']} output tok/s ({error:+.1%})"
+    simulated, measured = calibration.replay(point)
+    error = simulated / measured - 1
+    assert abs(error) <= point["tolerance"], f"simulated {simulated:.1f} vs measured {measured} output tok/s " \
+                                             f"({error:+.1%})"
 
 
 ONLINE = ROOT / "bench" / "results" / "online_a40_standin_h200_2026-11-24.json"

@@ -58,8 +58,9 @@ def test_qwen3_next_linear_layers_keep_fixed_state_not_kv():
     spec = profiles.load_model("qwen3-next-80b-a3b")
     assert spec.attention.count("linear") == 36 and spec.attention.count("full") == 12
     assert spec.state_bytes_per_sequence == 36 * (32 * 128 * 128 + 3 * 8192) * 2
-    short, long = spec.kv_bytes_per_sequence(16), spec.kv_bytes_per_sequence(16 * 1000)
-    assert long - short == 999 * 16 * spec.kv_bytes_per_token  # only full layers grow
+    block = spec.kv_block_tokens
+    short, long = spec.kv_bytes_per_sequence(block), spec.kv_bytes_per_sequence(block * 30)
+    assert long - short == 29 * block * spec.kv_bytes_per_token  # only full layers grow
 
 
 def test_sliding_window_layers_stop_growing_at_the_window():
@@ -108,3 +109,31 @@ def test_spec_round_trips_through_dict():
 
     spec = profiles.load_model("qwen3-next-80b-a3b")
     assert ModelSpec.from_dict(to_dict(spec)) == spec
+
+
+def test_a_bad_value_in_an_optional_field_is_a_config_error_naming_it():
+    """A union-typed field (a plan's `tpot_limit_s: float | None`) whose value matches no member:
+    a ConfigError naming the field (the loader once raised a TypeError from inside itself)."""
+    from pathlib import Path
+
+    from fluxmoe.serde import from_dict
+    from planner.plan import Plan
+
+    plan = json.loads((Path(__file__).parent.parent / "bench" / "plans" / "mixtral-tiny.json").read_text())
+    plan["tpot_limit_s"] = "fast"
+    with pytest.raises(ConfigError, match="'tpot_limit_s'.*'fast'"):
+        from_dict(Plan, plan)
+
+
+def test_qwen3_next_blocks_are_vllms_hybrid_pages():
+    """vLLM 0.26 gives every layer of a hybrid model one page size: Qwen3-Next's attention blocks
+    are 544 tokens, and each linear layer's state fills one such page. Measured on the H200
+    (bench/results/e2e_qwen3_next_full_2026-11-24.json): 964 blocks held 192 sequences of 640
+    tokens (TTFT p99 28 s: the last 64 waited for the first 192)."""
+    spec = profiles.load_model("qwen3-next-80b-a3b")
+    assert spec.kv_block_tokens == 544
+    cache = 964 * 544 * spec.kv_bytes_per_token
+    assert cache // spec.kv_bytes_per_sequence(640) == 192
+    page = 544 * spec.kv_bytes_per_token_layer["full"]
+    assert spec.kv_bytes_per_sequence(544) == 544 * spec.kv_bytes_per_token + 36 * page
+    assert profiles.load_model("mixtral-8x7b").kv_block_tokens == 16

@@ -1,0 +1,84 @@
+"""Replay bench/calibration.json in the simulator: each point is a real run on the H200 that
+names its result file and run. tests/test_calibration.py holds each point to its tolerance;
+`python bench/calibration.py` prints every point's error with the median and the worst, the
+figures #12's goals (median <= 2%, worst <= 5%) are stated in."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import profiles
+from planner.memory import MemoryModel
+from planner.plan import Plan
+from simulator.compare import baseline_settings
+from simulator.engine import simulate
+from simulator.prefetch_offload import PrefetchOffload
+from simulator.workload import parse_workload
+
+ROOT = Path(__file__).resolve().parent.parent
+CALIBRATION_FILE = ROOT / "bench" / "calibration.json"
+GiB = 2**30
+
+
+def points() -> list[dict]:
+    return json.loads(CALIBRATION_FILE.read_text())["points"]
+
+
+def point_id(point: dict) -> str:
+    return point["run"] + "@" + Path(point["source"]).stem
+
+
+def _model(name: str) -> str:
+    return str(ROOT / name) if "/" in name else name
+
+
+def replay(point: dict) -> tuple[float, float]:
+    """(simulated, measured) output tokens/s of one point, on the run's own requests and budget."""
+    run = json.loads((ROOT / point["source"]).read_text())["runs"][point["run"]]
+    if run["gpu"] != "NVIDIA H200":
+        raise ValueError(f"{point_id(point)}: measured on {run['gpu']!r}, the points are H200 runs")
+    profile = profiles.Profile(profiles.load_model(_model(point["model"])), profiles.load_gpu("h200"))
+    workload = parse_workload(point["workload"])
+    if (run["prompt_tokens"], run["output_tokens"]) != (sum(r.prompt_tokens for r in workload.requests),
+                                                        sum(r.output_tokens for r in workload.requests)):
+        raise ValueError(f"{point_id(point)}: workload {point['workload']!r} is not the run's requests")
+    budget = int(run["util"] * run["gpu_total_bytes"])  # what vLLM's --gpu-memory-utilization means
+    measured_kv = run["kv_tokens"] * profile.model.kv_bytes_per_token if point.get("kv") == "measured" else None
+    if point["system"] == "fluxmoe":
+        plan = Plan.load(ROOT / point["plan"])
+        if abs(plan.budget_bytes / budget - 1) > 0.002:
+            raise ValueError(f"{point_id(point)}: plan {point['plan']} is for {plan.budget_bytes} bytes, "
+                             f"the run served {budget}")
+        result = simulate(profile, workload, plan=plan, kv_cache_bytes=measured_kv, keep_timeline=False)
+    elif point["system"] == "vllm_prefetch":
+        setting = PrefetchOffload.parse(point["prefetch"])
+        kv = setting.vllm_kv_cache_bytes(MemoryModel.of(profile), budget) if measured_kv is None else measured_kv
+        result = simulate(profile, workload, system="vllm_prefetch", prefetch_offload=setting, kv_cache_bytes=kv,
+                          max_num_seqs=min(run["settings"]["max_num_seqs"], len(workload)), keep_timeline=False)
+    else:
+        config = baseline_settings(MemoryModel.of(profile), point["system"], budget,
+                                   int(point.get("offload_gib", 0) * GiB))
+        config["max_num_seqs"] = min(config["max_num_seqs"], len(workload))
+        if measured_kv is not None:
+            config["kv_cache_bytes"] = measured_kv
+        result = simulate(profile, workload, system=point["system"], keep_timeline=False, **config)
+    return result.output_tokens_per_s, run["output_tok_s"]
+
+
+def main() -> None:
+    errors = []
+    print(f"| point | measured | simulated | error | tolerance |\n|---|---|---|---|---|")
+    for point in points():
+        simulated, measured = replay(point)
+        errors.append(simulated / measured - 1)
+        print(f"| {point_id(point)} | {measured:,.1f} | {simulated:,.1f} | {errors[-1]:+.1%} | {point['tolerance']:.0%} |")
+    size = [abs(e) for e in errors]
+    print(f"\n{len(errors)} points: median |error| {statistics.median(size):.1%}, worst {max(size):.1%}, "
+          f"{sum(s <= 0.05 for s in size)} within 5%, {sum(s <= 0.02 for s in size)} within 2%")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
