@@ -80,7 +80,7 @@ class LayerStats:
     wait_ms: float = 0.0  # compute waited for weights
     h2d_bytes: int = 0
     h2d_ms: float = 0.0
-    decode_bytes: int = 0  # bf16 output bytes
+    decode_bytes: int = 0  # bf16 output bytes of the compressed tier (host-compressed decodes: their own stream)
     decode_ms: float = 0.0
 
     @property
@@ -381,7 +381,7 @@ class ExpertPager:
         s = self.streams
         s.follow_caller()
         start = s.record(s.compute)
-        for side in (s.copy, s.decode):
+        for side in s.sides:
             s.wait(side, start)
         self._forked = True
 
@@ -413,7 +413,7 @@ class ExpertPager:
         pool.holder[b] = layer
         if not self._forked:
             self._fork()
-        for side in (s.copy, s.decode):
+        for side in s.sides:
             s.wait(side, pool.released[b])
         marks = self._layer_marks(layer) if self._timed else None
         if marks is not None:
@@ -431,7 +431,7 @@ class ExpertPager:
             marks.h2d_end.record(s.copy)
             marks.decode_end.record(s.decode)
             # Compute must join past the marks too, or a CUDA-graph capture ends with unjoined work.
-            events = [s.record(s.copy), s.record(s.decode)]
+            events = [s.record(side) for side in s.sides]
         self._pending[layer] = events
 
     def _land_and_decode(self, tiers: LayerTiers, w13: torch.Tensor, w2: torch.Tensor):
@@ -444,14 +444,14 @@ class ExpertPager:
             s.wait(s.copy, ring.free[slot])
             landed = s.launch(s.copy, lambda c=chunk, sl=slot:
                               c.landed[sl].payload.copy_(c.encoded.payload, non_blocking=True))
-            s.wait(s.decode, landed)
-            done = s.launch(s.decode, lambda c=chunk, o=out, sl=slot: self._decode_chunk(c, o, sl))
+            s.wait(s.landed_decode, landed)
+            done = s.launch(s.landed_decode, lambda c=chunk, o=out, sl=slot: self._decode_chunk(c, o, sl))
             ring.free[slot] = done
         return done
 
     def _decode_chunk(self, chunk, out: torch.Tensor, slot: int) -> None:
         if chunk.decoders:
-            chunk.decoders[slot].decode_into(out, self.streams.decode)
+            chunk.decoders[slot].decode_into(out, self.streams.landed_decode)
         else:  # CPU: the reference decoder
             from executor.codec import decode
 
@@ -528,8 +528,7 @@ class ExpertPager:
                 layer_stats.h2d_bytes = layer_stats.decode_bytes = 0
             else:
                 host = 0 if self.routed_fetch else len(tiers.host_ids) * e  # routed: on the compute stream
-                marks.read_into(layer_stats, host + tiers.host_compressed_bytes,
-                                (len(tiers.compressed_ids) + len(tiers.host_compressed_ids)) * e)
+                marks.read_into(layer_stats, host + tiers.host_compressed_bytes, len(tiers.compressed_ids) * e)
         self.stats.samples += 1
 
     # ------------------------------------------------------------------ accounting

@@ -1,6 +1,6 @@
 """CUDA streams and events for paging, with a CPU stand-in that keeps ordering bugs visible.
 
-The executor launches paging work on two side streams (host copies, decodes) and orders it
+The executor launches paging work on side streams (host copies, decodes) and orders it
 against the compute stream with events, never with host syncs. On the CPU there are no
 streams, so the stand-in decides when side-stream work runs:
 - "lazy" (the default): work runs only when some stream waits on its event. Compute that
@@ -41,7 +41,11 @@ class CpuStream:
 
 
 class Streams:
-    """The compute stream (the caller's current one) and two side streams for paging."""
+    """The compute stream (the caller's current one) and three side streams for paging: host
+    copies, decodes of the compressed tier, and decodes of host-compressed chunks as they land.
+    The last two are apart so that a layer's landing slots free as each chunk lands: on one
+    decode stream the chunks queued behind the layer's compressed decode, and the link idled
+    (Qwen3-Next-80B on the H200: 218 ms a step where the link alone needs 154)."""
 
     def __init__(self, device: torch.device, cpu_order: CpuOrder = "lazy"):
         if cpu_order not in ("lazy", "eager"):
@@ -53,8 +57,14 @@ class Streams:
             self.compute = torch.cuda.current_stream(device)
             self.copy = torch.cuda.Stream(device)
             self.decode = torch.cuda.Stream(device)
+            self.landed_decode = torch.cuda.Stream(device)
         else:
-            self.compute, self.copy, self.decode = CpuStream("compute"), CpuStream("copy"), CpuStream("decode")
+            self.compute, self.copy = CpuStream("compute"), CpuStream("copy")
+            self.decode, self.landed_decode = CpuStream("decode"), CpuStream("landed_decode")
+
+    @property
+    def sides(self) -> tuple:
+        return self.copy, self.decode, self.landed_decode
 
     def follow_caller(self) -> None:
         """Take the caller's current stream (or a graph capture's) as the compute stream."""
@@ -94,5 +104,5 @@ class Streams:
     def drop_pending(self) -> None:
         """CPU: forget side-stream work that nobody waited for (its results were never read)."""
         if not self.cuda:
-            for stream in (self.copy, self.decode):
+            for stream in self.sides:
                 stream.pending.clear()
