@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import pulp
@@ -38,9 +39,13 @@ SLOT_ENUMERATION_MAX_EXPERTS = 16
 # The MILP stops on a node count, never on the clock alone, so a plan does not depend on how
 # busy the machine is; the wall-clock guard is a safety net whose hit the plan reports.
 # 100 nodes: with CBC, the same plans as 2000 nodes on the slowest Mixtral-8x7B budgets of the
-# H200 (91-100 GiB) at a third of the time.
-MILP_NODE_LIMIT = 100
+# H200 (91-100 GiB) at a third of the time. 50 since HiGHS skips strong branching and restarts
+# (planner/solver.py): the same plans on the slowest budgets, and within 0.9% over the 1 GiB sweep.
+MILP_NODE_LIMIT = 50
 MILP_SAFETY_TIME_LIMIT_S = 60.0
+# MILPs solved side by side in the second pass, in waves (the plan is the same on any machine).
+MILP_THREADS = 2
+MILP_WAVE = 4
 # Routed-only fetch is planned only for steps that route to at most this share of a layer's
 # experts: it serializes the link with compute, which whole-layer prefetch overlaps (measured on
 # the H200, bench/results/routed_fetch_h200_*.json: 0.81x the step time at a 0.71 share on
@@ -298,14 +303,14 @@ class _Problem:
             out.append(tiers)
 
         def spread(fractions: list[float], total: int, caps: list[int]) -> list[int]:
+            """Floors, then one more each for the largest remainders with room, until `total`."""
             counts = [min(cap, math.floor(f + 1e-6)) for f, cap in zip(fractions, caps)]
-            order = sorted(range(len(fractions)), key=lambda i: counts[i] - fractions[i])
-            while sum(counts) < total:
-                room = [i for i in order if counts[i] < caps[i]]
-                if not room:
+            need = total - sum(counts)
+            for i in sorted(range(len(fractions)), key=lambda i: counts[i] - fractions[i]):
+                if need <= 0:
                     break
-                counts[room[0]] += 1
-                order = room[1:] + [i for i in order if i not in room]
+                if counts[i] < caps[i]:
+                    counts[i], need = counts[i] + 1, need - 1
             return counts
 
         def even(fractions: list[float], total: int, caps: list[int]) -> list[int]:
@@ -409,9 +414,11 @@ class _Problem:
         if not relaxations:
             return None
         bounds = {slots: x[2] + fixed for slots, x in relaxations}
-        rounded = [(self.cost.step_time(tiers, step, depth, self.routed).total_s, tiers)
-                   for values in to_round for tiers in self._roundings(values, depth, batch)
-                   if self._fits(tiers, depth, batch) and self.spans_fit(tiers, depth)]
+        # Many roundings of neighbouring LP solutions coincide: each placement is costed once, the
+        # first of equal ones kept (so the pick does not change).
+        placements = dict.fromkeys(tuple(tiers) for values in to_round for tiers in self._roundings(values, depth, batch))
+        rounded = [(self.cost.step_time(list(tiers), step, depth, self.routed).total_s, list(tiers))
+                   for tiers in placements if self._fits(tiers, depth, batch) and self.spans_fit(tiers, depth)]
         rounded = [(t, tiers) for t, tiers in rounded if self.tpot_limit_s is None or t <= self.tpot_limit_s]
         best = None
         if rounded:
@@ -683,11 +690,27 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
     bounds = sorted(((r.batch / bound_s, r.batch, r.depth, slots, i)
                      for i, (r, _) in enumerate(uncertified) for slots, bound_s in r.bounds_s.items()),
                     key=lambda x: x[:3] + (-1 if x[3] is None else x[3], x[4]))
-    for bound_rate, batch, depth, slots, i in reversed(bounds):
-        if len(kept) >= top_k and bound_rate <= threshold() * (1 + mip_gap):
-            break
-        relaxation, problem = uncertified[i]
-        keep(problem.milp(batch, depth, threshold(), slots, relaxation.rounding))
+    # In waves of up to MILP_WAVE, each wave's MILPs on different placement models and asked to
+    # beat the same k-th best plan, solved MILP_THREADS at a time (HiGHS runs outside the GIL):
+    # the answer does not depend on the machine or on which finishes first, only the wall time does.
+    def live(entry) -> bool:
+        return not (len(kept) >= top_k and entry[0] <= threshold() * (1 + mip_gap))
+
+    queue = list(reversed(bounds))
+    with ThreadPoolExecutor(max_workers=MILP_THREADS) as pool:
+        while queue and live(queue[0]):
+            wave, keys = [], set()
+            for entry in list(queue):
+                if len(wave) == MILP_WAVE or not live(entry):
+                    break
+                if _model_key(entry, uncertified) not in keys:
+                    keys.add(_model_key(entry, uncertified))
+                    wave.append(entry)
+                    queue.remove(entry)
+            beat = threshold()
+            for cand in pool.map(lambda e: uncertified[e[4]][1].milp(e[1], e[2], beat, e[3], uncertified[e[4]][0].rounding),
+                                 wave):
+                keep(cand)
     if not kept:
         raise p.infeasible(min(prefetch_depths))
     elapsed = time.perf_counter() - started
@@ -696,6 +719,12 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
                                host_compressed=host_compressed, fused_max_rows=FUSED_MOE_MAX_ROWS,
                                routed_fetch=routed_fetch)
     return [_make_plan(problems[c.routed], c, objective, limit, solved, elapsed, inputs) for c in kept]
+
+
+def _model_key(entry: tuple, uncertified: list) -> tuple:
+    """The placement model a pass-2 entry re-solves: its problem and (batch, depth)."""
+    _, batch, depth, _, i = entry
+    return id(uncertified[i][1]), batch, depth
 
 
 def _widest_span(tiers: list[TierCounts], depth: int) -> int:

@@ -361,3 +361,20 @@ def test_a_span_wider_than_vllms_fused_moe_limit_is_refused_before_anything_is_a
     whole = ArenaLayout.of_counts([(512, False)] * 8 + [(0, True)] * 40, buffers=2, slots=512)
     assert whole.widest_span[0] == 512 <= FUSED_MOE_MAX_ROWS
     whole.check_fused_limit()
+
+
+def test_host_compressed_chunks_decode_as_they_land_not_behind_the_compressed_tier(stack):
+    """Lazy CPU order: a layer's host-compressed chunks decode on their own stream, so running
+    them (and so freeing their landing slots for the link) runs none of the layer's compressed
+    decodes. On one decode stream they had queued behind those, and the link idled (Qwen3-Next
+    on the H200: 218 ms a step against 174 once apart)."""
+    routers, stacks = stack
+    paged = PagedMoEStack(routers, stacks, ALL_TIERS, K, 1, CPU, cpu_order="lazy", fused=True)
+    pager, streams = paged.pager, paged.pager.streams
+    layer = next(i for i, t in enumerate(pager.layers) if t.compressed_ids and t.host_compressed_ids)
+    pager.prefetch(layer)
+    compressed_decodes = len(streams.decode.pending)
+    assert compressed_decodes and streams.landed_decode.pending
+    streams.landed_decode.run_until(streams.landed_decode.launched)
+    assert len(streams.decode.pending) == compressed_decodes  # none of them ran
+    assert not streams.landed_decode.pending
