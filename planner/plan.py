@@ -255,12 +255,17 @@ class Plan:
     def baseline(self, name: str) -> BaselinePrediction | None:
         return next((b for b in self.baselines if b.name == name), None)
 
+    def check_parallelism(self, tensor_parallel: int, expert_shards: int, running: str) -> None:
+        """Refuse to run on another split than the plan's (`running` says what runs, for the message)."""
+        if (self.tensor_parallel, self.expert_parallel) != (tensor_parallel, expert_shards):
+            raise ConfigError(f"plan is for tensor_parallel={self.tensor_parallel}, expert_parallel="
+                              f"{self.expert_parallel}; {running}")
+
     def check_matches(self, profile, check_hardware: bool = True) -> None:
         """Refuse a plan made for another model or GPU than `profile`, or one it cannot hold."""
         par = profile.parallel
-        if (self.tensor_parallel, self.expert_parallel) != (par.tensor_parallel, par.expert_shards):
-            raise ConfigError(f"plan was made for tensor_parallel={self.tensor_parallel}, expert_parallel="
-                              f"{self.expert_parallel}, not {par.tensor_parallel} and {par.expert_shards}")
+        self.check_parallelism(par.tensor_parallel, par.expert_shards,
+                               f"the profile is for {par.tensor_parallel} and {par.expert_shards}")
         if self.model_hash != profile.model.content_hash():
             raise ConfigError(f"plan was made for model {self.model!r} (hash {self.model_hash}), "
                               f"not {profile.model.name!r} (hash {profile.model.content_hash()})")

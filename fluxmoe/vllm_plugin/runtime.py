@@ -54,10 +54,8 @@ def check_plan_for_model(plan, hf_config: dict, tensor_parallel: int = 1, expert
     from profiles.hf_config import spec_from_hf_config
     from profiles.parallel import shard_model
 
-    if (plan.tensor_parallel, plan.expert_parallel) != (tensor_parallel, tensor_parallel if expert_parallel else 1):
-        raise ConfigError(f"plan is for tensor_parallel={plan.tensor_parallel}, expert_parallel="
-                          f"{plan.expert_parallel}; vLLM runs {tensor_parallel}"
-                          f"{' with expert parallel' if expert_parallel else ''}")
+    plan.check_parallelism(tensor_parallel, tensor_parallel if expert_parallel else 1,
+                           f"vLLM runs {tensor_parallel}{' with expert parallel' if expert_parallel else ''}")
     spec = dataclasses.replace(shard_model(spec_from_hf_config(hf_config), tensor_parallel, expert_parallel),
                                name=plan.model)
     if spec.content_hash() != plan.model_hash:
