@@ -142,7 +142,7 @@ def test_a_plan_per_rank_keeps_within_each_gpus_budget_and_holds_that_ranks_expe
         assert m.total_experts * m.expert_bytes == 48 * 512 * 3 * 2048 * 512 * 2 // 2
         assert plan.memory.host_expert_bytes <= profile.hardware.host_pinned_bytes  # its half of the host
         plan.check_matches(profile)
-        with pytest.raises(ConfigError, match="plan is for tensor_parallel=2, expert_parallel=.*; the profile is for 1 and 1"):
+        with pytest.raises(ConfigError, match="plan is for tensor_parallel=2, .*; the profile is for 1 and 1"):
             plan.check_matches(profiles.load("qwen3-next-80b-a3b", "h200"))
 
 
