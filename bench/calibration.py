@@ -70,7 +70,7 @@ def replay(point: dict) -> tuple[float, float]:
 
 def main() -> None:
     errors = []
-    print(f"| point | measured | simulated | error | tolerance |\n|---|---|---|---|---|")
+    print("| point | measured | simulated | error | tolerance |\n|---|---|---|---|---|")
     for point in points():
         simulated, measured = replay(point)
         errors.append(simulated / measured - 1)

@@ -703,8 +703,9 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
             for entry in list(queue):
                 if len(wave) == MILP_WAVE or not live(entry):
                     break
-                if _model_key(entry, uncertified) not in keys:
-                    keys.add(_model_key(entry, uncertified))
+                key = _model_key(entry, uncertified)
+                if key not in keys:
+                    keys.add(key)
                     wave.append(entry)
                     queue.remove(entry)
             beat = threshold()

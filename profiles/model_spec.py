@@ -148,12 +148,17 @@ class ModelSpec:
         return self.linear_state_bytes_per_layer * self.attention.count("linear")
 
     @cached_property
+    def _attention_kv_bytes_per_token_layer(self) -> int:
+        """KV bytes one token adds in one attention layer whose KV grows (0 if none)."""
+        return max((self.kv_bytes_per_token_layer.get(kind, 0) for kind in ("full", "mla")), default=0)
+
+    @cached_property
     def kv_block_tokens(self) -> int:
         """Tokens in one KV block as vLLM sizes it: 16, or on hybrid models (linear-attention
         layers beside attention) the fewest multiple of 16 whose page in one attention layer
         holds a linear layer's state, since vLLM gives every layer one page size and pads the
         state to it (vLLM 0.26 `_align_hybrid_block_size`, prefix caching off: Qwen3-Next's 544)."""
-        per_layer = max((self.kv_bytes_per_token_layer.get(kind, 0) for kind in ("full", "mla")), default=0)
+        per_layer = self._attention_kv_bytes_per_token_layer
         if not self.linear_state_bytes_per_layer or not per_layer:
             return 16
         return 16 * -(-self.linear_state_bytes_per_layer // (16 * per_layer))
@@ -164,7 +169,7 @@ class ModelSpec:
         block_tokens = block_tokens or self.kv_block_tokens
         blocks = -(-context_tokens // block_tokens) * block_tokens
         window = min(blocks, -(-self.sliding_window // block_tokens) * block_tokens) if self.sliding_window else 0
-        per_layer = max((self.kv_bytes_per_token_layer.get(kind, 0) for kind in ("full", "mla")), default=0)
+        per_layer = self._attention_kv_bytes_per_token_layer
         page = block_tokens * per_layer if per_layer and self.linear_state_bytes_per_layer else 0
         state = self.attention.count("linear") * max(page, self.linear_state_bytes_per_layer)
         return self.kv_bytes_per_token * blocks + self.sliding_kv_bytes_per_token * window + state
