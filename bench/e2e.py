@@ -123,6 +123,19 @@ SETTINGS = {
     "qwen3_next_small_batch_standin_spread": lambda: dataclasses.replace(
         SETTINGS["qwen3_next_small_batch_standin"](), extra=["--gdn-prefill-backend", "triton", "--dummy-scale", "0.1"],
         note="as qwen3_next_small_batch_standin, dummy weights +-0.1: routing spread over the experts"),
+    # Qwen3-Next's compute and paging where a run takes seconds, not minutes: its 8-layer stand-in
+    # at the full setting's budget scaled by `standin_budget` (24.43 GiB), the UVA sizes scaled
+    # (40/44/48 GiB of 48 layers; the prefetch offloader's 8/2/1 held within it leaves no KV), and
+    # the stand-in at 0.9 of the GPU, where it fits, for plain vLLM's figure (Qwen3-Next's compute,
+    # never measured whole: the full model does not fit), on 1,024 requests (256 take 1.5 s).
+    "qwen3_next_standin_spread": lambda: Setting(
+        "models/qwen3-next-80b-a3b-8layers", 24.43, uva_gib=[6.67, 7.33, 8.0],
+        extra=["--gdn-prefill-backend", "triton", "--dummy-scale", "0.1", "--routing"],
+        note="Qwen3-Next-80B-A3B's layers (8 of them) at the full setting's scaled budget, dummy weights +-0.1"),
+    "qwen3_next_standin_fits": lambda: Setting(
+        "models/qwen3-next-80b-a3b-8layers", 0.9 * 139.8, plain=True, num_prompts=1024,
+        extra=["--gdn-prefill-backend", "triton", "--dummy-scale", "0.1", "--routing"],
+        note="Qwen3-Next-80B-A3B's layers (8 of them) at 0.9 of the H200, where they fit"),
     "fits_short": lambda: Setting("models/mixtral-8x7b", 0.9 * 139.8, plain=True, note="fits: short prompts"),
     "fits_long": lambda: Setting("models/mixtral-8x7b", 0.9 * 139.8, input_len=4096, output_len=512, num_prompts=128,
                                  max_model_len=4608, plain=True, note="fits: long prompts, KV-starved"),
@@ -226,6 +239,9 @@ def main() -> None:
                     help="serve the workload this many times per engine and time the last (vllm_run.py --repeat)")
     ap.add_argument("--num-prompts", type=int, default=0,
                     help="serve the setting's first N requests only (a slow setting in the time a machine has)")
+    ap.add_argument("--kernel-profile", type=int, default=0, metavar="N",
+                    help="profile each timed run's GPU kernels (vllm_run.py --kernel-profile N); the runs go to "
+                         "e2e_<setting>_kernels_<date>.json, apart from the timed rows the profiler would slow")
     a = ap.parse_args()
     setting = SETTINGS[a.setting]()
     if a.num_prompts:
@@ -241,6 +257,8 @@ def main() -> None:
               "--repeat", str(a.repeat)]
     if setting.trace:
         common += ["--trace", TRACE]
+    if a.kernel_profile:
+        common += ["--kernel-profile", str(a.kernel_profile)]
     common += setting.extra
     plan_paths = plans(setting, out_dir)
     systems = []
@@ -260,7 +278,7 @@ def main() -> None:
     report = {"what": "offline throughput and latency, one engine per process, dummy weights", "setting": a.setting,
               "note": setting.note, "config": dataclasses.asdict(setting), "util": util, "date": date,
               "commit": commit, "runs": {}, "predicted": {}}
-    path = os.path.join(RESULTS, f"e2e_{a.setting}_{date}.json")
+    path = os.path.join(RESULTS, f"e2e_{a.setting}{'_kernels' if a.kernel_profile else ''}_{date}.json")
     if os.path.exists(path):  # earlier runs of the day (another command, a machine given back) are kept
         with open(path) as f:
             report["runs"] = json.load(f).get("runs", {})

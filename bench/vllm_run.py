@@ -69,6 +69,9 @@ def main() -> None:
     ap.add_argument("--step-log", action="store_true",
                     help="record each engine step of the timed run: when the scheduler made it, its tokens, "
                          "sequences and the context they had (bench/step_times.py reads it)")
+    ap.add_argument("--routing", action="store_true",
+                    help="FluxMoE runs: each expert's picks in the timed run, and in a prefill-only pass of other "
+                         "prompts of the same lengths after it (decode's picks are the difference)")
     ap.add_argument("--kernel-profile", type=int, default=0, metavar="N",
                     help="profile the timed run's GPU kernels (torch.profiler) and report the N with the most "
                          "time, with their calls and total milliseconds")
@@ -162,6 +165,8 @@ def main() -> None:
 
         profiler = profile(activities=[ProfilerActivity.CUDA])
         profiler.start()
+    counter = runtime._pager.route_counter if a.routing and runtime is not None and runtime._pager else None
+    before = counter.read_now() if counter is not None else None
     t1 = time.perf_counter()
     outs = llm.generate(prompts, sp, use_tqdm=False)
     elapsed = time.perf_counter() - t1
@@ -187,6 +192,8 @@ def main() -> None:
                               host_bytes=sum(t.host_bytes for t in runtime.layers if t is not None),
                               encode_s=round(runtime.encode_seconds, 2),
                               compressed_experts=sum(len(t.compressed_ids) for t in runtime.layers if t is not None), stats=llm.collective_rpc("fluxmoe_stats"))
+    if counter is not None:
+        res["routing"] = _routing(llm, counter, before, token_prompts(a.repeat + 1), lengths)
     def probe(model):
         """Per MoE layer: the class, backend and kernel vLLM built, and sums of the expert stacks."""
         found = []
@@ -216,6 +223,23 @@ def main() -> None:
         res["logprobs"] = [[float(step[t].logprob) for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
                            for o in outs]
     print("RESULT " + json.dumps(res), flush=True)
+
+
+def _routing(llm, counter, before, prompts, lengths) -> dict:
+    """Picks per layer and expert, and tokens, in the timed run (since `before`) and in a
+    prefill-only pass of `prompts` (one output token each) run now. Decode steps under CUDA
+    graphs are padded to a captured size, and the padding is routed (and counted) too."""
+    from vllm import SamplingParams
+
+    def since(old, new):
+        return ([[n - o for o, n in zip(ro, rn)] for ro, rn in zip(old[0], new[0])],
+                new[1][0] - old[1][0])
+
+    after = counter.read_now()
+    llm.generate(prompts, [SamplingParams(max_tokens=1, ignore_eos=True) for _ in lengths], use_tqdm=False)
+    timed, prefill = since(before, after), since(after, counter.read_now())
+    return {"timed_counts": timed[0], "timed_tokens": timed[1],
+            "prefill_only_counts": prefill[0], "prefill_only_tokens": prefill[1]}
 
 
 def _kernel_summary(profiler, top: int) -> list[dict]:
