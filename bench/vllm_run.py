@@ -217,7 +217,7 @@ def main() -> None:
         res["steps"] = [[round(t - t1, 6), *rest] for t, *rest in steps]  # seconds from the run's start
         res["steps_fields"] = ["scheduled_at_s", "tokens", "sequences", "context_tokens_after"]
     if profiler is not None:
-        res["kernels"] = _kernel_summary(profiler, a.kernel_profile)
+        res["kernels"], res["kernels_all_ms"] = _kernel_summary(profiler, a.kernel_profile)
     if a.greedy:
         res["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
         res["logprobs"] = [[float(step[t].logprob) for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
@@ -242,14 +242,16 @@ def _routing(llm, counter, before, prompts, lengths) -> dict:
             "prefill_only_counts": prefill[0], "prefill_only_tokens": prefill[1]}
 
 
-def _kernel_summary(profiler, top: int) -> list[dict]:
+def _kernel_summary(profiler, top: int) -> tuple[list[dict], float]:
     """The `top` GPU kernels by their total time in the profiled run: name, calls, total ms
     (the profiler's per-name aggregate; the time inside CUDA graphs is attributed to their
-    kernels as well)."""
+    kernels as well); and the milliseconds of all kernels (the run's elapsed time less this is
+    the GPU idle, or two streams' kernels overlapping)."""
     rows = [(e.key, e.count, e.self_device_time_total / 1e3) for e in profiler.key_averages()
             if e.self_device_time_total > 0]
     rows.sort(key=lambda r: -r[2])
-    return [{"kernel": k[:160], "calls": n, "total_ms": round(ms, 3)} for k, n, ms in rows[:top]]
+    return ([{"kernel": k[:160], "calls": n, "total_ms": round(ms, 3)} for k, n, ms in rows[:top]],
+            round(sum(ms for _, _, ms in rows), 3))
 
 
 def _log_steps(llm) -> list:
