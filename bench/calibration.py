@@ -5,6 +5,7 @@ figures #12's goals (median <= 2%, worst <= 5%) are stated in."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import sys
@@ -35,6 +36,12 @@ def _model(name: str) -> str:
     return str(ROOT / name) if "/" in name else name
 
 
+def plan_that_ran(path, profile) -> Plan:
+    """A measured run's plan, to be priced under today's `profile`: its placement is what ran,
+    and its hardware hash names the profile it was made under, which later measurements change."""
+    return dataclasses.replace(Plan.load(path), hardware_hash=profile.hardware.content_hash())
+
+
 def replay(point: dict) -> tuple[float, float]:
     """(simulated, measured) output tokens/s of one point, on the run's own requests and budget."""
     run = json.loads((ROOT / point["source"]).read_text())["runs"][point["run"]]
@@ -48,7 +55,7 @@ def replay(point: dict) -> tuple[float, float]:
     budget = int(run["util"] * run["gpu_total_bytes"])  # what vLLM's --gpu-memory-utilization means
     measured_kv = run["kv_tokens"] * profile.model.kv_bytes_per_token if point.get("kv") == "measured" else None
     if point["system"] == "fluxmoe":
-        plan = Plan.load(ROOT / point["plan"])
+        plan = plan_that_ran(ROOT / point["plan"], profile)
         if abs(plan.budget_bytes / budget - 1) > 0.002:
             raise ValueError(f"{point_id(point)}: plan {point['plan']} is for {plan.budget_bytes} bytes, "
                              f"the run served {budget}")

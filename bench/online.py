@@ -85,13 +85,13 @@ def predict(model: str, workload, plan_path: str | None = None, prefetch: str | 
     """The simulator's figures for the same requests and arrivals: the FluxMoE plan, or vLLM's
     prefetch offloader at `prefetch` with the KV cache its server sized (`kv_tokens`)."""
     import profiles
-    from planner.plan import Plan
+    from bench.calibration import plan_that_ran
     from simulator.engine import simulate
     from simulator.prefetch_offload import PrefetchOffload
 
     profile = profiles.Profile(profiles.load_model(os.path.join(ROOT, model)), profiles.load_gpu("h200"))
     if plan_path is not None:
-        r = simulate(profile, workload, plan=Plan.load(plan_path), keep_timeline=False)
+        r = simulate(profile, workload, plan=plan_that_ran(plan_path, profile), keep_timeline=False)
     else:
         kv = kv_tokens * profile.model.kv_bytes_per_token
         r = simulate(profile, workload, system="vllm_prefetch", prefetch_offload=PrefetchOffload.parse(prefetch),

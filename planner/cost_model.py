@@ -51,6 +51,19 @@ BATCH_GRID = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 3
               640, 768, 896, 1024, 1280, 1536, 2048)
 
 
+# The host-compressed tier moves each stacked matrix in chunks of about HOST_CHUNK_BYTES of bf16
+# (at least one expert) through landing slots on the GPU (executor/landing.py): small enough to
+# cost little memory, large enough that each copy runs at the link's rate.
+HOST_CHUNK_BYTES = 128 << 20
+
+
+def host_chunk_bf16_bytes(expert_bytes: int, num_experts: int) -> int:
+    """bf16 bytes of a layer's largest host-compressed chunk: w13's (two thirds of an expert)
+    times the experts a chunk holds."""
+    w13 = 2 * expert_bytes // 3
+    return min(num_experts, max(1, HOST_CHUNK_BYTES // max(w13, 1))) * w13
+
+
 @dataclass(frozen=True)
 class StepShape:
     """What one engine step processes: tokens (decode + prefill chunk), sequences, mean context."""
@@ -131,11 +144,15 @@ class CostModel:
         # Per-expert costs of the paged tiers. A host-compressed expert crosses the link encoded;
         # its decode is pipelined behind the link chunk by chunk (two landing slots) at ~20x the
         # link's rate, so only the link time is on the layer's path (measured on the H200: the
-        # layer waits for the link alone, bench/results/e2e_a40_standin_host-compressed_*.json).
-        # Not modelled: those decodes' share of the SMs beside compute (<= 1/20 of their link time).
+        # layer waits for the link alone, bench/results/e2e_a40_standin_host-compressed_*.json);
+        # those decodes still take GPU time beside compute (`layer_decode_s`).
         self.decode_s_per_expert = m.expert_bytes / (hw.codec.decode_gbps * 1e9)
         self.transfer_s_per_expert = hw.h2d_seconds(m.expert_bytes)
-        self.compressed_transfer_s_per_expert = hw.h2d_seconds(self.compressed_expert_bytes)
+        # Host-compressed experts cross in chunks of several (HOST_CHUNK_BYTES), at the link's
+        # rate for a chunk, not for one expert: 54 GB/s against 46 for Qwen3-Next's 4.3 MB
+        # (the pager measured 53 GB/s, bench/results/e2e_qwen3_next_standin_spread_*.json).
+        chunk = host_chunk_bf16_bytes(m.expert_bytes, m.num_experts) * hw.codec.compressed_ratio
+        self.compressed_transfer_s_per_expert = self.compressed_expert_bytes / (hw.h2d_gbps(chunk) * 1e9)
         self._compute_cache: dict[StepShape, list[float]] = {}
         self._active_cache: dict[float, float] = {}  # tokens -> active experts, under a routing skew
         self._pick_odds: list[float] | None = None  # per expert, P(one token picks it), under a skew
@@ -235,7 +252,11 @@ class CostModel:
         m = self.model
         if kind == "linear":
             state_io = 2 * step.sequences * m.linear_state_bytes_per_layer
-            return state_io / self._bytes_per_s + self.hw.kernel_overhead_s
+            prefill = 0.0
+            if self.hw.linear_prefill_s_per_token_state_byte:  # prompt tokens: all but one per sequence
+                prefill = ((step.tokens - step.sequences) * m.linear_state_bytes_per_layer
+                           * self.hw.linear_prefill_s_per_token_state_byte)
+            return state_io / self._bytes_per_s + prefill + self.hw.kernel_overhead_s
         context = min(step.context_tokens, m.sliding_window) if kind == "sliding" else step.context_tokens
         kv_read = step.sequences * context * m.kv_bytes_per_token_layer.get(kind, 0)
         flops = 4 * m.attention_width * step.tokens * context
@@ -282,25 +303,27 @@ class CostModel:
         if len(tiers) != m.num_moe_layers:
             raise ValueError(f"need one TierCounts per MoE layer ({m.num_moe_layers}), got {len(tiers)}")
         compute = self.layer_compute_s(step)
-        gpu = list(compute)
+        path = list(compute)  # each layer's compute, and its routed fetch where there is one
+        decode = [0.0] * m.num_layers
         transfer = [0.0] * m.num_layers
         routed = 0.0
         for position, (layer, counts) in enumerate(zip(m.moe_layers, tiers)):
-            gpu[layer] += self.layer_decode_s(counts)
+            decode[layer] = self.layer_decode_s(counts)
             transfer[layer] = self.layer_transfer_s(counts, routed_fetch)
             if routed_fetch:
                 on_path = self.layer_routed_s(counts, step, position, host_ids[position] if host_ids else None)
-                gpu[layer] += on_path
+                path[layer] += on_path
                 routed += on_path
-        stall = sum(max(0.0, transfer[layer] - self.window_gpu_s(gpu, layer, prefetch_depth))
+        gpu = [p + d for p, d in zip(path, decode)]
+        stall = sum(max(0.0, transfer[layer] - self.window_gpu_s(path, layer, prefetch_depth) - decode[layer])
                     for layer in range(m.num_layers) if transfer[layer] > 0)
         gpu_s, link_s, fixed = sum(gpu) - routed, sum(transfer) + routed, self.fixed_s(step)
         return StepTime(max(gpu_s + routed + stall, link_s) + fixed, gpu_s, link_s, stall + routed, fixed)
 
     def layer_decode_s(self, counts: TierCounts) -> float:
-        """GPU time on a layer's path for its compressed experts' decodes (host-compressed ones
-        are decoded behind the link, see __init__)."""
-        return counts.compressed * self.decode_s_per_expert
+        """GPU time of a layer's decodes: its compressed experts', and its host-compressed
+        experts' as their chunks land. Both may run while the layer's transfer is under way."""
+        return (counts.compressed + counts.host_compressed) * self.decode_s_per_expert
 
     def layer_transfer_s(self, counts: TierCounts, routed_fetch: bool = False) -> float:
         """Link time ahead of the layer: its host (unless fetched routed-only) and host-compressed experts."""
@@ -318,7 +341,10 @@ class CostModel:
 
     @staticmethod
     def window_layers(num_layers: int, layer: int, prefetch_depth: int) -> list[int]:
-        """The layers whose compute hides layer `layer`'s transfer (cyclic: the previous step's tail)."""
+        """The layers whose compute hides layer `layer`'s transfer (cyclic: the previous step's tail).
+        The layer's own compressed decodes hide it too: they start when its staging buffer is
+        free, as the transfer does, on the decode stream (measured on the H200 at depth 0: a
+        layer took max(link, decodes) + compute, bench/results/e2e_qwen3_next_standin_spread_*)."""
         return [(layer - j) % num_layers for j in range(1, min(prefetch_depth, num_layers) + 1)]
 
     def window_gpu_s(self, gpu: list[float], layer: int, prefetch_depth: int) -> float:

@@ -17,15 +17,11 @@ from typing import Sequence
 
 from fluxmoe.names import System
 from fluxmoe.units import GiB
-from planner.cost_model import TierCounts
+from planner.cost_model import HOST_CHUNK_BYTES, TierCounts, host_chunk_bf16_bytes  # noqa: F401 (re-exported)
 
 VLLM_MAX_NUM_SEQS = 1024  # vLLM's default on large GPUs; KV decides admission below it
 
-# The host-compressed tier moves each stacked matrix in chunks of about HOST_CHUNK_BYTES of bf16
-# (at least one expert) through LANDING_SLOTS landing slots on the GPU (executor/landing.py):
-# small enough to cost little memory, large enough that each copy runs at the link's rate.
-HOST_CHUNK_BYTES = 128 << 20
-LANDING_SLOTS = 2
+LANDING_SLOTS = 2  # the host-compressed tier's landing slots on the GPU (executor/landing.py)
 
 # What vLLM 0.26 holds on the GPU besides weights and KV, as its start-up log on the H200 itemizes
 # it. Peak activation: 3.5 GiB for Mixtral's shape at the 16,384 batched tokens of its offline
@@ -113,11 +109,9 @@ class MemoryModel:
 
     @functools.cached_property
     def landing_bytes(self) -> int:
-        """The host-compressed tier's landing slots: the largest chunk (w13's, two thirds of an
-        expert, times the experts per chunk) at the codec's ratio, per slot."""
-        w13 = 2 * self.expert_bytes // 3
-        per_chunk = min(self.model.num_experts, max(1, HOST_CHUNK_BYTES // max(w13, 1)))
-        return math.ceil(LANDING_SLOTS * per_chunk * w13 * self.compressed_ratio)
+        """The host-compressed tier's landing slots: the largest chunk at the codec's ratio, per slot."""
+        return math.ceil(LANDING_SLOTS * host_chunk_bf16_bytes(self.expert_bytes, self.model.num_experts)
+                         * self.compressed_ratio)
 
     def expert_gpu_bytes(self, tiers: Sequence[TierCounts]) -> float:
         """Resident and compressed experts (compressed as the codec's mean ratio)."""

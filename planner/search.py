@@ -187,13 +187,14 @@ class _Problem:
                 routed[l] = pulp.LpVariable(f"routed{l}", 0)
                 for slope, intercept in cost.popularity.routed_chords(i, step.tokens):
                     prob += routed[l] >= transfer_s * (slope * h[l] + intercept)
-        gpu = {l: compute[l] + (decode_s * c[l] + routed[l] if l in c else 0)  # cost.layer_decode_s
-               for l in range(m.num_layers)}
+        path = {l: compute[l] + (routed[l] if l in c else 0) for l in range(m.num_layers)}
+        decode = {l: decode_s * (c[l] + hc[l]) for l in m.moe_layers}  # cost.layer_decode_s
+        gpu = {l: path[l] + decode.get(l, 0) for l in range(m.num_layers)}
         link = {l: (0 if self.routed else transfer_s) * h[l] + transfer_c * hc[l] for l in m.moe_layers}
         stalls = []
-        for l in m.moe_layers:
+        for l in m.moe_layers:  # as cost.step_time: the window's compute and the layer's own decodes
             stall = pulp.LpVariable(f"stall{l}", 0)
-            window = pulp.lpSum(gpu[j] for j in cost.window_layers(m.num_layers, l, depth))
+            window = pulp.lpSum(path[j] for j in cost.window_layers(m.num_layers, l, depth)) + decode[l]
             prob += stall >= link[l] - window
             stalls.append(stall)
         prob += step_time >= pulp.lpSum(gpu.values()) + pulp.lpSum(stalls)

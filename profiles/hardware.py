@@ -102,6 +102,10 @@ class HardwareProfile:
     expert_ffn_s: dict[str, Curve] = field(default_factory=dict)
     # Measured decode attention: achieved GB/s of KV read against the KV bytes a step reads.
     attention_kv_gbps: Curve | None = None
+    # Measured chunked linear-attention prefill (vLLM's Gated-DeltaNet kernels): seconds per
+    # prompt token and byte of one layer's recurrent state (their work grows with heads x dk x
+    # dv); None: a linear layer costs its state's reads and writes alone.
+    linear_prefill_s_per_token_state_byte: float | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:

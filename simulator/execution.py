@@ -77,7 +77,7 @@ class PagedExecution:
         m = cost.model
         self.num_layers = m.num_layers
         self.transfer_s = [0.0] * m.num_layers
-        self.decode_s = [0.0] * m.num_layers
+        self.decode_s = [0.0] * m.num_layers  # a layer's decodes: they may run while its transfer is under way
         self.routed = [None] * m.num_layers  # per layer: its TierCounts where host experts are fetched routed-only
         self.position = {layer: i for i, layer in enumerate(m.moe_layers)}
         self.host_ids = [list(ids) for ids in host_ids] if host_ids is not None else None
@@ -159,12 +159,13 @@ class PagedExecution:
         base = self.next_layer
         for segment in self._segments:
             first = segment[0]
+            early = 0.0  # the first layer's decodes, run while its transfer is under way
             if self.transfer_s[first] > 0:
                 ready = self._ready_event(base + first)
                 if not ready.triggered:
-                    waited_from = self.env.now
-                    yield ready
-                    self.busy.stall_s += self.env.now - waited_from
+                    waited_from, early = self.env.now, self.decode_s[first]
+                    yield ready & self.env.timeout(early)
+                    self.busy.stall_s += self.env.now - waited_from - early
                 del self._ready[base + first]
             if self.routed[first] is not None:  # the link after the router, shared with the stream
                 position = self.position[first]
@@ -177,9 +178,9 @@ class PagedExecution:
                     yield self.env.timeout(fetch)
                 self.busy.link_s += fetch
                 self.busy.stall_s += self.env.now - waited_from
-            seconds = sum(compute[layer] + self.decode_s[layer] for layer in segment)
+            seconds = sum(compute[layer] + self.decode_s[layer] for layer in segment) - early
             yield self.env.timeout(seconds)
-            self.busy.gpu_s += seconds
+            self.busy.gpu_s += seconds + early
             self.busy.decode_s += sum(self.decode_s[layer] for layer in segment)
             self._mark_finished(base + segment[-1])
         self.next_layer = base + self.num_layers

@@ -1,8 +1,9 @@
 """The cost model's prefetch overlap, worked out by hand on a 3-layer toy.
 
 Layer compute 1, 2 and 3 ms; a host expert crosses the link in 1 ms; a compressed expert
-decodes in 0.5 ms on the GPU. Transfers of layer l hide behind the GPU time of the `depth`
-layers before it (cyclically: the previous step's tail)."""
+decodes in 0.5 ms on the GPU. Transfers of layer l hide behind the compute of the `depth`
+layers before it (cyclically: the previous step's tail) and behind layer l's own decodes, which
+start with the transfer (both wait only for the layer's staging buffer)."""
 
 import pytest
 
@@ -28,10 +29,11 @@ STEP = StepShape(4, 4, 100.0)
 @pytest.mark.parametrize("host,depth,stall_ms,total_ms", [
     # GPU per layer: 1, 2, 3 + 2 x 0.5 = 4 ms (7 ms in all). Links: 6 + 1 = 7 ms.
     ((6, 1, 0), 0, 7, 14),  # nothing hides: both transfers stall in full
-    ((6, 1, 0), 1, 2, 9),  # layer 0 hides 4 of 6 behind layer 2; layer 1 hides 1 behind layer 0
-    ((6, 1, 0), 2, 0, 7),  # layer 0 hides behind 2 + 1 = 6 ms, layer 1 behind 1 + 4 = 5 ms
-    ((6, 5, 0), 2, 0, 11),  # no stall, but the link's 11 ms outlast the GPU's 7 ms
-    ((6, 5, 0), 1, 6, 13),  # layer 0 stalls 6 - 4 = 2, layer 1 stalls 5 - 1 = 4
+    ((6, 1, 0), 1, 3, 10),  # layer 0 hides 3 of 6 behind layer 2's compute; layer 1 hides 1 behind layer 0
+    ((6, 1, 0), 2, 1, 8),  # layer 0 hides 3 + 2 = 5 ms, layer 1 behind 1 + 3 = 4 ms
+    ((6, 5, 0), 2, 2, 11),  # stalls 1 + 1, and the link's 11 ms outlast the GPU's 7 + 2 ms
+    ((6, 5, 0), 1, 7, 14),  # layer 0 stalls 6 - 3 = 3, layer 1 stalls 5 - 1 = 4
+    ((0, 0, 2), 0, 1, 8),  # layer 2's own decodes (1 ms) hide half of its 2 ms transfer
 ])
 def test_stalls_by_hand(cost, host, depth, stall_ms, total_ms):
     tiers = [TierCounts(8 - h - c, c, h) for h, c in zip(host, (0, 0, 2))]
@@ -92,8 +94,9 @@ def test_the_paging_bound_is_below_every_placement_that_frees_as_much(model, gpu
 
 def test_linear_attention_reads_and_writes_each_sequences_state_once_per_layer():
     """Qwen3-Next's linear-attention layers, by hand: a step reads and writes every running
-    sequence's recurrent state once (context length does not matter), at the profile's HBM rate;
-    its full-attention layers read the KV of the context instead."""
+    sequence's recurrent state once (context length does not matter), at the profile's HBM rate,
+    and its prompt tokens (all but one per sequence) run the chunked kernels at the measured
+    rate per token and state byte; its full-attention layers read the KV of the context instead."""
     import profiles
     from planner.cost_model import CostModel, StepShape
 
@@ -104,8 +107,10 @@ def test_linear_attention_reads_and_writes_each_sequences_state_once_per_layer()
     rate = hw.hbm_gbps * 1e9 * hw.memory_efficiency
     for sequences, context in ((1, 100), (64, 100), (64, 20_000)):
         step = StepShape(sequences + 50, sequences, context)  # prefill tokens beside: the state is per sequence
-        by_hand = 2 * sequences * m.linear_state_bytes_per_layer / rate + hw.kernel_overhead_s
+        by_hand = (2 * sequences * m.linear_state_bytes_per_layer / rate + hw.kernel_overhead_s
+                   + 50 * m.linear_state_bytes_per_layer * hw.linear_prefill_s_per_token_state_byte)
         assert cost._attention_s("linear", step) == pytest.approx(by_hand, rel=1e-12)
+    assert hw.linear_prefill_s_per_token_state_byte * m.linear_state_bytes_per_layer == pytest.approx(115e-9)
     short, long = (cost._attention_s("full", StepShape(64, 64, c)) for c in (100, 20_000))
     assert long > 5 * short  # full attention grows with context, linear does not
 

@@ -188,7 +188,8 @@ def test_the_milp_returns_only_placements_that_beat_the_incumbent_by_the_gap():
     p = problem(layers=2, experts=4, budget=560 * 1024, mip_gap=0.0)
     best = p.milp(1, 0)
     assert best is not None and best.status == "MILP optimal"
-    assert counts(best.tiers) == [(3, 1, 0, 0), (3, 0, 1, 0)] and best.staging_slots == 1
+    # One layer pages its expert compressed, the other to the host (a tie between the two orders).
+    assert sorted(counts(best.tiers)) == [(3, 0, 1, 0), (3, 1, 0, 0)] and best.staging_slots == 1
     rate = best.batch / best.step_time_s
     # The cutoff goes to HiGHS as its objective bound, which prunes by the LP bound: an incumbent
     # out of the LP's reach (3x) ends the MILP at its root. (HiGHS may still report a solution
@@ -216,8 +217,8 @@ def test_relax_stops_where_the_lp_bound_cannot_beat_the_incumbent():
     relaxed = p.relax(1, 0)
     assert relaxed is not None and relaxed.rounding is not None
     assert set(relaxed.bounds_s) == {1, 2, 3, 4}  # few experts: one LP per slot count that fits (0 does not)
-    assert sorted(counts(relaxed.rounding.tiers)) == [(3, 0, 1, 0), (3, 1, 0, 0)]  # the MILP's optimum
     assert relaxed.rounding.step_time_s >= relaxed.bound_s * (1 - 1e-9)
+    assert relaxed.rounding.step_time_s >= p.milp(1, 0).step_time_s * (1 - 1e-9)  # no rounding beats the MILP
     assert relaxed.rounding.status == (f"LP rounding, within {relaxed.rounding.step_time_s / relaxed.bound_s - 1:.2%}"
                                        " of its LP bound")
     # Past every slot count's bound nothing is rounded; past the slot-free LP's bound (lower: the
