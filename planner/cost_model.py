@@ -147,12 +147,16 @@ class CostModel:
         # layer waits for the link alone, bench/results/e2e_a40_standin_host-compressed_*.json);
         # those decodes still take GPU time beside compute (`layer_decode_s`).
         self.decode_s_per_expert = m.expert_bytes / (hw.codec.decode_gbps * 1e9)
-        self.transfer_s_per_expert = hw.h2d_seconds(m.expert_bytes)
-        # Host-compressed experts cross in chunks of several (HOST_CHUNK_BYTES), at the link's
-        # rate for a chunk, not for one expert: 54 GB/s against 46 for Qwen3-Next's 4.3 MB
-        # (the pager measured 53 GB/s, bench/results/e2e_qwen3_next_standin_spread_*.json).
-        chunk = host_chunk_bf16_bytes(m.expert_bytes, m.num_experts) * hw.codec.compressed_ratio
-        self.compressed_transfer_s_per_expert = self.compressed_expert_bytes / (hw.h2d_gbps(chunk) * 1e9)
+        self.transfer_s_per_expert = hw.h2d_seconds(m.expert_bytes)  # one alone: routed-only fetch
+        # Fetched whole, a layer's host experts cross as one copy per stacked matrix and its
+        # host-compressed ones in chunks of several (HOST_CHUNK_BYTES): at the link's rate for a
+        # chunk-sized copy, not one expert's (54 GB/s against 46 for Qwen3-Next's 4.3 MB encoded;
+        # the pager measured 53, bench/results/e2e_qwen3_next_standin_spread_*.json). A layer
+        # with fewer bf16 host experts than a chunk holds copies less at once, a little slower.
+        chunk = host_chunk_bf16_bytes(m.expert_bytes, m.num_experts)
+        self.stack_transfer_s_per_expert = m.expert_bytes / (hw.h2d_gbps(chunk) * 1e9)
+        self.compressed_transfer_s_per_expert = (self.compressed_expert_bytes
+                                                 / (hw.h2d_gbps(chunk * hw.codec.compressed_ratio) * 1e9))
         self._compute_cache: dict[StepShape, list[float]] = {}
         self._active_cache: dict[float, float] = {}  # tokens -> active experts, under a routing skew
         self._pick_odds: list[float] | None = None  # per expert, P(one token picks it), under a skew
@@ -327,7 +331,7 @@ class CostModel:
 
     def layer_transfer_s(self, counts: TierCounts, routed_fetch: bool = False) -> float:
         """Link time ahead of the layer: its host (unless fetched routed-only) and host-compressed experts."""
-        host = 0 if routed_fetch else counts.host * self.transfer_s_per_expert
+        host = 0 if routed_fetch else counts.host * self.stack_transfer_s_per_expert
         return host + counts.host_compressed * self.compressed_transfer_s_per_expert
 
     def layer_routed_s(self, counts: TierCounts, step: StepShape, position: int = 0,
@@ -342,9 +346,9 @@ class CostModel:
     @staticmethod
     def window_layers(num_layers: int, layer: int, prefetch_depth: int) -> list[int]:
         """The layers whose compute hides layer `layer`'s transfer (cyclic: the previous step's tail).
-        The layer's own compressed decodes hide it too: they start when its staging buffer is
-        free, as the transfer does, on the decode stream (measured on the H200 at depth 0: a
-        layer took max(link, decodes) + compute, bench/results/e2e_qwen3_next_standin_spread_*)."""
+        The layer's own decodes hide it too: they start when its staging buffer is free, as the
+        transfer does, on the decode streams (measured on the H200 at depth 0: a layer took
+        max(link, decodes) + compute, bench/results/e2e_qwen3_next_standin_spread_*)."""
         return [(layer - j) % num_layers for j in range(1, min(prefetch_depth, num_layers) + 1)]
 
     def window_gpu_s(self, gpu: list[float], layer: int, prefetch_depth: int) -> float:
@@ -393,7 +397,7 @@ class CostModel:
         # layers that is at least `slot_share` of an expert's bytes (the max is >= the mean).
         eb = self.expert_bytes * (1 - slot_share)
         saved_c = max(self.expert_bytes - self.compressed_expert_bytes - self.expert_bytes * slot_share, 1e-9)
-        td, tx, total = self.decode_s_per_expert, self.transfer_s_per_expert, self.model.total_experts
+        td, tx, total = self.decode_s_per_expert, self.stack_transfer_s_per_expert, self.model.total_experts
         h_max = min(total, host_bytes / self.expert_bytes)
         if host_compressed:
             tx = self.compressed_transfer_s_per_expert

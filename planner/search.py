@@ -190,7 +190,8 @@ class _Problem:
         path = {l: compute[l] + (routed[l] if l in c else 0) for l in range(m.num_layers)}
         decode = {l: decode_s * (c[l] + hc[l]) for l in m.moe_layers}  # cost.layer_decode_s
         gpu = {l: path[l] + decode.get(l, 0) for l in range(m.num_layers)}
-        link = {l: (0 if self.routed else transfer_s) * h[l] + transfer_c * hc[l] for l in m.moe_layers}
+        transfer_h = cost.stack_transfer_s_per_expert / unit
+        link = {l: (0 if self.routed else transfer_h) * h[l] + transfer_c * hc[l] for l in m.moe_layers}
         stalls = []
         for l in m.moe_layers:  # as cost.step_time: the window's compute and the layer's own decodes
             stall = pulp.LpVariable(f"stall{l}", 0)

@@ -19,7 +19,7 @@ def cost(monkeypatch):
     model = CostModel(Profile(tiny_model(3, 8), tiny_gpu()))
     monkeypatch.setattr(model, "layer_compute_s", lambda step: [1 * MS, 2 * MS, 3 * MS])
     monkeypatch.setattr(model, "fixed_s", lambda step: 0.0)
-    model.transfer_s_per_expert, model.decode_s_per_expert = 1 * MS, 0.5 * MS
+    model.stack_transfer_s_per_expert, model.decode_s_per_expert = 1 * MS, 0.5 * MS  # host experts fetched whole
     return model
 
 

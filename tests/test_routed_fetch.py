@@ -265,7 +265,8 @@ def test_the_uniform_share_is_what_the_h200_moved():
 
 def test_routed_step_time_by_hand():
     """Two host experts of four per layer, one token: the routed share (k/E = 1/2) of their link
-    time sits on each layer's path, after its own compute, with nothing to hide it."""
+    time (each expert gathered alone) sits on each layer's path, after its own compute, with
+    nothing to hide it; fetched whole, each layer's two cross in one copy per matrix."""
     from profiles import Profile
     from tests.conftest import tiny_gpu, tiny_model
 
@@ -278,7 +279,7 @@ def test_routed_step_time_by_hand():
     assert t.total_s == pytest.approx(sum(compute) + 2 * fetch + cost.fixed_s(step), rel=1e-12)
     assert t.link_s == pytest.approx(2 * fetch) and t.stall_s == pytest.approx(2 * fetch)
     whole = cost.step_time(tiers, step, 1)
-    assert whole.link_s == pytest.approx(4 * cost.transfer_s_per_expert)
+    assert whole.link_s == pytest.approx(4 * cost.stack_transfer_s_per_expert)
 
 
 def test_the_planner_fetches_routed_only_where_nothing_else_meets_a_latency_limit():
