@@ -31,6 +31,7 @@ most tokens to (under a routing skew, averaged over random placements of hot exp
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -50,6 +51,9 @@ UVA_READ_SHARE = 0.85
 BATCH_GRID = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512,
               640, 768, 896, 1024, 1280, 1536, 2048)
 
+
+# Every choice of four of the eight constraints of CostModel._split_bound_s's LP.
+_VERTEX_ROWS = tuple(itertools.combinations(range(8), 4))
 
 # The host-compressed tier moves each stacked matrix in chunks of about HOST_CHUNK_BYTES of bf16
 # (at least one expert) through landing slots on the GPU (executor/landing.py): small enough to
@@ -387,8 +391,8 @@ class CostModel:
         Relaxes integrality, staging memory and per-layer stalls: free C compressed experts
         (each saves eb(1 - ratio), costs decode time on the GPU) and H host experts (each saves
         eb, costs link time); the best split balances GPU and link time. With the
-        host-compressed tier allowed, a host expert is costed as the cheaper of both host tiers
-        in each resource (its encoded link time, no GPU time), which keeps this a bound.
+        host-compressed tier allowed, host experts split between the two host tiers as well
+        (encoded: less link time, but a decode on the GPU): the LP's vertices, `_split_bound_s`.
         """
         base = self.resident_step_time(step)
         if bytes_to_free <= 0:
@@ -399,10 +403,11 @@ class CostModel:
         saved_c = max(self.expert_bytes - self.compressed_expert_bytes - self.expert_bytes * slot_share, 1e-9)
         td, tx, total = self.decode_s_per_expert, self.stack_transfer_s_per_expert, self.model.total_experts
         h_max = min(total, host_bytes / self.expert_bytes)
+        if eb <= 0:
+            return math.inf
         if host_compressed:
-            tx = self.compressed_transfer_s_per_expert
-            h_max = min(total, host_bytes / self.compressed_expert_bytes)
-        if eb <= 0 or h_max * eb + (total - h_max) * saved_c < bytes_to_free:
+            return self._split_bound_s(base.gpu_s, bytes_to_free, host_bytes, eb, saved_c) + base.fixed_s
+        if h_max * eb + (total - h_max) * saved_c < bytes_to_free:
             return math.inf
 
         def time_at(c: float) -> float:
@@ -414,3 +419,25 @@ class CostModel:
         c_max = min(total, bytes_to_free / saved_c)
         candidates = [c_min, c_max, min(max(c_balance, c_min), c_max)]
         return min(time_at(c) for c in candidates) + base.fixed_s
+
+    def _split_bound_s(self, gpu_s: float, bytes_to_free: float, host_bytes: float, eb: float,
+                       saved_c: float) -> float:
+        """min T over (c, hb, hc) >= 0, the compressed, bf16 host and host-compressed experts:
+        GPU gpu_s + td (c + hc) <= T, link tb hb + tc hc <= T, freed saved_c c + eb (hb + hc) >=
+        bytes_to_free, host bytes within host_bytes, c + hb + hc <= experts. Four unknowns: the
+        optimum is a vertex where four of the eight constraints hold with equality."""
+        td, tb, tc = self.decode_s_per_expert, self.stack_transfer_s_per_expert, self.compressed_transfer_s_per_expert
+        a = np.array([[td, 0, td, -1], [0, tb, tc, -1], [-saved_c, -eb, -eb, 0],
+                      [0, self.expert_bytes, self.compressed_expert_bytes, 0], [1, 1, 1, 0],
+                      [-1, 0, 0, 0], [0, -1, 0, 0], [0, 0, -1, 0]], dtype=float)
+        b = np.array([-gpu_s, 0, -bytes_to_free, host_bytes, self.model.total_experts, 0, 0, 0], dtype=float)
+        scale = np.abs(a).max(axis=1)  # rows in seconds, bytes and counts: compare each at its own scale
+        a, b = a / scale[:, None], b / scale
+        rows = np.array(_VERTEX_ROWS)
+        systems, rhs = a[rows], b[rows]
+        ok = np.abs(np.linalg.det(systems)) > 1e-12
+        if not ok.any():
+            return math.inf
+        x = np.linalg.solve(systems[ok], rhs[ok][..., None])[..., 0]
+        feasible = (x @ a.T <= b + 1e-9 * (1 + np.abs(b))).all(axis=1)
+        return float(x[feasible, 3].min()) if feasible.any() else math.inf

@@ -145,3 +145,34 @@ def test_full_and_sliding_attention_by_hand_with_the_measured_kv_read_curve():
     assert cost._attention_s("sliding", short) == cost._attention_s("full", short)
     assert cost._attention_s("sliding", decode) == cost._attention_s("sliding", StepShape(64, 64, 128))
     assert cost._attention_s("full", decode) > 5 * cost._attention_s("sliding", decode)
+
+
+def test_the_split_host_bound_is_the_lps_optimum():
+    """With the host-compressed tier, host experts split between the two host tiers: the bound
+    is the optimum of that small LP, found by its vertices; scipy's HiGHS solves the same LP."""
+    import random
+
+    import numpy as np
+    import profiles
+    from scipy.optimize import linprog
+
+    profile = profiles.load("qwen3-30b-a3b", gpu="h200")
+    cost, rng = CostModel(profile), random.Random(3)
+    total = profile.model.total_experts
+    for _ in range(30):
+        step = StepShape(rng.choice([1, 16, 128, 512]), 16, 500.0)
+        free, host, share = rng.uniform(1e8, 4e10), rng.choice([1e9, 2e10, 1e12]), rng.uniform(0, 0.05)
+        base = cost.resident_step_time(step)
+        eb = cost.expert_bytes * (1 - share)
+        saved = cost.expert_bytes - cost.compressed_expert_bytes - cost.expert_bytes * share
+        td, tb, tc = cost.decode_s_per_expert, cost.stack_transfer_s_per_expert, cost.compressed_transfer_s_per_expert
+        a = np.array([[td, 0, td, -1], [0, tb, tc, -1], [-saved, -eb, -eb, 0],
+                      [0, cost.expert_bytes, cost.compressed_expert_bytes, 0], [1, 1, 1, 0]])
+        b = np.array([-base.gpu_s, 0, -free, host, total])
+        scale = np.abs(a).max(axis=1)  # seconds, bytes and counts: HiGHS's tolerances need rows near 1
+        lp = linprog([0, 0, 0, 1], A_ub=a / scale[:, None], b_ub=b / scale, bounds=[(0, None)] * 4, method="highs")
+        bound = cost.paging_lower_bound_s(step, free, host, share, host_compressed=True)
+        if lp.status == 2:  # infeasible: nothing frees that much
+            assert bound == float("inf")
+        else:
+            assert bound == pytest.approx(lp.x[3] + base.fixed_s, rel=1e-6)
