@@ -104,7 +104,8 @@ class HardwareProfile:
     attention_kv_gbps: Curve | None = None
     # Measured chunked linear-attention prefill (vLLM's Gated-DeltaNet kernels): seconds per
     # prompt token and byte of one layer's recurrent state (their work grows with heads x dk x
-    # dv); None: a linear layer costs its state's reads and writes alone.
+    # dv); None: a linear layer costs its state's reads and writes alone. Set from vLLM's own
+    # kernels (bench/e2e.py --kernel-profile on a hybrid model), not by `fluxmoe profile`.
     linear_prefill_s_per_token_state_byte: float | None = None
     schema_version: int = SCHEMA_VERSION
 
