@@ -23,7 +23,7 @@ import torch
 
 from fluxmoe.errors import ConfigError
 from fluxmoe.names import Tier, parse_tier, tier_among
-from planner.memory import HOST_CHUNK_BYTES  # bf16 bytes per host-compressed chunk
+from planner.cost_model import HOST_CHUNK_BYTES  # bf16 bytes per host-compressed chunk
 
 CODEC_CHUNK_NUMEL = 1 << 30
 # Encoding on the GPU needs about 16 bytes of temporaries per element (codes, bit planes): chunks

@@ -53,7 +53,7 @@ BATCH_GRID = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 3
 
 
 # Every choice of four of the eight constraints of CostModel._split_bound_s's LP.
-_VERTEX_ROWS = tuple(itertools.combinations(range(8), 4))
+_VERTEX_ROWS = np.array(list(itertools.combinations(range(8), 4)))
 
 # The host-compressed tier moves each stacked matrix in chunks of about HOST_CHUNK_BYTES of bf16
 # (at least one expert) through landing slots on the GPU (executor/landing.py): small enough to
@@ -401,12 +401,12 @@ class CostModel:
         # layers that is at least `slot_share` of an expert's bytes (the max is >= the mean).
         eb = self.expert_bytes * (1 - slot_share)
         saved_c = max(self.expert_bytes - self.compressed_expert_bytes - self.expert_bytes * slot_share, 1e-9)
-        td, tx, total = self.decode_s_per_expert, self.stack_transfer_s_per_expert, self.model.total_experts
-        h_max = min(total, host_bytes / self.expert_bytes)
         if eb <= 0:
             return math.inf
         if host_compressed:
             return self._split_bound_s(base.gpu_s, bytes_to_free, host_bytes, eb, saved_c) + base.fixed_s
+        td, tx, total = self.decode_s_per_expert, self.stack_transfer_s_per_expert, self.model.total_experts
+        h_max = min(total, host_bytes / self.expert_bytes)
         if h_max * eb + (total - h_max) * saved_c < bytes_to_free:
             return math.inf
 
@@ -433,8 +433,7 @@ class CostModel:
         b = np.array([-gpu_s, 0, -bytes_to_free, host_bytes, self.model.total_experts, 0, 0, 0], dtype=float)
         scale = np.abs(a).max(axis=1)  # rows in seconds, bytes and counts: compare each at its own scale
         a, b = a / scale[:, None], b / scale
-        rows = np.array(_VERTEX_ROWS)
-        systems, rhs = a[rows], b[rows]
+        systems, rhs = a[_VERTEX_ROWS], b[_VERTEX_ROWS]
         ok = np.abs(np.linalg.det(systems)) > 1e-12
         if not ok.any():
             return math.inf

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from fluxmoe.names import System
 from fluxmoe.units import GiB
-from planner.cost_model import HOST_CHUNK_BYTES, TierCounts, host_chunk_bf16_bytes  # noqa: F401 (re-exported)
+from planner.cost_model import TierCounts, host_chunk_bf16_bytes
 
 VLLM_MAX_NUM_SEQS = 1024  # vLLM's default on large GPUs; KV decides admission below it
 
