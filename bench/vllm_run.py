@@ -158,6 +158,7 @@ def main() -> None:
     for r in range(1, a.repeat):  # other token ids of the same lengths: no prefix-cache hits in the timed run
         llm.generate(token_prompts(r), sp, use_tqdm=False)
     steps = _log_steps(llm) if a.step_log else None
+    preemptions = _count_preemptions(llm)
     torch.cuda.synchronize()
     profiler = None
     if a.kernel_profile:
@@ -182,7 +183,7 @@ def main() -> None:
                num_gpu_blocks=cache.num_gpu_blocks, block_size=cache.block_size,
                kv_tokens=(cache.num_gpu_blocks or 0) * cache.block_size,
                gpu=torch.cuda.get_device_name(0), gpu_total_bytes=total,
-               max_allocated_bytes=torch.cuda.max_memory_allocated(), **_latencies(outs),
+               max_allocated_bytes=torch.cuda.max_memory_allocated(), preemptions=preemptions[0], **_latencies(outs),
                settings={k: (sorted(v) if isinstance(v, set) else v) for k, v in kw.items()
                          if k not in ("model", "skip_tokenizer_init")})
     if runtime is not None:
@@ -273,6 +274,20 @@ def _log_steps(llm) -> list:
 
     scheduler.schedule = logged
     return steps
+
+
+def _count_preemptions(llm) -> list[int]:
+    """A one-item list that counts the in-process scheduler's preemptions from now on: the
+    simulator preempts where vLLM would, and KV-bound runs are checked against it."""
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    preempt, count = scheduler._preempt_request, [0]
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return preempt(*args, **kwargs)
+
+    scheduler._preempt_request = counted
+    return count
 
 
 def launch(args: list[str], log, timeout_s: float | None = None) -> dict:

@@ -41,11 +41,11 @@ from planner.popularity import ExpertPopularity
 from profiles.registry import Profile
 
 # vLLM's UVA offload reads host weights from inside its GEMM kernels, tile by tile, at this share
-# of the copy engine's pinned rate: one figure fitted over the four UVA runs on the H200 (the
-# 8-layer Mixtral stand-in offloading 13, 16 and 19 GiB, Qwen3-Next's stand-in 16 GiB, each run
-# with the KV the memory model gives it), which puts all four within 4%
-# (bench/calibration.json). Our own gather kernel reads pinned memory at 0.93 of it.
-UVA_READ_SHARE = 0.85
+# of the copy engine's pinned rate. Measured, not fitted: our own gather kernel, which reads
+# pinned memory through UVA the same way, got 0.92-0.94 of the copy engine's rate in six runs on
+# the H200 (bench/results/routed_fetch_*_2026-11-24.json). With the bytes vLLM really offloads
+# (MemoryModel.uva_offloaded_bytes) it puts 8 of the 10 UVA runs within 1.2%.
+UVA_READ_SHARE = 0.93
 
 # Batch sizes (concurrent sequences) the planner considers.
 BATCH_GRID = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512,

@@ -163,7 +163,27 @@ class MemoryModel:
         """vLLM + CPU offload: expert bytes to offload to leave `kv_bytes` of KV."""
         return max(0, self.fixed_bytes + self.all_experts_bytes + kv_bytes - budget)
 
+    def uva_offloaded_bytes(self, requested: int) -> int:
+        """What vLLM's UVA offloader moves to the host for `cpu_offload_gb` = `requested` bytes of
+        expert weights: whole parameters, layer by layer from the first, each MoE layer's stacked
+        gate/up matrix (2/3 of its experts' bytes) and then its down matrix, until it has moved at
+        least `requested` (vllm/model_executor/offloader/uva.py checks before each parameter). On
+        the H200 the runs' KV sizes moved by exactly these steps: 16 GiB asked of the 8-layer
+        Mixtral moved 17.5."""
+        if requested <= 0:
+            return 0
+        layer = self.model.num_experts * self.expert_bytes
+        moe_layers = sum(self.model.is_moe_layer(i) for i in range(self.model.num_layers))
+        whole, rest = divmod(requested, layer)
+        if whole >= moe_layers:
+            return moe_layers * layer
+        moved = whole * layer
+        if rest > 0:
+            moved += layer * 2 // 3 if rest <= layer * 2 // 3 else layer
+        return moved
+
     def baseline(self, system: System, budget: int, offload_bytes: int = 0) -> BaselineFootprint:
-        """A baseline's footprint in `budget`: KV is what its weights leave."""
-        kv = self.resident_kv(budget) + (offload_bytes if system is System.VLLM_OFFLOAD else 0)
-        return BaselineFootprint(System(system), offload_bytes, kv)
+        """A baseline's footprint in `budget`: KV is what its weights leave. offload_bytes: what
+        is asked of vLLM + CPU offload; the footprint holds what vLLM really moves."""
+        moved = self.uva_offloaded_bytes(offload_bytes) if system is System.VLLM_OFFLOAD else 0
+        return BaselineFootprint(System(system), moved, self.resident_kv(budget) + moved)

@@ -290,3 +290,103 @@ def run(gpu_name: str, out: str | Path | None = None) -> Path:  # pragma: no cov
           f"D2D copy {m.copy_gbps:.0f} GB/s, bf16 matmul {m.matmul_tflops:.0f} TFLOP/s, codec decode "
           f"{m.codec_decode_gbps:.0f} GB/s at ratio {m.codec_ratio:.3f}; {len(m.expert_ffn_s)} expert shapes")
     return path
+
+
+# Dense projections of the shipped models, (name, in features, out features): what a layer's
+# attention block (or linear-attention block), shared expert and router, and the LM head run
+# through cuBLAS (vLLM's unquantized linear layers call torch's F.linear).
+DENSE_SHAPES = [
+    ("mixtral qkv", 4096, 6144), ("mixtral o", 4096, 4096), ("mixtral router", 4096, 8),
+    ("mixtral lm head", 4096, 32000),
+    ("qwen3-next attention qkv+gate", 2048, 9216), ("qwen3-next attention o", 4096, 2048),
+    ("qwen3-next linear in", 2048, 12288), ("qwen3-next linear out", 4096, 2048),
+    ("qwen3-next shared gate+up", 2048, 1024), ("qwen3-next shared down", 512, 2048),
+    ("qwen3-next router", 2048, 512), ("qwen3-next lm head", 2048, 151936),
+]
+GEMM_TOKENS = [1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+# (name, query heads, KV heads, head dim, block tokens) of vLLM's paged KV for the shipped models.
+ATTENTION_SHAPES = [("mixtral", 32, 8, 128, 16), ("qwen3-next", 16, 2, 256, 544)]
+DECODE_BATCHES = [1, 8, 32, 64, 128, 256]
+DECODE_CONTEXTS = [128, 512, 1024, 2048, 4096]
+PREFILL_LENGTHS = [128, 256, 512, 1024, 2048, 4096]
+PREFILL_TOKENS = 16384  # a chunk as vLLM's offline engine batches it on a large GPU
+
+
+def measure_dense_gemms(shapes=DENSE_SHAPES, tokens=GEMM_TOKENS) -> list[dict]:  # pragma: no cover - needs a GPU
+    """Seconds of y = x W^T (F.linear, bf16) for each shape and token count, replayed from a
+    CUDA graph as vLLM's decode steps are."""
+    import torch
+    from tqdm import tqdm
+
+    dev, rows = torch.device("cuda"), []
+    for name, k, n in tqdm(shapes, desc="dense GEMMs"):
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+        for m in tokens:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            out = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
+            rows.append(dict(name=name, k=k, n=n, tokens=m,
+                             s=_graph_ms(lambda: torch.matmul(x, w.t(), out=out)) / 1e3))
+            del x, out
+        del w
+    torch.cuda.empty_cache()
+    return rows
+
+
+def _paged_kv(torch, seqs: int, context: int, kv_heads: int, head_dim: int, block: int, dev):
+    """A paged K and V cache holding `seqs` sequences of `context` tokens in shuffled blocks,
+    and the block table that finds them (vLLM's layout: blocks x block tokens x heads x dim)."""
+    per_seq = -(-context // block)
+    blocks = seqs * per_seq
+    k = torch.randn(blocks, block, kv_heads, head_dim, device=dev, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    table = torch.randperm(blocks, device=dev, dtype=torch.int32).view(seqs, per_seq)
+    return k, v, table
+
+
+def measure_attention(kernel: str = "vllm") -> list[dict]:  # pragma: no cover - needs a GPU
+    """Seconds of one layer's attention, decode (batch x context, one query token each) and
+    causal prefill (`PREFILL_TOKENS` of prompts of each length), for each shape of
+    `ATTENTION_SHAPES`: kernel "vllm" is vLLM's FlashAttention over the paged cache (what its
+    FLASH_ATTN backend calls, CUDA-graph replayed); "sdpa" is torch's SDPA over contiguous K and
+    V, decode only (how the profile's decode curve was first measured)."""
+    import torch
+    from tqdm import tqdm
+
+    dev, rows = torch.device("cuda"), []
+    if kernel == "vllm":
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+        fa_version = 3 if torch.cuda.get_device_capability()[0] == 9 else 2  # what vLLM's backend picks
+    elif kernel != "sdpa":
+        raise ConfigError(f"kernel: expected 'vllm' or 'sdpa', got {kernel!r}")
+    for name, heads, kv_heads, head_dim, block in ATTENTION_SHAPES:
+        kv_token = 2 * kv_heads * head_dim * 2  # K and V, bf16
+        cases = [("decode", b, c) for b in DECODE_BATCHES for c in DECODE_CONTEXTS]
+        if kernel == "vllm":
+            cases += [("prefill", PREFILL_TOKENS // length, length) for length in PREFILL_LENGTHS]
+        for phase, seqs, context in tqdm(cases, desc=f"{kernel} attention, {name}"):
+            if seqs * context * kv_token > 8 << 30:
+                continue
+            q_len = 1 if phase == "decode" else context
+            q = torch.randn(seqs * q_len, heads, head_dim, device=dev, dtype=torch.bfloat16)
+            if kernel == "vllm":
+                k, v, table = _paged_kv(torch, seqs, context, kv_heads, head_dim, block, dev)
+                cu_q = torch.arange(0, seqs + 1, device=dev, dtype=torch.int32) * q_len
+                used = torch.full((seqs,), context, device=dev, dtype=torch.int32)
+                out = torch.empty_like(q)
+                fn = lambda: flash_attn_varlen_func(  # noqa: E731
+                    q, k, v, max_seqlen_q=q_len, cu_seqlens_q=cu_q, max_seqlen_k=context, seqused_k=used,
+                    softmax_scale=head_dim ** -0.5, causal=True, block_table=table, out=out, fa_version=fa_version)
+            else:
+                q = q.view(seqs, heads, 1, head_dim)
+                k = torch.randn(seqs, kv_heads, context, head_dim, device=dev, dtype=torch.bfloat16)
+                v = torch.randn_like(k)
+                fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+            seconds = _graph_ms(fn) / 1e3
+            flops = 4 * heads * head_dim * seqs * (q_len * context - q_len * (q_len - 1) / 2)  # causal
+            label = kernel if kernel == "sdpa" else f"vllm fa{fa_version}"
+            rows.append(dict(shape=name, kernel=label, phase=phase, seqs=seqs, context=context, s=seconds,
+                             kv_bytes=seqs * context * kv_token, flops=flops))
+            del q, k, v
+            torch.cuda.empty_cache()
+    return rows

@@ -90,10 +90,11 @@ def prefetch_settings(profile: Profile, plan: Plan, workload: Workload,
 
 
 def baseline_settings(memory, system: System | str, budget: int, offload_bytes: int = 0) -> dict:
-    """KV, batch cap and offload bytes of a baseline in `budget` (its KV is what its weights leave)."""
+    """KV, batch cap and offload bytes of a baseline in `budget` (its KV is what its weights
+    leave) when `offload_bytes` is asked of vLLM + CPU offload (it moves whole parameters)."""
     footprint = memory.baseline(System(system), budget, offload_bytes)
     return dict(kv_cache_bytes=footprint.kv_cache_bytes, max_num_seqs=footprint.max_num_seqs,
-                offload_bytes=offload_bytes)
+                offload_bytes=footprint.offload_bytes)
 
 
 def baseline_configs(profile: Profile, plan: Plan, workload: Workload, system: System,

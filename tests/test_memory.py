@@ -1,6 +1,7 @@
 """The one memory model against hand sums, and baselines that do not move with FluxMoE's options."""
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,9 @@ from planner.cost_model import TierCounts
 from planner.memory import VLLM_MAX_NUM_SEQS, MemoryModel
 from profiles import Profile
 from tests.conftest import tiny_gpu, tiny_model
+
+GiB = 2**30
+ROOT = Path(__file__).resolve().parent.parent
 
 RESERVE = 16 << 10
 
@@ -36,9 +40,35 @@ def test_baseline_footprints_by_hand():
     weights = model.non_expert_bytes + 8 * mem.expert_bytes
     plain = mem.baseline(System.VLLM, budget)
     assert plain.kv_cache_bytes == budget - RESERVE - weights and plain.max_num_seqs == VLLM_MAX_NUM_SEQS
-    offload = mem.offload_for_kv(budget, 900_000)
-    assert offload == weights + RESERVE + 900_000 - budget
-    assert mem.baseline(System.VLLM_OFFLOAD, budget, offload).kv_cache_bytes == 900_000
+    kv = plain.kv_cache_bytes + 100_000
+    offload = mem.offload_for_kv(budget, kv)
+    assert offload == weights + RESERVE + kv - budget == 100_000
+    footprint = mem.baseline(System.VLLM_OFFLOAD, budget, offload)
+    # vLLM moves whole parameters: at least what was asked, and KV gets all of it
+    assert footprint.offload_bytes == mem.uva_offloaded_bytes(offload) == 4 * mem.expert_bytes * 2 // 3
+    assert footprint.kv_cache_bytes == plain.kv_cache_bytes + footprint.offload_bytes >= kv
+
+
+def test_vllm_offloads_whole_parameters_layer_by_layer():
+    mem = MemoryModel(tiny_model(2, 4), 0.7, RESERVE)
+    layer = 4 * mem.expert_bytes  # a layer's stacked experts: gate/up matrix 2/3 of it, down 1/3
+    gate_up = layer * 2 // 3
+    assert mem.uva_offloaded_bytes(0) == 0
+    assert mem.uva_offloaded_bytes(1) == gate_up  # the first layer's gate/up matrix alone
+    assert mem.uva_offloaded_bytes(gate_up) == gate_up
+    assert mem.uva_offloaded_bytes(gate_up + 1) == layer
+    assert mem.uva_offloaded_bytes(layer) == layer  # stops once it has what was asked
+    assert mem.uva_offloaded_bytes(layer + 1) == layer + gate_up
+    assert mem.uva_offloaded_bytes(10 * layer) == 2 * layer  # no more than every expert
+
+
+def test_offloaded_bytes_match_what_vllm_moved_on_the_h200():
+    """The KV sizes of the runs moved by these steps (bench/calibration.json): Qwen3-Next's
+    experts are 3 GiB a layer, the 8-layer Mixtral's 2.625 GiB."""
+    qwen = MemoryModel.of(profiles.load("qwen3-next-80b-a3b", gpu="h200"))
+    assert [qwen.uva_offloaded_bytes(g * GiB) / GiB for g in (7.33, 40, 44, 48)] == [8, 41, 44, 48]
+    mixtral = MemoryModel.of(profiles.load(str(ROOT / "models" / "mixtral-8x7b-8layers"), gpu="h200"))
+    assert [mixtral.uva_offloaded_bytes(g * GiB) / GiB for g in (13, 16, 19)] == [13.125, 17.5, 20.125]
 
 
 def test_a_plans_memory_adds_up_to_its_budget_and_matches_the_memory_model():
