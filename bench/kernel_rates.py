@@ -11,7 +11,7 @@ bench/results/e2e_fits_short_kernels_2026-11-25.json) had the dense GEMMs at 725
   (`profiles.profiler.measure_dense_gemms`);
 - vLLM's FlashAttention over a paged cache, decode (batch x context) and causal prefill, and
   SDPA decode at the same points (`profiles.profiler.measure_attention`).
-Every kernel is replayed from a CUDA graph. JSON to bench/results/kernel_rates_<date>.json;
+Every kernel runs 20 times back to back inside one CUDA graph, timed per call. JSON to bench/results/kernel_rates_<date>.json;
 the table printed last is each kernel's time over the roofline's.
 
     FLUXMOE_COMMIT=<sha> python3 bench/kernel_rates.py      # on the GPU machine, vLLM carried
@@ -67,7 +67,7 @@ def main() -> None:
     commit = os.environ.get("FLUXMOE_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
                                                                 capture_output=True, text=True, cwd=ROOT).stdout.strip()
     report = {"what": "dense GEMMs (cuBLAS) and attention (vLLM FlashAttention, paged; SDPA) against the roofline, "
-                      "CUDA-graph replayed, one process", "device": torch.cuda.get_device_name(0),
+                      "20 calls inside one CUDA graph, per call, one process", "device": torch.cuda.get_device_name(0),
               "date": datetime.date.today().isoformat(), "commit": commit, "torch": torch.__version__,
               "peaks": rates, "gemms": gemms, "attention": attention}
     os.makedirs(RESULTS, exist_ok=True)

@@ -47,6 +47,14 @@ from profiles.registry import Profile
 # (MemoryModel.uva_offloaded_bytes) it puts 8 of the 10 UVA runs within 1.2%.
 UVA_READ_SHARE = 0.93
 
+# Per decoder layer, vLLM runs small kernels besides its GEMMs, attention and experts: two fused
+# residual-add RMS norms, the rotary embedding, the KV-cache write, the router's top-k and a
+# Triton elementwise kernel: 6 kernels a layer-step in plain vLLM's kernel profile of Mixtral-8x7B
+# (bench/results/e2e_fits_short_kernels_2026-11-25.json: 224 ms in 4,352 layer-steps), each
+# at least a kernel's fixed cost, and together about 12 reads or writes of a token's hidden state.
+LAYER_SMALL_KERNELS = 6
+LAYER_HIDDEN_PASSES = 12
+
 # Batch sizes (concurrent sequences) the planner considers.
 BATCH_GRID = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512,
               640, 768, 896, 1024, 1280, 1536, 2048)
@@ -178,12 +186,14 @@ class CostModel:
         self._compute_cache.clear()
 
     # ------------------------------------------------------------------ compute
-    def _gemm_s(self, params: float, tokens: float) -> float:
-        """Roofline time of reading `params` weights once and multiplying them by `tokens` rows."""
+    def _gemm_s(self, params: float, tokens: float, kernels: int = 1) -> float:
+        """Roofline time of reading `params` weights once and multiplying them by `tokens` rows,
+        in `kernels` GEMM kernels, each with its fixed cost (cuBLAS on the H200: 3-7 us above
+        the roofline at few tokens, bench/results/kernel_rates_2026-11-25.json)."""
         if params <= 0:
             return 0.0
         return max(2 * params * tokens / self._flops_per_s,
-                   params * self.model.dtype_bytes / self._bytes_per_s) + self.hw.kernel_overhead_s
+                   params * self.model.dtype_bytes / self._bytes_per_s) + kernels * self.hw.kernel_overhead_s
 
     def expert_ffn_s(self, tokens: float) -> float:
         """One expert's FFN over `tokens` tokens: measured table if the profile has one, else roofline."""
@@ -282,10 +292,12 @@ class CostModel:
         experts_s = active * self.expert_ffn_s(self.routed_pairs(step.tokens) / active)
         # Tensor parallel: attention and the FFN each end in an all-reduce of the hidden states.
         all_reduces_s = 2 * self.parallel.all_reduce_s(step.tokens * m.hidden_size * m.dtype_bytes)
+        small_s = (LAYER_SMALL_KERNELS * self.hw.kernel_overhead_s
+                   + LAYER_HIDDEN_PASSES * step.tokens * m.hidden_size * m.dtype_bytes / self._bytes_per_s)
         times = []
         for layer in range(m.num_layers):
-            t = (self._gemm_s(m.layer_dense_params(layer), step.tokens) + self._attention_s(m.attention[layer], step)
-                 + all_reduces_s)
+            t = (self._gemm_s(m.layer_dense_params(layer), step.tokens, m.layer_dense_gemms(layer))
+                 + self._attention_s(m.attention[layer], step) + small_s + all_reduces_s)
             if m.is_moe_layer(layer):
                 t += experts_s
             times.append(t)

@@ -543,12 +543,15 @@ def baselines(p: _Problem) -> list[BaselinePrediction]:
                               max_num_seqs=footprint.max_num_seqs,
                               note="" if plain else "the model's weights and one sequence's KV exceed the budget")]
 
-    def offload(b: int) -> int:
+    def asked(b: int) -> int:  # expert bytes to offload for batch b's KV
         return mem.offload_for_kv(p.budget, b * p.kv_per_seq)
+
+    def offload(b: int) -> int:  # what vLLM moves when asked for them (whole parameters)
+        return mem.uva_offloaded_bytes(asked(b))
 
     offloaded = _best_over_batches(
         p, lambda b: _prediction(p, b, None, 0, offload(b)),
-        lambda b: offload(b) <= min(p.host_budget, mem.all_experts_bytes), None)
+        lambda b: asked(b) <= mem.all_experts_bytes and offload(b) <= p.host_budget, None)
     footprint = mem.baseline(System.VLLM_OFFLOAD, p.budget, offload(offloaded.batch_size) if offloaded else 0)
     out.append(BaselinePrediction(System.VLLM_OFFLOAD.value, offloaded is not None, offloaded,
                                   offload_bytes=footprint.offload_bytes,

@@ -101,6 +101,12 @@ class ModelSpec:
         router = self.router_params if layer in self._moe_set else 0
         return self.attention_params[layer] + self.shared_ffn_params[layer] + router
 
+    def layer_dense_gemms(self, layer: int) -> int:
+        """GEMM kernels those parameters run in: the attention block's input and output
+        projections, the router, the shared FFN's gate/up and down."""
+        return ((2 if self.attention_params[layer] else 0) + (1 if layer in self._moe_set else 0)
+                + (2 if self.shared_ffn_params[layer] else 0))
+
     @property
     def non_expert_params(self) -> int:
         return (self.embedding_params + self.other_params

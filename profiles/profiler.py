@@ -7,8 +7,10 @@ What it measures, each timed with CUDA events (median of repeats, after warm-up)
 - decode attention (SDPA, grouped-query) over a grid of batch x context, as the GB/s of KV
   it reads against the KV bytes a step reads (what drives decode attention in every model);
 - the expert FFN (gate, up, SiLU, down) against tokens per expert, for every shipped model's
-  expert shape: many experts at once through batched matmuls, as a fused-MoE kernel runs
-  them, divided by their number (a lone expert in eager torch measures launch overhead).
+  expert shape: vLLM's fused-MoE kernel where vLLM is installed (else batched matmuls), every
+  expert of a layer at once, divided by their number (a lone expert measures launch overhead);
+- the dense projections of the shipped models (cuBLAS) over a grid of tokens: the share of
+  the matmul peak they reach where compute-bound (`dense_gemm_efficiency`).
 `build_profile` turns those measurements into a profile (pure, tested on the CPU);
 `python -m profiles.profiler --gpu-name h200` runs it all on a GPU and writes
 profiles/gpus/<name>-measured.json, which `profiles.load` then prefers over the datasheet.
@@ -49,6 +51,19 @@ class Measurements:
     codec_ratio: float
     expert_ffn_s: dict[str, dict[int, float]] = field(default_factory=dict)  # "h x i" -> tokens -> s
     attention_kv_gbps: dict[int, float] = field(default_factory=dict)  # KV bytes read -> GB/s
+    dense_gemm_efficiency: float = 1.0  # share of matmul_tflops that dense projections reach
+    ffn_kernel: str = "torch"  # what timed the expert FFN tables (`measure_expert_ffn`)
+
+
+def dense_gemm_efficiency(rows: list[dict], peak_tflops: float) -> float:
+    """The median share of `peak_tflops` (a square 8192^3 matmul's) that the dense projections
+    of `measure_dense_gemms` reach where they are compute-bound: 1,024 tokens or more through
+    matrices of at least 2048 x 2048 (on the H200, 0.79-0.99, median 0.865)."""
+    shares = [2 * r["tokens"] * r["k"] * r["n"] / r["s"] / (peak_tflops * 1e12) for r in rows
+              if r["tokens"] >= 1024 and r["k"] * r["n"] >= 2048 * 2048]
+    if not shares:
+        raise ValueError("dense_gemm_efficiency: no compute-bound row (>= 1,024 tokens, >= 2048 x 2048)")
+    return statistics.median(shares)
 
 
 def _curve(points: dict) -> Curve:
@@ -63,11 +78,12 @@ def build_profile(name: str, m: Measurements, base: HardwareProfile | None = Non
         name=name, gpu_memory_bytes=m.gpu_memory_bytes, hbm_gbps=m.copy_gbps, bf16_tflops=m.matmul_tflops,
         h2d_gbps=_curve(m.h2d_gbps), d2h_gbps=_curve(m.d2h_gbps),
         codec=CodecRates(m.codec_decode_gbps, m.codec_ratio), host_pinned_bytes=m.host_memory_bytes,
-        # Achieved rates were measured, so no further discount on them.
-        gemm_efficiency=1.0, memory_efficiency=1.0, expert_ffn_s=ffn,
+        # The copy rate is achieved already; dense GEMMs reach a measured share of the matmul peak.
+        gemm_efficiency=m.dense_gemm_efficiency, memory_efficiency=1.0, expert_ffn_s=ffn,
         attention_kv_gbps=_curve(m.attention_kv_gbps) if m.attention_kv_gbps else None,
         provenance=Provenance("measured", "fluxmoe profiler: PCIe curves, D2D copy, bf16 matmul, codec, expert "
-                              "FFN tables and decode-attention KV bandwidth measured; prefill attention is roofline; "
+                              f"FFN tables ({m.ffn_kernel} kernel), dense-GEMM share of the matmul peak and "
+                              "decode-attention KV bandwidth measured; prefill attention is roofline; "
                               "step overhead and host memory from the datasheet profile",
                               device=m.device, date=datetime.date.today().isoformat(), tool_version=TOOL_VERSION))
     if base is not None:
@@ -140,14 +156,41 @@ def _graph_ms(fn, reps: int = 20) -> float:  # pragma: no cover - needs a GPU
     return _ms(graph.replay, reps)
 
 
+def _graph_call_ms(fns, calls: int = 20, reps: int = 10) -> float:  # pragma: no cover - needs a GPU
+    """Median milliseconds of one call among `calls` captured back to back in one CUDA graph,
+    cycling through `fns` (the same kernel on different buffers, so that the H200's 50 MB L2
+    does not serve a call what the call before it read): a kernel as it runs inside vLLM's step
+    graphs, without a graph launch per call (one call per replay measured a 10-17 us floor
+    that vLLM's steps do not pay per kernel)."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    return _ms(graph.replay, reps) / calls
+
+
+def _copies(nbytes: int, spread: int = 256 << 20, most: int = 20) -> int:
+    """Buffers to cycle through so that consecutive calls read `spread` bytes apart."""
+    return max(1, min(most, -(-spread // max(nbytes, 1))))
+
+
 def measure_expert_ffn(expert_shapes: list[tuple[int, int, int]], kernel: str = "torch",
                        top_k: int = 2) -> dict[str, dict[int, float]]:  # pragma: no cover - needs a GPU
     """Seconds of one expert's FFN against its tokens, for each (hidden, intermediate, experts).
     kernel "torch": batched torch matmuls (gate, up, SiLU, down), event-timed, as the shipped
     H200 profile was measured; "vllm": vLLM's Triton fused-MoE kernel over every expert of a
-    layer at once, routing balanced (`balanced_routing`), replayed from a CUDA graph (timed
-    eagerly it measured 7-42% above torch at 1-64 tokens per expert, launch gaps included, and
-    5% above at 4,096; bench/NOTES.md, session 10); both divided by the experts."""
+    layer at once, routing balanced (`balanced_routing`), 20 calls inside one CUDA graph as a
+    vLLM step runs it (`_graph_call_ms`; timed eagerly it measured 7-42% above torch at 1-64
+    tokens per expert, launch gaps included, and 5% above at 4,096; bench/NOTES.md, session
+    10); both divided by the experts."""
     import torch
     from tqdm import tqdm
 
@@ -171,7 +214,7 @@ def measure_expert_ffn(expert_shapes: list[tuple[int, int, int]], kernel: str = 
                     continue  # activations past 8 GiB: the table's last point stands for larger t
                 x = torch.randn(ids.shape[0], h, device=dev, dtype=torch.bfloat16)
                 weights = torch.full(ids.shape, 1 / k, device=dev, dtype=torch.float32)
-                points[t] = _graph_ms(lambda: fused(x, w1, w2, weights, ids)) / 1e3 / n
+                points[t] = _graph_call_ms([lambda: fused(x, w1, w2, weights, ids)]) / 1e3 / n
                 del x, ids, weights
         else:
             w13 = torch.randn(n, h, 2 * i, device=dev, dtype=torch.bfloat16) * 0.02  # gate and up, fused
@@ -242,7 +285,9 @@ def measure(expert_shapes: list[tuple[int, int, int]]) -> Measurements:  # pragm
     codec_ratio = decoder.enc.ratio
     assert torch.equal(out.view(torch.int16), weights.view(torch.int16))
     del weights, decoder, out
-    ffn = measure_expert_ffn(expert_shapes)
+    ffn_kernel = "vllm" if vllm_fused_experts() is not None else "torch"  # what serving runs, where installed
+    ffn = measure_expert_ffn(expert_shapes, ffn_kernel)
+    gemm_efficiency = dense_gemm_efficiency(measure_dense_gemms(), matmul_tflops)
     attention: dict[int, float] = {}
     heads, kv_heads, head_dim = 32, 8, 128  # Mixtral's; the curve is in KV bytes, so it transfers
     for batch in tqdm((1, 8, 32, 128), desc="decode attention"):
@@ -259,7 +304,7 @@ def measure(expert_shapes: list[tuple[int, int, int]]) -> Measurements:  # pragm
     props = torch.cuda.get_device_properties(0)
     host_bytes = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8)
     return Measurements(props.name, props.total_memory, host_bytes, h2d, d2h, copy_gbps, matmul_tflops, codec_gbps,
-                        codec_ratio, ffn, attention)
+                        codec_ratio, ffn, attention, gemm_efficiency, ffn_kernel)
 
 
 def shipped_expert_shapes() -> list[tuple[int, int, int]]:
@@ -313,21 +358,21 @@ PREFILL_TOKENS = 16384  # a chunk as vLLM's offline engine batches it on a large
 
 
 def measure_dense_gemms(shapes=DENSE_SHAPES, tokens=GEMM_TOKENS) -> list[dict]:  # pragma: no cover - needs a GPU
-    """Seconds of y = x W^T (F.linear, bf16) for each shape and token count, replayed from a
-    CUDA graph as vLLM's decode steps are."""
+    """Seconds of y = x W^T (F.linear, bf16) for each shape and token count, inside a CUDA
+    graph as vLLM's steps run them (`_graph_call_ms`)."""
     import torch
     from tqdm import tqdm
 
     dev, rows = torch.device("cuda"), []
     for name, k, n in tqdm(shapes, desc="dense GEMMs"):
-        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+        ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(_copies(n * k * 2))]
         for m in tokens:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             out = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
-            rows.append(dict(name=name, k=k, n=n, tokens=m,
-                             s=_graph_ms(lambda: torch.matmul(x, w.t(), out=out)) / 1e3))
+            calls = [lambda w=w: torch.matmul(x, w.t(), out=out) for w in ws]
+            rows.append(dict(name=name, k=k, n=n, tokens=m, s=_graph_call_ms(calls) / 1e3))
             del x, out
-        del w
+        del ws
     torch.cuda.empty_cache()
     return rows
 
@@ -347,7 +392,7 @@ def measure_attention(kernel: str = "vllm") -> list[dict]:  # pragma: no cover -
     """Seconds of one layer's attention, decode (batch x context, one query token each) and
     causal prefill (`PREFILL_TOKENS` of prompts of each length), for each shape of
     `ATTENTION_SHAPES`: kernel "vllm" is vLLM's FlashAttention over the paged cache (what its
-    FLASH_ATTN backend calls, CUDA-graph replayed); "sdpa" is torch's SDPA over contiguous K and
+    FLASH_ATTN backend calls, inside a CUDA graph: `_graph_call_ms`); "sdpa" is torch's SDPA over contiguous K and
     V, decode only (how the profile's decode curve was first measured)."""
     import torch
     from tqdm import tqdm
@@ -368,25 +413,28 @@ def measure_attention(kernel: str = "vllm") -> list[dict]:  # pragma: no cover -
             if seqs * context * kv_token > 8 << 30:
                 continue
             q_len = 1 if phase == "decode" else context
-            q = torch.randn(seqs * q_len, heads, head_dim, device=dev, dtype=torch.bfloat16)
-            if kernel == "vllm":
-                k, v, table = _paged_kv(torch, seqs, context, kv_heads, head_dim, block, dev)
-                cu_q = torch.arange(0, seqs + 1, device=dev, dtype=torch.int32) * q_len
-                used = torch.full((seqs,), context, device=dev, dtype=torch.int32)
-                out = torch.empty_like(q)
-                fn = lambda: flash_attn_varlen_func(  # noqa: E731
-                    q, k, v, max_seqlen_q=q_len, cu_seqlens_q=cu_q, max_seqlen_k=context, seqused_k=used,
-                    softmax_scale=head_dim ** -0.5, causal=True, block_table=table, out=out, fa_version=fa_version)
-            else:
-                q = q.view(seqs, heads, 1, head_dim)
-                k = torch.randn(seqs, kv_heads, context, head_dim, device=dev, dtype=torch.bfloat16)
-                v = torch.randn_like(k)
-                fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
-            seconds = _graph_ms(fn) / 1e3
+            calls = []
+            for _ in range(_copies(seqs * context * kv_token)):
+                q = torch.randn(seqs * q_len, heads, head_dim, device=dev, dtype=torch.bfloat16)
+                if kernel == "vllm":
+                    k, v, table = _paged_kv(torch, seqs, context, kv_heads, head_dim, block, dev)
+                    cu_q = torch.arange(0, seqs + 1, device=dev, dtype=torch.int32) * q_len
+                    used = torch.full((seqs,), context, device=dev, dtype=torch.int32)
+                    calls.append(lambda q=q, k=k, v=v, table=table, cu_q=cu_q, used=used, out=torch.empty_like(q):
+                                 flash_attn_varlen_func(q, k, v, max_seqlen_q=q_len, cu_seqlens_q=cu_q,
+                                                        max_seqlen_k=context, seqused_k=used,
+                                                        softmax_scale=head_dim ** -0.5, causal=True,
+                                                        block_table=table, out=out, fa_version=fa_version))
+                else:
+                    q = q.view(seqs, heads, 1, head_dim)
+                    k = torch.randn(seqs, kv_heads, context, head_dim, device=dev, dtype=torch.bfloat16)
+                    calls.append(lambda q=q, k=k, v=torch.randn_like(k):
+                                 torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+            seconds = _graph_call_ms(calls) / 1e3
             flops = 4 * heads * head_dim * seqs * (q_len * context - q_len * (q_len - 1) / 2)  # causal
             label = kernel if kernel == "sdpa" else f"vllm fa{fa_version}"
             rows.append(dict(shape=name, kernel=label, phase=phase, seqs=seqs, context=context, s=seconds,
                              kv_bytes=seqs * context * kv_token, flops=flops))
-            del q, k, v
+            del calls, q, k
             torch.cuda.empty_cache()
     return rows

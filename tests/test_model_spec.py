@@ -137,3 +137,11 @@ def test_qwen3_next_blocks_are_vllms_hybrid_pages():
     page = 544 * spec.kv_bytes_per_token_layer["full"]
     assert spec.kv_bytes_per_sequence(544) == 544 * spec.kv_bytes_per_token + 36 * page
     assert profiles.load_model("mixtral-8x7b").kv_block_tokens == 16
+
+
+def test_dense_gemm_kernels_per_layer():
+    """Attention in and out, the router on MoE layers, the shared or dense FFN's two."""
+    assert profiles.load_model("mixtral-8x7b").layer_dense_gemms(0) == 3
+    assert profiles.load_model("qwen3-next-80b-a3b").layer_dense_gemms(0) == 5  # shared expert
+    deepseek = profiles.load_model("deepseek-v2-lite")
+    assert [deepseek.layer_dense_gemms(layer) for layer in (0, 1)] == [4, 5]  # layer 0 is dense, no router

@@ -6,7 +6,7 @@ import profiles
 from fluxmoe.serde import dump_json, load_json
 from planner.cost_model import CostModel
 from profiles.hardware import HardwareProfile
-from profiles.profiler import Measurements, build_profile, shipped_expert_shapes
+from profiles.profiler import Measurements, build_profile, dense_gemm_efficiency, shipped_expert_shapes
 
 
 def fake_measurements() -> Measurements:
@@ -15,7 +15,7 @@ def fake_measurements() -> Measurements:
         h2d_gbps={1 << 16: 10.0, 1 << 24: 52.0, 1 << 30: 55.0}, d2h_gbps={1 << 16: 9.0, 1 << 30: 54.0},
         copy_gbps=4200.0, matmul_tflops=780.0, codec_decode_gbps=1430.0, codec_ratio=0.68,
         expert_ffn_s={"4096x14336": {1: 1e-4, 64: 1.2e-4, 4096: 2e-3}},
-        attention_kv_gbps={1 << 20: 300.0, 1 << 30: 3000.0})
+        attention_kv_gbps={1 << 20: 300.0, 1 << 30: 3000.0}, dense_gemm_efficiency=0.87, ffn_kernel="vllm")
 
 
 def test_measurements_become_a_measured_profile_that_round_trips(tmp_path):
@@ -23,6 +23,7 @@ def test_measurements_become_a_measured_profile_that_round_trips(tmp_path):
     hw = build_profile("h200", fake_measurements(), base)
     assert hw.provenance.kind == "measured" and hw.provenance.device == "NVIDIA H200"
     assert hw.codec.decode_gbps == 1430.0 and hw.h2d_seconds(1 << 30) == pytest.approx((1 << 30) / 55e9)
+    assert hw.gemm_efficiency == 0.87 and "vllm kernel" in hw.provenance.source
     assert hw.step_overhead_s == base.step_overhead_s  # not measured: kept from the datasheet
     assert hw.host_pinned_bytes == base.host_pinned_bytes  # the serving host's, not the profiled VM's
     path = tmp_path / "h200-measured.json"
@@ -50,3 +51,15 @@ def test_cost_model_reads_decode_attention_from_the_measured_curve():
     step = StepShape(tokens=1, sequences=1, context_tokens=64)  # 64 tokens x 4 KiB = 256 KiB of KV per layer
     kv = 64 * 2 * 8 * 128 * 2
     assert cost._attention_s("full", step) == pytest.approx(kv / 300e9 + hw.kernel_overhead_s, rel=1e-6)
+
+
+def test_dense_gemm_efficiency_is_the_median_compute_bound_share():
+    def row(tokens, k, n, tflops):  # a GEMM that ran at `tflops`
+        return dict(tokens=tokens, k=k, n=n, s=2 * tokens * k * n / (tflops * 1e12))
+
+    rows = [row(4096, 4096, 4096, 700), row(16384, 4096, 6144, 600), row(1024, 2048, 2048, 800),
+            row(64, 4096, 4096, 100),  # few tokens: memory-bound, left out
+            row(8192, 512, 2048, 100)]  # a small matrix: left out
+    assert dense_gemm_efficiency(rows, 1000) == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="compute-bound"):
+        dense_gemm_efficiency(rows[3:], 1000)

@@ -320,14 +320,17 @@ def test_cpu_offload_offloads_what_its_batch_needs_and_picks_its_best_batch():
     assert (plain.prediction, plain.kv_cache_bytes) == (None, 0)
     assert (offload.name, offload.feasible, offload.note) == ("vllm_offload", True, "")
     batch = offload.prediction.batch_size
-    need = p.mem.offload_for_kv(p.budget, batch * p.kv_per_seq)
-    assert need > 0 and offload.offload_bytes == need
+    asked = p.mem.offload_for_kv(p.budget, batch * p.kv_per_seq)
+    need = p.mem.uva_offloaded_bytes(asked)  # vLLM moves whole parameters
+    assert need >= asked > 0 and offload.offload_bytes == need
+    assert p.mem.uva_offloaded_bytes(need) == need  # asking for what it moved moves the same
     assert offload.kv_cache_bytes == p.mem.resident_kv(p.budget) + need
     t = p.cost.offload_step_time(p.step(batch), need)
     assert offload.prediction.step_time_s == pytest.approx(t.total_s, rel=1e-12)
     assert offload.prediction.link_busy_s == pytest.approx(t.link_s, rel=1e-12)
     for other in BATCH_GRID:  # no other batch that fits the host budget does better
-        more = p.mem.offload_for_kv(p.budget, other * p.kv_per_seq)
-        if other <= 1024 and more <= min(p.host_budget, p.mem.all_experts_bytes):
+        ask = p.mem.offload_for_kv(p.budget, other * p.kv_per_seq)
+        more = p.mem.uva_offloaded_bytes(ask)
+        if other <= 1024 and ask <= p.mem.all_experts_bytes and more <= p.host_budget:
             assert other / p.cost.offload_step_time(p.step(other), more).total_s <= \
                 offload.prediction.output_tokens_per_s * (1 + 1e-12)
