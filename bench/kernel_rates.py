@@ -11,23 +11,20 @@ bench/results/e2e_fits_short_kernels_2026-11-25.json) had the dense GEMMs at 725
   (`profiles.profiler.measure_dense_gemms`);
 - vLLM's FlashAttention over a paged cache, decode (batch x context) and causal prefill, and
   SDPA decode at the same points (`profiles.profiler.measure_attention`).
-Every kernel runs 20 times back to back inside one CUDA graph, timed per call. JSON to bench/results/kernel_rates_<date>.json;
+Every kernel runs 20 times back to back inside one CUDA graph, timed per call. JSON to $OUT or
+bench/results/kernel_rates_<date>.json (`bench.device_info.write_result`);
 the table printed last is each kernel's time over the roofline's.
 
     FLUXMOE_COMMIT=<sha> python3 bench/kernel_rates.py      # on the GPU machine, vLLM carried
 """
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import statistics
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-RESULTS = os.environ.get("FLUXMOE_RESULTS_DIR", os.path.join(ROOT, "bench", "results"))
 
 
 def peaks() -> dict:
@@ -51,8 +48,7 @@ def peaks() -> dict:
 
 
 def main() -> None:
-    import torch
-
+    from bench.device_info import write_result
     from profiles.profiler import measure_attention, measure_dense_gemms
 
     rates = peaks()
@@ -64,16 +60,10 @@ def main() -> None:
         r["roofline_s"] = max(2 * r["tokens"] * r["k"] * r["n"] / flops_s, r["k"] * r["n"] * 2 / bytes_s)
     for r in attention:
         r["roofline_s"] = max(r["flops"] / flops_s, r["kv_bytes"] / bytes_s)
-    commit = os.environ.get("FLUXMOE_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                                                capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    report = {"what": "dense GEMMs (cuBLAS) and attention (vLLM FlashAttention, paged; SDPA) against the roofline, "
-                      "20 calls inside one CUDA graph, per call, one process", "device": torch.cuda.get_device_name(0),
-              "date": datetime.date.today().isoformat(), "commit": commit, "torch": torch.__version__,
-              "peaks": rates, "gemms": gemms, "attention": attention}
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"kernel_rates_{report['date']}.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
+    path = write_result("kernel_rates", {
+        "what": "dense GEMMs (cuBLAS) and attention (vLLM FlashAttention, paged; SDPA) against the roofline, "
+                "20 calls inside one CUDA graph, per call, one process",
+        "peaks": rates, "gemms": gemms, "attention": attention})
     print(f"wrote {path}\n\ndense GEMMs, time / roofline by tokens (median over shapes, min-max):")
     for m in sorted({r["tokens"] for r in gemms}):
         ratios = [r["s"] / r["roofline_s"] for r in gemms if r["tokens"] == m]

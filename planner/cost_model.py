@@ -159,7 +159,6 @@ class CostModel:
         # layer waits for the link alone, bench/results/e2e_a40_standin_host-compressed_*.json);
         # those decodes still take GPU time beside compute (`layer_decode_s`).
         self.decode_s_per_expert = m.expert_bytes / (hw.codec.decode_gbps * 1e9)
-        self.transfer_s_per_expert = hw.h2d_seconds(m.expert_bytes)  # one alone: routed-only fetch
         # Fetched whole, a layer's host experts cross as one copy per stacked matrix and its
         # host-compressed ones in chunks of several (HOST_CHUNK_BYTES): at the link's rate for a
         # chunk-sized copy, not one expert's (54 GB/s against 46 for Qwen3-Next's 4.3 MB encoded;
@@ -169,6 +168,11 @@ class CostModel:
         self.stack_transfer_s_per_expert = m.expert_bytes / (hw.h2d_gbps(chunk) * 1e9)
         self.compressed_transfer_s_per_expert = (self.compressed_expert_bytes
                                                  / (hw.h2d_gbps(chunk * hw.codec.compressed_ratio) * 1e9))
+        # Routed-only fetch: the gather kernel reads a layer's routed host experts from pinned
+        # memory in one launch, as UVA offload's GEMMs do, at UVA_READ_SHARE of a large copy's
+        # rate: 50.8-51.4 GB/s on the H200 (bench/results/routed_fetch_*_2026-11-24.json), where
+        # one expert-sized copy gets 48.
+        self.routed_s_per_expert = m.expert_bytes / (hw.h2d_gbps(chunk) * 1e9 * UVA_READ_SHARE)
         self._compute_cache: dict[StepShape, list[float]] = {}
         self._active_cache: dict[float, float] = {}  # tokens -> active experts, under a routing skew
         self._pick_odds: list[float] | None = None  # per expert, P(one token picks it), under a skew
@@ -355,9 +359,9 @@ class CostModel:
         """Routed-only fetch: link time of the layer's routed host experts, after its router.
         position: the layer among MoE layers (for its popularity); host_ids: default the coldest."""
         if self.popularity is None:
-            return counts.host * self.routed_share(step.tokens) * self.transfer_s_per_expert
+            return counts.host * self.routed_share(step.tokens) * self.routed_s_per_expert
         ids = self.popularity.coldest(position, counts.host) if host_ids is None else host_ids
-        return self.popularity.expected_routed(position, ids, step.tokens) * self.transfer_s_per_expert
+        return self.popularity.expected_routed(position, ids, step.tokens) * self.routed_s_per_expert
 
     @staticmethod
     def window_layers(num_layers: int, layer: int, prefetch_depth: int) -> list[int]:

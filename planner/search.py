@@ -151,7 +151,7 @@ class _Problem:
         # it called a placement 1.5% slower than the best "optimal" (found by brute force).
         unit = max(sum(cost.layer_compute_s(step)), 1e-30)
         compute = [t / unit for t in cost.layer_compute_s(step)]
-        decode_s, transfer_s = cost.decode_s_per_expert / unit, cost.transfer_s_per_expert / unit
+        decode_s, transfer_s = cost.decode_s_per_expert / unit, cost.routed_s_per_expert / unit
         routed_s = transfer_s * cost.routed_share(step.tokens) if self.routed else 0.0  # per host expert, on the path
         eb, ceb, E = self.mem.expert_bytes, self.mem.compressed_expert_bytes, m.num_experts
         prob = pulp.LpProblem("placement", pulp.LpMinimize)

@@ -171,7 +171,7 @@ class PagedExecution:
                 position = self.position[first]
                 ids = self.host_ids[position] if self.host_ids is not None else None
                 fetch = self.cost.layer_routed_s(self.routed[first], step, position, ids)
-                self.busy.experts_moved += fetch / self.cost.transfer_s_per_expert
+                self.busy.experts_moved += fetch / self.cost.routed_s_per_expert
                 waited_from = self.env.now
                 with self.link.request() as slot:
                     yield slot

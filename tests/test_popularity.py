@@ -72,7 +72,7 @@ def test_which_experts_sit_on_the_host_prices_routed_fetch():
     cost = CostModel(profile, popularity=pop)
     step = StepShape(1, 1, 10)
     tiers = [TierCounts(2, 0, 2)]
-    x = cost.transfer_s_per_expert
+    x = cost.routed_s_per_expert
     assert cost.layer_routed_s(tiers[0], step) == pytest.approx(0.1 * x)  # the coldest: ids 2 and 3
     assert cost.layer_routed_s(tiers[0], step, 0, [0, 1]) == pytest.approx(0.9 * x)
     hot = cost.step_time(tiers, step, 1, True, host_ids=[[0, 1]]).total_s

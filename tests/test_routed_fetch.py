@@ -274,7 +274,7 @@ def test_routed_step_time_by_hand():
     step = StepShape(1, 1, 10)
     tiers = [TierCounts(2, 0, 2)] * 2
     compute = cost.layer_compute_s(step)
-    fetch = 2 * 0.5 * cost.transfer_s_per_expert
+    fetch = 2 * 0.5 * cost.routed_s_per_expert
     t = cost.step_time(tiers, step, 1, routed_fetch=True)
     assert t.total_s == pytest.approx(sum(compute) + 2 * fetch + cost.fixed_s(step), rel=1e-12)
     assert t.link_s == pytest.approx(2 * fetch) and t.stall_s == pytest.approx(2 * fetch)
