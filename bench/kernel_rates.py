@@ -69,7 +69,8 @@ def main() -> None:
         ratios = [r["s"] / r["roofline_s"] for r in gemms if r["tokens"] == m]
         print(f"  {m:>6} tokens: {statistics.median(ratios):5.2f}  ({min(ratios):.2f}-{max(ratios):.2f})")
     print("\nattention, time / roofline:")
-    print(f"  {'shape':<11} {'kernel':<8} {'phase':<8} {'seqs':>5} {'context':>7} {'ms':>8} {'ratio':>6} {'KV GB/s':>8}")
+    print(f"  {'shape':<11} {'kernel':<8} {'phase':<8} {'seqs':>5} {'context':>7} {'ms':>8} {'ratio':>6} "
+          f"{'KV GB/s':>8}")
     for r in attention:
         print(f"  {r['shape']:<11} {r['kernel']:<8} {r['phase']:<8} {r['seqs']:>5} {r['context']:>7} "
               f"{r['s'] * 1e3:>8.3f} {r['s'] / r['roofline_s']:>6.2f} {r['kv_bytes'] / r['s'] / 1e9:>8.0f}")

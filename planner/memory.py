@@ -173,7 +173,7 @@ class MemoryModel:
         if requested <= 0:
             return 0
         layer = self.model.num_experts * self.expert_bytes
-        moe_layers = sum(self.model.is_moe_layer(i) for i in range(self.model.num_layers))
+        moe_layers = self.model.num_moe_layers
         whole, rest = divmod(requested, layer)
         if whole >= moe_layers:
             return moe_layers * layer

@@ -392,8 +392,8 @@ def measure_attention(kernel: str = "vllm") -> list[dict]:  # pragma: no cover -
     """Seconds of one layer's attention, decode (batch x context, one query token each) and
     causal prefill (`PREFILL_TOKENS` of prompts of each length), for each shape of
     `ATTENTION_SHAPES`: kernel "vllm" is vLLM's FlashAttention over the paged cache (what its
-    FLASH_ATTN backend calls, inside a CUDA graph: `_graph_call_ms`); "sdpa" is torch's SDPA over contiguous K and
-    V, decode only (how the profile's decode curve was first measured)."""
+    FLASH_ATTN backend calls); "sdpa" is torch's SDPA over contiguous K and V, decode only (how
+    the profile's decode curve was first measured). Each inside a CUDA graph (`_graph_call_ms`)."""
     import torch
     from tqdm import tqdm
 
