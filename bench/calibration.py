@@ -1,7 +1,8 @@
 """Replay bench/calibration.json in the simulator: each point is a real run on the H200 that
 names its result file and run. tests/test_calibration.py holds each point to its tolerance;
-`python bench/calibration.py` prints every point's error with the median and the worst, the
-figures #12's goals (median <= 2%, worst <= 5%) are stated in."""
+`python bench/calibration.py [--plot docs/calibration_h200.png]` prints every point's error with
+the median and the worst, the figures #12's goals (median <= 2%, worst <= 5%) are stated in, and
+plots each point's error."""
 
 from __future__ import annotations
 
@@ -75,16 +76,58 @@ def replay(point: dict) -> tuple[float, float]:
     return result.output_tokens_per_s, run["output_tok_s"]
 
 
+def plot_errors(rows: list[tuple[dict, float, float]], path: Path) -> Path:
+    """Each point's simulator error against its measured output tok/s, by the system that ran,
+    with the bands of issue #12's goals (2% median, 5% worst): where the simulator can be trusted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    ax.axhspan(-5, 5, color="0.92", label="within 5%")
+    ax.axhspan(-2, 2, color="0.82", label="within 2%")
+    ax.axhline(0, color="0.4", lw=1)
+    for system, marker in (("fluxmoe", "o"), ("vllm", "s"), ("vllm_offload", "^"), ("vllm_prefetch", "v")):
+        picked = [(m, 100 * (s / m - 1)) for point, s, m in rows if point["system"] == system]
+        if picked:
+            ax.scatter(*zip(*picked), marker=marker, label=system, zorder=3)
+    middle = statistics.median(m for _, _, m in rows)
+    for point, s, m in rows:  # the points outside the 5% goal, labelled towards the middle
+        if abs(s / m - 1) > 0.05:
+            right = m > middle
+            ax.annotate(point_id(point), (m, 100 * (s / m - 1)), fontsize=7, xytext=(-5 if right else 5, -3),
+                        textcoords="offset points", ha="right" if right else "left")
+    errors = sorted(abs(s / m - 1) for _, s, m in rows)
+    ax.set(xscale="log", xlabel="measured on the H200 (output tok/s)", ylabel="simulated / measured - 1 (%)",
+           title=f"Simulator against {len(rows)} runs inside vLLM 0.26: median |error| "
+                 f"{statistics.median(errors):.1%}, worst {errors[-1]:.1%}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
-    errors = []
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Replay every calibration point in the simulator.")
+    ap.add_argument("--plot", metavar="PNG", help="also plot each point's error, e.g. docs/calibration_h200.png")
+    a = ap.parse_args()
+    errors, rows = [], []
     print("| point | measured | simulated | error | tolerance |\n|---|---|---|---|---|")
     for point in points():
         simulated, measured = replay(point)
         errors.append(simulated / measured - 1)
+        rows.append((point, simulated, measured))
         print(f"| {point_id(point)} | {measured:,.1f} | {simulated:,.1f} | {errors[-1]:+.1%} | {point['tolerance']:.0%} |")
     size = [abs(e) for e in errors]
     print(f"\n{len(errors)} points: median |error| {statistics.median(size):.1%}, worst {max(size):.1%}, "
           f"{sum(s <= 0.05 for s in size)} within 5%, {sum(s <= 0.02 for s in size)} within 2%")
+    if a.plot:
+        print(f"plot written to {plot_errors(rows, Path(a.plot))}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,13 @@ def test_the_median_error_meets_its_goal():
     assert statistics.median(errors) <= 0.02
 
 
+def test_the_error_plot_is_drawn(tmp_path):
+    point = {"run": "a", "source": "bench/results/x.json", "system": "vllm_offload"}
+    rows = [(point, 110.0, 100.0), ({**point, "run": "b", "system": "fluxmoe"}, 1000.0, 1010.0)]
+    path = calibration.plot_errors(rows, tmp_path / "errors.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 ONLINE = ROOT / "bench" / "results" / "online_a40_standin_h200_2026-11-24.json"
 
 
