@@ -281,10 +281,19 @@ class CostModel:
             return state_io / self._bytes_per_s + prefill + self.hw.kernel_overhead_s
         context = min(step.context_tokens, m.sliding_window) if kind == "sliding" else step.context_tokens
         kv_read = step.sequences * context * m.kv_bytes_per_token_layer.get(kind, 0)
-        flops = 4 * m.attention_width * step.tokens * context
         measured = self.hw.attention_kv_gbps
         read_s = kv_read / (measured(kv_read) * 1e9) if measured and kv_read else kv_read / self._bytes_per_s
-        return max(flops / self._flops_per_s, read_s) + self.hw.kernel_overhead_s
+        prefill_share = self.hw.prefill_attention_efficiency
+        if prefill_share is None:
+            flops = 4 * m.attention_width * step.tokens * context
+            return max(flops / self._flops_per_s, read_s) + self.hw.kernel_overhead_s
+        # Decode: one query a sequence over its context, bound by the KV read. Prefill: the
+        # tokens beyond one a sequence, each over half the context on average (causal), at the
+        # measured share of the peak for prompts of that length.
+        decode_flops = 4 * m.attention_width * step.sequences * context
+        prefill_flops = 4 * m.attention_width * max(0, step.tokens - step.sequences) * context / 2
+        prefill_s = prefill_flops / (self.hw.bf16_tflops * 1e12 * prefill_share(context)) if prefill_flops else 0.0
+        return max(decode_flops / self._flops_per_s, read_s) + prefill_s + self.hw.kernel_overhead_s
 
     def layer_compute_s(self, step: StepShape) -> list[float]:
         """Per-layer compute time (attention + dense + routed experts), independent of tiers."""

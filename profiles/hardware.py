@@ -102,6 +102,9 @@ class HardwareProfile:
     expert_ffn_s: dict[str, Curve] = field(default_factory=dict)
     # Measured decode attention: achieved GB/s of KV read against the KV bytes a step reads.
     attention_kv_gbps: Curve | None = None
+    # Measured causal prefill attention (vLLM's FlashAttention): the share of bf16_tflops it
+    # reaches against the prompt length; None: prefill attention is a roofline.
+    prefill_attention_efficiency: Curve | None = None
     # Measured chunked linear-attention prefill (vLLM's Gated-DeltaNet kernels): seconds per
     # prompt token and byte of one layer's recurrent state (their work grows with heads x dk x
     # dv); None: a linear layer costs its state's reads and writes alone. Set from vLLM's own

@@ -14,8 +14,9 @@ What it measures, each timed with CUDA events (median of repeats, after warm-up)
 `build_profile` turns those measurements into a profile (pure, tested on the CPU);
 `python -m profiles.profiler --gpu-name h200` runs it all on a GPU and writes
 profiles/gpus/<name>-measured.json, which `profiles.load` then prefers over the datasheet.
-Prefill attention (FLOP-bound, roofline) and the engine's per-step overhead are not measured
-here; see the profile's provenance.
+- where vLLM is installed, causal prefill attention (its FlashAttention, paged) against the
+  prompt length, as the share of the matmul peak it reaches (`prefill_attention_efficiency`).
+The engine's per-step overhead is not measured here; see the profile's provenance.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Measurements:
     expert_ffn_s: dict[str, dict[int, float]] = field(default_factory=dict)  # "h x i" -> tokens -> s
     attention_kv_gbps: dict[int, float] = field(default_factory=dict)  # KV bytes read -> GB/s
     dense_gemm_efficiency: float = 1.0  # share of matmul_tflops that dense projections reach
+    prefill_attention_efficiency: dict[int, float] = field(default_factory=dict)  # prompt tokens -> share
     ffn_kernel: str = "torch"  # what timed the expert FFN tables (`measure_expert_ffn`)
 
 
@@ -64,6 +66,17 @@ def dense_gemm_efficiency(rows: list[dict], peak_tflops: float) -> float:
     if not shares:
         raise ValueError("dense_gemm_efficiency: no compute-bound row (>= 1,024 tokens, >= 2048 x 2048)")
     return statistics.median(shares)
+
+
+def prefill_attention_efficiency(rows: list[dict], peak_tflops: float) -> dict[int, float]:
+    """Per prompt length, the median over attention shapes of the share of `peak_tflops` that
+    causal prefill reaches (the prefill rows of `measure_attention`; on the H200 with vLLM's
+    FlashAttention, 0.13 at 128 tokens to 0.71 at 4,096)."""
+    shares: dict[int, list[float]] = {}
+    for r in rows:
+        if r["phase"] == "prefill":
+            shares.setdefault(r["context"], []).append(r["flops"] / r["s"] / (peak_tflops * 1e12))
+    return {length: statistics.median(v) for length, v in sorted(shares.items())}
 
 
 def _curve(points: dict) -> Curve:
@@ -81,10 +94,14 @@ def build_profile(name: str, m: Measurements, base: HardwareProfile | None = Non
         # The copy rate is achieved already; dense GEMMs reach a measured share of the matmul peak.
         gemm_efficiency=m.dense_gemm_efficiency, memory_efficiency=1.0, expert_ffn_s=ffn,
         attention_kv_gbps=_curve(m.attention_kv_gbps) if m.attention_kv_gbps else None,
+        prefill_attention_efficiency=(_curve(m.prefill_attention_efficiency) if m.prefill_attention_efficiency
+                                      else None),
         provenance=Provenance("measured", "fluxmoe profiler: PCIe curves, D2D copy, bf16 matmul, codec, expert "
                               f"FFN tables ({m.ffn_kernel} kernel), dense-GEMM share of the matmul peak and "
-                              "decode-attention KV bandwidth measured; prefill attention is roofline; "
-                              "step overhead and host memory from the datasheet profile",
+                              "decode-attention KV bandwidth measured; prefill attention "
+                              + ("measured (vLLM's FlashAttention); " if m.prefill_attention_efficiency
+                                 else "is roofline; ")
+                              + "step overhead and host memory from the datasheet profile",
                               device=m.device, date=datetime.date.today().isoformat(), tool_version=TOOL_VERSION))
     if base is not None:
         # Host capacity belongs to the serving host, not to the machine that was profiled.
@@ -288,6 +305,8 @@ def measure(expert_shapes: list[tuple[int, int, int]]) -> Measurements:  # pragm
     ffn_kernel = "vllm" if vllm_fused_experts() is not None else "torch"  # what serving runs, where installed
     ffn = measure_expert_ffn(expert_shapes, ffn_kernel)
     gemm_efficiency = dense_gemm_efficiency(measure_dense_gemms(), matmul_tflops)
+    prefill = (prefill_attention_efficiency(measure_attention("vllm"), matmul_tflops) if ffn_kernel == "vllm"
+               else {})  # vLLM's FlashAttention is what serving runs; without vLLM, prefill stays a roofline
     attention: dict[int, float] = {}
     heads, kv_heads, head_dim = 32, 8, 128  # Mixtral's; the curve is in KV bytes, so it transfers
     for batch in tqdm((1, 8, 32, 128), desc="decode attention"):
@@ -304,7 +323,7 @@ def measure(expert_shapes: list[tuple[int, int, int]]) -> Measurements:  # pragm
     props = torch.cuda.get_device_properties(0)
     host_bytes = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8)
     return Measurements(props.name, props.total_memory, host_bytes, h2d, d2h, copy_gbps, matmul_tflops, codec_gbps,
-                        codec_ratio, ffn, attention, gemm_efficiency, ffn_kernel)
+                        codec_ratio, ffn, attention, gemm_efficiency, prefill, ffn_kernel)
 
 
 def shipped_expert_shapes() -> list[tuple[int, int, int]]:

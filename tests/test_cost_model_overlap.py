@@ -117,15 +117,17 @@ def test_linear_attention_reads_and_writes_each_sequences_state_once_per_layer()
 
 def test_full_and_sliding_attention_by_hand_with_the_measured_kv_read_curve():
     """gpt-oss-120b on the measured H200: a full-attention layer reads every sequence's context
-    of KV at the rate the measured curve gives for that many bytes, or is bound by its FLOPs
-    (4 x width x tokens x context) where a long prefill chunk makes those dominate; a sliding
-    layer reads at most its window."""
+    of KV at the rate the measured curve gives for that many bytes (or is bound by its decode
+    FLOPs), and its prefill tokens (beyond one a sequence) attend causally, over half the
+    context on average, at the measured prefill share of the peak for that length; a sliding
+    layer reads and attends over at most its window."""
     import profiles
     from planner.cost_model import CostModel, StepShape
 
     profile = profiles.load("gpt-oss-120b", gpu="h200")
     m, hw = profile.model, profile.hardware
-    assert hw.attention_kv_gbps is not None and {"full", "sliding"} <= set(m.attention) and m.sliding_window == 128
+    assert hw.attention_kv_gbps is not None and hw.prefill_attention_efficiency is not None
+    assert {"full", "sliding"} <= set(m.attention) and m.sliding_window == 128
     cost = CostModel(profile)
     flops_per_s = hw.bf16_tflops * 1e12 * hw.gemm_efficiency
 
@@ -133,14 +135,21 @@ def test_full_and_sliding_attention_by_hand_with_the_measured_kv_read_curve():
         context = min(step.context_tokens, m.sliding_window) if kind == "sliding" else step.context_tokens
         kv = step.sequences * context * m.kv_bytes_per_token_layer[kind]
         read = kv / (hw.attention_kv_gbps(kv) * 1e9)
-        return max(4 * m.attention_width * step.tokens * context / flops_per_s, read) + hw.kernel_overhead_s
+        prefill = (4 * m.attention_width * (step.tokens - step.sequences) * context / 2
+                   / (hw.bf16_tflops * 1e12 * hw.prefill_attention_efficiency(context)))
+        decode = max(4 * m.attention_width * step.sequences * context / flops_per_s, read)
+        return decode + prefill + hw.kernel_overhead_s
 
     decode, prefill = StepShape(64, 64, 20_000), StepShape(8192, 1, 4096)
     for kind in ("full", "sliding"):
         for step in (decode, prefill, StepShape(64, 64, 100)):
             assert cost._attention_s(kind, step) == pytest.approx(by_hand(kind, step), rel=1e-12)
-    flops = 4 * m.attention_width * prefill.tokens * prefill.context_tokens / flops_per_s
-    assert cost._attention_s("full", prefill) == pytest.approx(flops + hw.kernel_overhead_s, rel=1e-12)  # FLOP-bound
+    # A chunk of 8,192 tokens of one sequence at 4,096 of context: 8,191 prompt tokens over 2,048
+    # keys on average at 0.71 of the peak (measured for 4,096-token prompts), after its KV read
+    causal = 4 * m.attention_width * 8191 * 4096 / 2 / (hw.bf16_tflops * 1e12 * 0.7087)
+    kv = 4096 * m.kv_bytes_per_token_layer["full"]
+    read = kv / (hw.attention_kv_gbps(kv) * 1e9)
+    assert cost._attention_s("full", prefill) == pytest.approx(read + causal + hw.kernel_overhead_s, rel=0.001)
     short = StepShape(64, 64, 100)  # within the window, sliding and full read the same
     assert cost._attention_s("sliding", short) == cost._attention_s("full", short)
     assert cost._attention_s("sliding", decode) == cost._attention_s("sliding", StepShape(64, 64, 128))

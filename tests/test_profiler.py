@@ -1,12 +1,15 @@
 """The profiler's bookkeeping: measurements become a valid, measured, loadable profile."""
 
+import dataclasses
+
 import pytest
 
 import profiles
 from fluxmoe.serde import dump_json, load_json
 from planner.cost_model import CostModel
 from profiles.hardware import HardwareProfile
-from profiles.profiler import Measurements, build_profile, dense_gemm_efficiency, shipped_expert_shapes
+from profiles.profiler import (Measurements, build_profile, dense_gemm_efficiency, prefill_attention_efficiency,
+                               shipped_expert_shapes)
 
 
 def fake_measurements() -> Measurements:
@@ -63,3 +66,18 @@ def test_dense_gemm_efficiency_is_the_median_compute_bound_share():
     assert dense_gemm_efficiency(rows, 1000) == pytest.approx(0.7)
     with pytest.raises(ValueError, match="compute-bound"):
         dense_gemm_efficiency(rows[3:], 1000)
+
+
+def test_prefill_attention_efficiency_is_the_median_share_per_prompt_length():
+    def row(shape, context, tflops, phase="prefill"):  # causal prefill of 8 prompts that ran at `tflops`
+        flops = 4 * 32 * 128 * 8 * context * (context + 1) / 2
+        return dict(shape=shape, phase=phase, context=context, flops=flops, s=flops / (tflops * 1e12))
+
+    rows = [row("a", 512, 300), row("b", 512, 400), row("c", 512, 500), row("a", 4096, 700),
+            row("a", 1024, 100, phase="decode")]  # decode rows are not prefill
+    assert prefill_attention_efficiency(rows, 1000) == pytest.approx({512: 0.4, 4096: 0.7})
+    hw = build_profile("h200", dataclasses.replace(fake_measurements(), prefill_attention_efficiency={512: 0.4}),
+                       profiles.load_gpu("h200", measured=False))
+    assert hw.prefill_attention_efficiency(512) == pytest.approx(0.4)
+    assert "prefill attention measured" in hw.provenance.source
+    assert build_profile("h200", fake_measurements()).prefill_attention_efficiency is None
