@@ -12,8 +12,8 @@ Session 12 (HiGHS without strong branching or restarts, 50 nodes, pass-2 MILPs t
 in waves): the whole sweep (1,421 plans, wall time) has a median of 0.074 s and a worst of
 0.99 s, none over 1 s. Session 14 (the step model from kernels timed as vLLM runs them; the sweep
 is `python bench/planner_sweep.py`, bench/results/planner_sweep_2026-11-25.json): 1,249 plans,
-median 0.054 s, 99th percentile 0.60 s, worst 1.31 s, 2 over 1 s (Qwen3-30B-A3B on the H200 at
-66 and 72 GiB); the new slowest are listed first below.
+median 0.053 s, 99th percentile 0.53 s, worst 1.38 s, 1 over 1 s (Qwen3-30B-A3B on the H200 at
+66 GiB; 72 GiB took 1.04 s before prefill attention was measured); the new slowest first below.
 
 Run: pytest bench/test_planner_speed.py --benchmark-enable
 """
