@@ -116,15 +116,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="Replay every calibration point in the simulator.")
     ap.add_argument("--plot", metavar="PNG", help="also plot each point's error, e.g. docs/calibration_h200.png")
     a = ap.parse_args()
-    errors, rows = [], []
+    rows = []
     print("| point | measured | simulated | error | tolerance |\n|---|---|---|---|---|")
     for point in points():
         simulated, measured = replay(point)
-        errors.append(simulated / measured - 1)
         rows.append((point, simulated, measured))
-        print(f"| {point_id(point)} | {measured:,.1f} | {simulated:,.1f} | {errors[-1]:+.1%} | {point['tolerance']:.0%} |")
-    size = [abs(e) for e in errors]
-    print(f"\n{len(errors)} points: median |error| {statistics.median(size):.1%}, worst {max(size):.1%}, "
+        print(f"| {point_id(point)} | {measured:,.1f} | {simulated:,.1f} | {simulated / measured - 1:+.1%} | "
+              f"{point['tolerance']:.0%} |")
+    size = [abs(s / m - 1) for _, s, m in rows]
+    print(f"\n{len(rows)} points: median |error| {statistics.median(size):.1%}, worst {max(size):.1%}, "
           f"{sum(s <= 0.05 for s in size)} within 5%, {sum(s <= 0.02 for s in size)} within 2%")
     if a.plot:
         print(f"plot written to {plot_errors(rows, Path(a.plot))}")

@@ -173,14 +173,11 @@ class MemoryModel:
         if requested <= 0:
             return 0
         layer = self.model.num_experts * self.expert_bytes
-        moe_layers = self.model.num_moe_layers
+        gate_up = layer * 2 // 3
         whole, rest = divmod(requested, layer)
-        if whole >= moe_layers:
-            return moe_layers * layer
-        moved = whole * layer
-        if rest > 0:
-            moved += layer * 2 // 3 if rest <= layer * 2 // 3 else layer
-        return moved
+        if whole >= self.model.num_moe_layers:
+            return self.model.num_moe_layers * layer
+        return whole * layer + (0 if rest == 0 else gate_up if rest <= gate_up else layer)
 
     def baseline(self, system: System, budget: int, offload_bytes: int = 0) -> BaselineFootprint:
         """A baseline's footprint in `budget`: KV is what its weights leave. offload_bytes: what
