@@ -242,6 +242,9 @@ def main() -> None:
     ap.add_argument("--kernel-profile", type=int, default=0, metavar="N",
                     help="profile each timed run's GPU kernels (vllm_run.py --kernel-profile N); the runs go to "
                          "e2e_<setting>_kernels_<date>.json, apart from the timed rows the profiler would slow")
+    ap.add_argument("--step-log", action="store_true",
+                    help="record each timed run's engine steps (vllm_run.py --step-log) into "
+                         "e2e_<setting>_steps_<date>.json, for bench/step_times.py --analyze")
     a = ap.parse_args()
     setting = SETTINGS[a.setting]()
     if a.num_prompts:
@@ -259,6 +262,8 @@ def main() -> None:
         common += ["--trace", TRACE]
     if a.kernel_profile:
         common += ["--kernel-profile", str(a.kernel_profile)]
+    if a.step_log:
+        common += ["--step-log"]
     common += setting.extra
     plan_paths = plans(setting, out_dir)
     systems = []
@@ -278,7 +283,7 @@ def main() -> None:
     report = {"what": "offline throughput and latency, one engine per process, dummy weights", "setting": a.setting,
               "note": setting.note, "config": dataclasses.asdict(setting), "util": util, "date": date,
               "commit": commit, "runs": {}, "predicted": {}}
-    path = os.path.join(RESULTS, f"e2e_{a.setting}{'_kernels' if a.kernel_profile else ''}_{date}.json")
+    path = os.path.join(RESULTS, f"e2e_{a.setting}{'_kernels' if a.kernel_profile else ''}{'_steps' if a.step_log else ''}_{date}.json")
     if os.path.exists(path):  # earlier runs of the day (another command, a machine given back) are kept
         with open(path) as f:
             report["runs"] = json.load(f).get("runs", {})

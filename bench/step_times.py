@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -84,18 +85,16 @@ def compare(run: dict) -> list[dict]:
     measurement. Kernel times per step: vllm_run.py --kernel-profile."""
     import profiles
     from planner.cost_model import CostModel, StepShape
-    from planner.plan import Plan
 
     profile = profiles.Profile(profiles.load_model(os.path.join(ROOT, run["model"])), profiles.load_gpu("h200"))
     cost = CostModel(profile)
-    plan = Plan.load(os.path.join(ROOT, run["plan"])) if run.get("plan") else None
+    step_s = _step_model(run, profile, cost)
     steps = run["steps"]
     ends = [s[0] for s in steps[1:]] + [run["elapsed_s"]]
     groups: dict[str, dict] = {}
     for (start, tokens, seqs, context), end in zip(steps, ends):
         shape = StepShape(tokens, seqs, context / seqs)
-        model = (cost.step_time(plan.tier_counts(), shape, plan.prefetch_depth).total_s if plan
-                 else cost.resident_step_time(shape).total_s)
+        model = step_s(shape)
         if tokens > seqs:
             kind = "prefill chunks"
         else:
@@ -110,6 +109,27 @@ def compare(run: dict) -> list[dict]:
     for g in rows:
         g["model_error"] = g["model_s"] / g["measured_s"] - 1
     return rows
+
+
+def _step_model(run: dict, profile, cost) -> Callable:
+    """The step time the simulator gives this run's system: a FluxMoE plan's, vLLM's UVA offload
+    (the bytes it really moves), the prefetch offloader's steady step, or plain vLLM's."""
+    from planner.memory import MemoryModel
+    from planner.plan import Plan
+    from simulator.prefetch_offload import PrefetchOffload
+
+    settings = run.get("settings", {})
+    if run.get("plan"):
+        plan = Plan.load(os.path.join(ROOT, run["plan"]))
+        return lambda shape: cost.step_time(plan.tier_counts(), shape, plan.prefetch_depth).total_s
+    if settings.get("cpu_offload_gb"):
+        moved = MemoryModel.of(profile).uva_offloaded_bytes(int(settings["cpu_offload_gb"] * 2**30))
+        return lambda shape: cost.offload_step_time(shape, moved).total_s
+    if settings.get("offload_backend") == "prefetch":
+        setting = PrefetchOffload(settings["offload_group_size"], settings["offload_num_in_group"],
+                                  settings["offload_prefetch_step"])
+        return lambda shape: setting.steady_step_s(cost, shape)
+    return lambda shape: cost.resident_step_time(shape).total_s
 
 
 def analyze(path: str) -> None:

@@ -63,3 +63,30 @@ def test_the_simulator_reproduces_an_online_run_on_the_code_trace(system):
         figures = predict(report["model"], served, prefetch=report["prefetch"], kv_tokens=run["kv_tokens"])
     assert figures["output_tok_s"] == pytest.approx(run["output_throughput"], rel=0.05)
     assert figures["tpot_p50_ms"] == pytest.approx(run["median_tpot_ms"], rel=0.05)
+
+
+@pytest.mark.parametrize("settings, system", [({"cpu_offload_gb": 13}, "uva"),
+                                               ({"offload_backend": "prefetch", "offload_group_size": 8,
+                                                 "offload_num_in_group": 6, "offload_prefetch_step": 1}, "prefetch"),
+                                               ({}, "plain")])
+def test_step_times_prices_each_step_as_the_simulator_does(settings, system):
+    """bench/step_times.py compares a run's logged steps with the step the simulator gives that
+    run's system: UVA offload reads the bytes vLLM really moved, the prefetch offloader's steady
+    step, plain vLLM's resident step."""
+    import profiles
+    from bench.step_times import compare
+    from planner.cost_model import CostModel, StepShape
+    from planner.memory import MemoryModel
+    from simulator.prefetch_offload import PrefetchOffload
+
+    run = {"model": "models/mixtral-8x7b-8layers", "settings": settings, "elapsed_s": 1.0,
+           "steps": [[0.0, 128, 128, 128 * 600]]}
+    profile = profiles.Profile(profiles.load_model(str(calibration.ROOT / "models" / "mixtral-8x7b-8layers")), profiles.load_gpu("h200"))
+    cost, shape = CostModel(profile), StepShape(128, 128, 600)
+    expected = {"uva": lambda: cost.offload_step_time(
+                    shape, MemoryModel.of(profile).uva_offloaded_bytes(13 * 2**30)).total_s,
+                "prefetch": lambda: PrefetchOffload(8, 6, 1).steady_step_s(cost, shape),
+                "plain": lambda: cost.resident_step_time(shape).total_s}[system]()
+    rows = {r["kind"]: r for r in compare(run)}
+    assert rows["all"]["model_s"] == pytest.approx(expected, rel=1e-9)
+    assert (system == "plain") == (rows["all"]["model_s"] == pytest.approx(cost.resident_step_time(shape).total_s))
