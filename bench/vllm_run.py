@@ -69,6 +69,9 @@ def main() -> None:
     ap.add_argument("--step-log", action="store_true",
                     help="record each engine step of the timed run: when the scheduler made it, its tokens, "
                          "sequences and the context they had (bench/step_times.py reads it)")
+    ap.add_argument("--lockstep-sampling", action="store_true",
+                    help="seed every request's sampling with 0, as runs up to 2026-11-25 did: under dummy weights "
+                         "the sequences of a prefill chunk then sample the same tokens and route together")
     ap.add_argument("--routing", action="store_true",
                     help="FluxMoE runs: each expert's picks in the timed run, and in a prefill-only pass of other "
                          "prompts of the same lengths after it (decode's picks are the difference)")
@@ -152,8 +155,11 @@ def main() -> None:
     if a.greedy:
         sp = [SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True, logprobs=1) for _, n_out in lengths]
     else:
-        sp = [SamplingParams(temperature=1.0, top_p=1.0, max_tokens=n_out, ignore_eos=True, seed=0)
-              for _, n_out in lengths]
+        # A seed per request: with one seed for all, dummy weights' near-uniform logits make every
+        # sequence of a prefill chunk sample the same token at each step, and so route its 32 or so
+        # tokens to the same experts (the runs up to 2026-11-25 did; --lockstep-sampling repeats them).
+        sp = [SamplingParams(temperature=1.0, top_p=1.0, max_tokens=n_out, ignore_eos=True,
+                             seed=0 if a.lockstep_sampling else i) for i, (_, n_out) in enumerate(lengths)]
     llm.generate([prompts[0]], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)  # warm-up
     for r in range(1, a.repeat):  # other token ids of the same lengths: no prefix-cache hits in the timed run
         llm.generate(token_prompts(r), sp, use_tqdm=False)
@@ -184,6 +190,7 @@ def main() -> None:
                kv_tokens=(cache.num_gpu_blocks or 0) * cache.block_size,
                gpu=torch.cuda.get_device_name(0), gpu_total_bytes=total,
                max_allocated_bytes=torch.cuda.max_memory_allocated(), preemptions=preemptions[0], **_latencies(outs),
+               sampling_seeds="0 for all" if a.lockstep_sampling else "one per request",
                settings={k: (sorted(v) if isinstance(v, set) else v) for k, v in kw.items()
                          if k not in ("model", "skip_tokenizer_init")})
     if runtime is not None:
