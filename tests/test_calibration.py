@@ -20,13 +20,14 @@ def test_the_simulator_reproduces_a_measured_run(point):
                                              f"({error:+.1%})"
 
 
-def test_the_median_error_meets_its_goal():
-    """Issue #12's goal for the simulator over every calibration run: median |error| <= 2%
-    (met since session 14; the worst-case goal of 5% is not, see the points' tolerances)."""
+def test_the_errors_meet_their_goals():
+    """Issue #12's goals for the simulator over every calibration run: median |error| <= 2%
+    (met since session 14), worst <= 5% (met since session 15)."""
     import statistics
 
     errors = [abs(sim / measured - 1) for sim, measured in map(calibration.replay, calibration.points())]
     assert statistics.median(errors) <= 0.02
+    assert max(errors) <= 0.05
 
 
 def test_the_error_plot_is_drawn(tmp_path):
