@@ -31,6 +31,7 @@ most tokens to (under a routing skew, averaged over random placements of hot exp
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -105,6 +106,13 @@ class TierCounts:
     def paged(self) -> int:
         """Experts that need a staging slot when the layer runs."""
         return self.compressed + self.host + self.host_compressed
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def tier_counts(resident: int, compressed: int, host: int, host_compressed: int = 0) -> TierCounts:
+    """A shared TierCounts for these counts (frozen, so one object serves every placement that
+    holds it): the planner builds a few hundred thousand a plan, at 0.5 us each built anew."""
+    return TierCounts(resident, compressed, host, host_compressed)
 
 
 @dataclass(frozen=True)
@@ -348,8 +356,9 @@ class CostModel:
                 path[layer] += on_path
                 routed += on_path
         gpu = [p + d for p, d in zip(path, decode)]
-        stall = sum(max(0.0, transfer[layer] - self.window_gpu_s(path, layer, prefetch_depth) - decode[layer])
-                    for layer in range(m.num_layers) if transfer[layer] > 0)
+        L, window = m.num_layers, range(1, min(prefetch_depth, m.num_layers) + 1)  # as window_gpu_s, inlined
+        stall = sum(max(0.0, transfer[layer] - sum(path[(layer - j) % L] for j in window) - decode[layer])
+                    for layer in range(L) if transfer[layer] > 0)
         gpu_s, link_s, fixed = sum(gpu) - routed, sum(transfer) + routed, self.fixed_s(step)
         return StepTime(max(gpu_s + routed + stall, link_s) + fixed, gpu_s, link_s, stall + routed, fixed)
 

@@ -129,8 +129,19 @@ class MemoryModel:
         return self.staging_bytes(depth, slots) + landing
 
     def placement_bytes(self, tiers: Sequence[TierCounts], depth: int) -> float:
-        """GPU bytes of a placement before KV: fixed part, experts, staging and landing."""
-        return self.fixed_bytes + self.expert_gpu_bytes(tiers) + self.paging_bytes(depth=depth, tiers=tiers)
+        """GPU bytes of a placement before KV: fixed part, experts, staging and landing (the sums
+        of `expert_gpu_bytes` and `paging_bytes` in one pass: the planner prices thousands of
+        roundings a plan)."""
+        resident = compressed = slots = 0
+        host_compressed = False
+        for t in tiers:
+            resident += t.resident
+            compressed += t.compressed
+            slots = max(slots, t.compressed + t.host + t.host_compressed)
+            host_compressed = host_compressed or t.host_compressed > 0
+        experts = resident * self.expert_bytes + compressed * self.compressed_expert_bytes
+        return (self.fixed_bytes + experts
+                + (self.staging_bytes(depth, slots) + (self.landing_bytes if host_compressed else 0)))
 
     def breakdown(self, tiers: Sequence[TierCounts], depth: int, kv_bytes: int):
         """Where a placement's GPU bytes go, with `kv_bytes` of KV, as a plan reports it."""

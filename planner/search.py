@@ -15,6 +15,7 @@ The answer is within the gap of the optimum over the whole candidate grid.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,8 +26,8 @@ import pulp
 from fluxmoe.errors import ConfigError, InfeasibleError
 from fluxmoe.names import System
 from fluxmoe.units import format_bytes, format_bytes_up, parse_bytes
-from planner.arena_layout import FUSED_MOE_MAX_ROWS, ArenaLayout, all_span_groups
-from planner.cost_model import BATCH_GRID, CostModel, StepShape, TierCounts
+from planner.arena_layout import FUSED_MOE_MAX_ROWS, all_span_groups
+from planner.cost_model import BATCH_GRID, CostModel, StepShape, TierCounts, tier_counts
 from planner.memory import VLLM_MAX_NUM_SEQS, MemoryModel
 from planner.popularity import ExpertPopularity
 from planner.plan import (BaselinePrediction, LayerPlan, Plan, PlanInputs, Prediction,
@@ -234,7 +235,8 @@ class _Problem:
         started = time.perf_counter()
         prob.solve(solver(self.gap, MILP_NODE_LIMIT, MILP_SAFETY_TIME_LIMIT_S,
                           None if cutoff_s is None else cutoff_s / model.unit,
-                          None if start is None or not integer else self._start_values(model, start)))
+                          None if start is None or not integer else self._start_values(model, start),
+                          presolve=minimize_memory))
         if time.perf_counter() - started >= MILP_SAFETY_TIME_LIMIT_S:
             self.safety_hits += 1
         if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
@@ -301,7 +303,7 @@ class _Problem:
                 hi = min(E, math.ceil(h - 1e-6))
                 hci = min(E - hi, math.ceil(hc - 1e-6))
                 ci = min(E - hi - hci, round_c(c - 1e-6) if round_c is math.ceil else round_c(c))
-                tiers.append(TierCounts(E - hi - hci - ci, ci, hi, hci))
+                tiers.append(tier_counts(E - hi - hci - ci, ci, hi, hci))
             out.append(tiers)
 
         def spread(fractions: list[float], total: int, caps: list[int]) -> list[int]:
@@ -331,7 +333,7 @@ class _Problem:
                     hcs = place([v[3] for v in values], total(3) + more_hc, [E - x for x in hs])
                     for extra_c in (0, 1, 2):
                         cs = place([v[1] for v in values], total(1) + extra_c, [E - x - y for x, y in zip(hs, hcs)])
-                        out.append([TierCounts(E - hi - hci - ci, ci, hi, hci) for hi, hci, ci in zip(hs, hcs, cs)])
+                        out.append([tier_counts(E - hi - hci - ci, ci, hi, hci) for hi, hci, ci in zip(hs, hcs, cs)])
         return [self._to_host_until_it_fits(tiers, [i for i, t in enumerate(tiers) if t.paged], depth, batch)
                 for tiers in out]
 
@@ -361,7 +363,7 @@ class _Problem:
                                for j, x in enumerate(hs)] if paged else []
                         tiers = [TierCounts(E, 0, 0, 0)] * L
                         for i, hi, hci in zip(paged, hs, hcs):
-                            tiers[i] = TierCounts(0, E - hi - hci, hi, hci)
+                            tiers[i] = tier_counts(0, E - hi - hci, hi, hci)
                         out.append(tiers)
         return out
 
@@ -380,8 +382,8 @@ class _Problem:
         for j, i in enumerate(paged):
             n = min(tiers[i].compressed, (j + 1) * moves // len(paged) - j * moves // len(paged))
             t = tiers[i]
-            tiers[i] = (TierCounts(t.resident, t.compressed - n, t.host, t.host_compressed + n) if self.host_compressed
-                        else TierCounts(t.resident, t.compressed - n, t.host + n, t.host_compressed))
+            tiers[i] = (tier_counts(t.resident, t.compressed - n, t.host, t.host_compressed + n) if self.host_compressed
+                        else tier_counts(t.resident, t.compressed - n, t.host + n, t.host_compressed))
         return tiers
 
     def relax(self, batch: int, depth: int, incumbent_rate: float = 0.0) -> Relaxation | None:
@@ -734,11 +736,24 @@ def _model_key(entry: tuple, uncertified: list) -> tuple:
 
 
 def _widest_span(tiers: list[TierCounts], depth: int) -> int:
-    """Rows of the widest fused-MoE call the executor's arena would give this placement."""
+    """Rows of the widest fused-MoE call the executor's arena would give this placement: per
+    group of layers around a buffer that has a paged layer, the buffer and the group's paged
+    layers' resident stacks (what ArenaLayout lays out: tests/test_planner.py holds the two
+    equal), without building the layout for each of the thousands of roundings a plan prices."""
     slots = max(t.paged for t in tiers)
     if not slots:
         return 0
-    return ArenaLayout.of_counts([(t.resident, t.paged > 0) for t in tiers], depth + 1, slots).widest_span[0]
+    widest = 0
+    for group in _span_groups(len(tiers), depth + 1):
+        paged = [tiers[i].resident for i in group if tiers[i].paged]
+        if paged:
+            widest = max(widest, slots + sum(paged))
+    return widest
+
+
+@functools.lru_cache(maxsize=64)
+def _span_groups(num_layers: int, buffers: int) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(group) for group in all_span_groups(num_layers, buffers))
 
 
 def _make_plan(p: _Problem, best: Candidate, objective: str, limit: float | None, solved: int,
