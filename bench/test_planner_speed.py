@@ -13,10 +13,11 @@ in waves): the whole sweep (1,421 plans, wall time) has a median of 0.074 s and 
 0.99 s, none over 1 s. Session 14 (the step model from kernels timed as vLLM runs them; the sweep
 is `python bench/planner_sweep.py`, bench/results/planner_sweep_2026-11-25.json): 1,249 plans,
 median 0.053 s, 99th percentile 0.53 s, worst 1.38 s, 1 over 1 s (Qwen3-30B-A3B on the H200 at
-66 GiB; 72 GiB took 1.04 s before prefill attention was measured). Session 15 (placement MILPs
-without HiGHS presolve and RINS, pass 1's Python made cheaper; bench/results/planner_sweep_2026-11-25.json,
-session 14's is planner_sweep_2026-11-25-a.json): median 0.052 s, 99th percentile 0.59 s, worst
-0.91 s (Mixtral-8x7B on the H200 at 98 GiB), none over 1 s; the new slowest first below.
+66 GiB; 72 GiB took 1.04 s before prefill attention was measured). Session 15 (pass 1's Python
+made cheaper, plans unchanged; bench/results/planner_sweep_2026-11-25.json, session 14's is
+planner_sweep_2026-11-25-a.json): median 0.050 s, 99th percentile 0.50 s, worst 1.33 s, 1 over
+1 s (the same 66 GiB); without HiGHS presolve and RINS the worst was 0.91 s, with some plans
+1-3% slower (bench/NOTES.md). The slowest of that variant's sweep first below.
 
 Run: pytest bench/test_planner_speed.py --benchmark-enable
 """

@@ -235,8 +235,7 @@ class _Problem:
         started = time.perf_counter()
         prob.solve(solver(self.gap, MILP_NODE_LIMIT, MILP_SAFETY_TIME_LIMIT_S,
                           None if cutoff_s is None else cutoff_s / model.unit,
-                          None if start is None or not integer else self._start_values(model, start),
-                          presolve=minimize_memory))
+                          None if start is None or not integer else self._start_values(model, start)))
         if time.perf_counter() - started >= MILP_SAFETY_TIME_LIMIT_S:
             self.safety_hits += 1
         if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):

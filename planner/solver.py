@@ -127,24 +127,20 @@ class _HiGHS(pulp.HiGHS):
 
 
 def solver(gap: float, node_limit: int, time_limit_s: float, cutoff: float | None = None,
-           start: dict[str, float] | None = None, presolve: bool = False) -> pulp.LpSolver:
+           start: dict[str, float] | None = None) -> pulp.LpSolver:
     """One thread (plans must not depend on the machine), relative gap, node limit, safety time
     limit; `cutoff`: only solutions whose objective is below it matter; `start`: values of some
-    variables (by name) of a known feasible solution; `presolve`: HiGHS's, off for placements."""
+    variables (by name) of a known feasible solution."""
     _silence_banner()
     # No strong branching before pseudo-costs (reliability 0) and no restart after the root's
     # reductions: over a 1 GiB sweep of every shipped model (1,421 plans, 2 cores) the slowest
     # plan went from 2.35 s to 1.33 s and the median from 0.10 to 0.08 s, plans within -1.2% /
     # +0.6% of before (node-limited MILPs; bench/NOTES.md, session 12).
-    # No presolve and no RINS heuristic for the placement MILPs (1 GiB sweep of every shipped
-    # model, 1,249 plans on 2 cores, bench/NOTES.md, session 15): presolve's reductions left
-    # node-limited MILPs with worse incumbents (up to 9% slower plans), and without presolve
-    # RINS made the root of a few MILPs take 0.8 s. Both off: worst 1.59 s -> 0.87 s; plans
-    # within -3.0% / +9.3% of before, 46 faster and 47 slower by more than 0.1%. The
-    # least-memory MILP keeps presolve (without it, 46 GiB of Mixtral with 1 GiB of host
-    # memory named 67.08 GiB as the smallest budget, with it 66.56).
-    options = {"mip_pscost_minreliable": 0, "mip_allow_restart": False, "presolve": "on" if presolve else "off",
-               "mip_heuristic_run_rins": presolve}
+    # Presolve and RINS stay on: without both, the 1 GiB sweep's worst plan took 0.91 s instead of
+    # 1.27, but node-limited MILPs then missed plans with resident experts beside routed host
+    # ones (Qwen3-Next, one sequence, 60-70 GiB: 1-1.3% slower) and DeepSeek-V2-Lite's best
+    # (2-3% slower); bench/NOTES.md, session 15.
+    options = {"mip_pscost_minreliable": 0, "mip_allow_restart": False}
     if cutoff is not None:
         options["objective_bound"] = cutoff
     return _HiGHS(start=start, msg=False, gapRel=gap, threads=1, timeLimit=time_limit_s, mip_max_nodes=node_limit,

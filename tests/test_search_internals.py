@@ -286,7 +286,7 @@ def test_bad_options_are_refused_by_name(options, message):
 def test_a_milp_stopped_at_its_node_limit_says_so(monkeypatch):
     """A node limit of 1 on a MILP whose root does not close (6 layers of 32 experts, slots free)."""
     monkeypatch.setattr(search, "MILP_NODE_LIMIT", 1)
-    p = problem(layers=6, experts=32, budget=6000 * 1024, host=64 * MiB, mip_gap=0.0)
+    p = problem(layers=6, experts=32, budget=4800 * 1024, host=64 * MiB, mip_gap=0.0)
     found = p.milp(1, 1)
     assert found is not None and found.status == "MILP stopped at its limit of 1 nodes"
 
