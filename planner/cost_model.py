@@ -356,7 +356,7 @@ class CostModel:
                 path[layer] += on_path
                 routed += on_path
         gpu = [p + d for p, d in zip(path, decode)]
-        L, window = m.num_layers, range(1, min(prefetch_depth, m.num_layers) + 1)  # as window_gpu_s, inlined
+        L, window = m.num_layers, range(1, min(prefetch_depth, m.num_layers) + 1)  # window_layers, inlined
         stall = sum(max(0.0, transfer[layer] - sum(path[(layer - j) % L] for j in window) - decode[layer])
                     for layer in range(L) if transfer[layer] > 0)
         gpu_s, link_s, fixed = sum(gpu) - routed, sum(transfer) + routed, self.fixed_s(step)
@@ -388,9 +388,6 @@ class CostModel:
         transfer does, on the decode streams (measured on the H200 at depth 0: a layer took
         max(link, decodes) + compute, bench/results/e2e_qwen3_next_standin_spread_*)."""
         return [(layer - j) % num_layers for j in range(1, min(prefetch_depth, num_layers) + 1)]
-
-    def window_gpu_s(self, gpu: list[float], layer: int, prefetch_depth: int) -> float:
-        return sum(gpu[j] for j in self.window_layers(len(gpu), layer, prefetch_depth))
 
     def resident_step_time(self, step: StepShape) -> StepTime:
         """Every expert resident: the fastest a step can be (and plain vLLM's step)."""
