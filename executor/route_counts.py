@@ -17,14 +17,16 @@ class RouteCounter:
     def __init__(self, num_layers: int, num_experts: int, device: torch.device | str):
         self.device = torch.device(device)
         with torch.inference_mode(False):  # made inside vLLM's inference mode, updated in and out of it
-            self.counts = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=self.device)
+            # One spare column: picks of other ranks' experts land there and are never read.
+            self.counts = torch.zeros(num_layers, num_experts + 1, dtype=torch.int64, device=self.device)
             self.tokens = torch.zeros(num_layers, dtype=torch.int64, device=self.device)
         self._host: tuple[torch.Tensor, torch.Tensor] | None = None
         self._copied = None  # event after the last copy to the host
         self._last = ([[0] * num_experts for _ in range(num_layers)], [0] * num_layers)
 
     def add(self, layer: int, topk_ids: torch.Tensor) -> None:
-        """Count layer `layer`'s picks ([tokens, k] expert ids, any integer dtype)."""
+        """Count layer `layer`'s picks ([tokens, k] expert ids, any integer dtype; `num_experts`
+        for another rank's expert)."""
         flat = topk_ids.reshape(-1).long()
         self.counts[layer].scatter_add_(0, flat, torch.ones_like(flat))
         self.tokens[layer] += topk_ids.shape[0]
@@ -33,9 +35,9 @@ class RouteCounter:
         """(counts per layer and expert, tokens per layer) as of the previous read's copy (on the
         CPU: now). Never waits for the GPU."""
         if self.device.type != "cuda":
-            return self.counts.tolist(), self.tokens.tolist()
+            return self.read_now()
         if self._copied is not None and self._copied.query():
-            self._last = (self._host[0].tolist(), self._host[1].tolist())
+            self._last = _listed(*self._host)
         if self._copied is None or self._copied.query():
             if self._host is None:
                 with torch.inference_mode(False):
@@ -55,8 +57,12 @@ class RouteCounter:
         self._last = old._last
         if old._copied is not None:  # a rebuild waits for the GPU anyway: take the copy in flight
             old._copied.synchronize()
-            self._last = (old._host[0].tolist(), old._host[1].tolist())
+            self._last = _listed(*old._host)
 
     def read_now(self) -> tuple[list[list[int]], list[int]]:
         """The counts as of now (a host sync: for harnesses and tests)."""
-        return self.counts.tolist(), self.tokens.tolist()
+        return _listed(self.counts, self.tokens)
+
+
+def _listed(counts: torch.Tensor, tokens: torch.Tensor) -> tuple[list[list[int]], list[int]]:
+    return counts[:, :-1].tolist(), tokens.tolist()  # without the spare column

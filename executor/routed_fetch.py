@@ -28,9 +28,10 @@ GATHER_SPLIT = 64  # programs per row: enough loads in flight over PCIe for a fe
 
 
 def routed_experts(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[E] bool: the experts that any token's top-k picks (no host sync)."""
-    mask = torch.zeros(num_experts, dtype=torch.bool, device=topk_ids.device)
-    return mask.index_fill_(0, topk_ids.reshape(-1).long(), True)  # vLLM's ids are int32
+    """[E] bool: the experts that any token's top-k picks (no host sync). Id `num_experts`, an
+    expert on another rank under expert parallel, picks nothing here."""
+    mask = torch.zeros(num_experts + 1, dtype=torch.bool, device=topk_ids.device)
+    return mask.index_fill_(0, topk_ids.reshape(-1).long(), True)[:num_experts]  # vLLM's ids are int32
 
 
 class RoutedFetch:

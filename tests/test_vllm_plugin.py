@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import profiles
-from bench.vllm_identity import variants
+from bench.vllm_identity import variants, with_tiers
 from executor.moe_layer import moe_layer, random_stack, reference_forward
 from fluxmoe import vllm_plugin
 from fluxmoe.errors import ConfigError
@@ -206,3 +207,100 @@ def test_a_plan_for_other_layers_is_refused_before_anything_moves(tiny_plans):
     with pytest.raises(ConfigError, match="this engine runs"):
         runtime.rebuild(other)
     assert runtime.pager is pager and runtime.layers
+
+
+# ---------------------------------------------------------------- expert parallel
+def _expert_map(placement: str, rank: int, ranks: int, experts: int) -> torch.Tensor:
+    """vLLM 0.26's map for a rank (expert_map_manager.determine_expert_map), written out by hand."""
+    mine = (range(rank * experts // ranks, (rank + 1) * experts // ranks) if placement == "linear"
+            else range(rank, experts, ranks))
+    out = torch.full((experts,), -1, dtype=torch.int32)
+    out[list(mine)] = torch.arange(len(mine), dtype=torch.int32)
+    return out
+
+
+def _ep_partial(x, ids, gates, w13, w2, expert_map):
+    """One rank's share of an MoE layer as vLLM's kernel computes it under expert parallel:
+    each pick of an expert the map sends to row r uses stack row r; other ranks' picks add nothing."""
+    out = torch.zeros_like(x)
+    rows = expert_map[ids.long()]
+    for row in rows.unique().tolist():
+        if row < 0:
+            continue
+        gate = (gates * (rows == row)).sum(-1, keepdim=True).to(x.dtype)  # [T, 1]
+        gate_up = x @ w13[row].T
+        i = w2.shape[2]
+        out += gate * ((F.silu(gate_up[:, :i]) * gate_up[:, i:]) @ w2[row].T)
+    return out
+
+
+@pytest.mark.parametrize("placement", ["linear", "round_robin"])
+@pytest.mark.parametrize("variant", ["per_expert_d2", "host_routed_d1"])
+def test_under_expert_parallel_each_rank_pages_its_experts_bit_exact(tiny_plans, placement, variant):
+    """Two ranks, each paging its 4 of 8 experts through the plugin's expert-parallel path (vLLM's
+    map swapped for one to arena rows, checkpoint experts landed by global id): each rank's share
+    equals plain expert parallel's over its own stacks bit for bit, the shares add up to the
+    whole layer, and each rank counts only its own experts' picks."""
+    from fluxmoe.vllm_plugin.rank_experts import RankExperts
+
+    spec, ranks = profiles.load_model(TINY), 2
+    experts, k = spec.num_experts, spec.experts_per_token
+    base = with_tiers(tiny_plans["host_d1"], {lp.layer: [Tier.RESIDENT] * (experts // ranks)
+                                              for lp in tiny_plans["host_d1"].layers}, 0)
+    plan = variants(base)[variant]
+    routers, stacks = random_stack(spec.num_moe_layers, 64, 96, experts, CPU, seed=5)
+    maps = [_expert_map(placement, r, ranks, experts) for r in range(ranks)]
+    shards = [RankExperts.from_expert_map(m) for m in maps]
+    runtimes = []
+    for shard in shards:
+        runtime = PagingRuntime(plan, ExpertLayout(64, 96), CPU)
+        for layer, (w13, w2) in zip(runtime.moe_layers, stacks):
+            landing = runtime.landing(layer)
+            for g in range(experts):  # the checkpoint's experts by global id; other ranks' are skipped
+                local = int(shard.local_of[g])
+                if local < shard.num_local:
+                    (t13, t2), row = landing.target(local)
+                    t13[row].copy_(w13[g])
+                    t2[row].copy_(w2[g])
+            runtime.place_landed(layer, landing)
+        runtimes.append(runtime)
+    x = torch.randn(7, 64, dtype=torch.bfloat16)
+    picks = torch.zeros(ranks, spec.num_moe_layers, experts // ranks, dtype=torch.int64)
+    for i, router in enumerate(routers):
+        probs = F.softmax((x @ router.T).float(), dim=-1)
+        gates, ids = probs.topk(k, dim=-1)
+        gates, ids = gates / gates.sum(-1, keepdim=True), ids.to(torch.int32)
+        shares = []
+        for r, (runtime, shard) in enumerate(zip(runtimes, shards)):
+            pager = runtime.pager
+            weights = pager.before_layer(i)
+            local = shard.local_ids(ids)
+            pager.count_routes(i, local)
+            pager.fetch_routed(i, local)
+            fused = weights.fused
+            share = _ep_partial(x, ids, gates, fused.w13, fused.w2, shard.kernel_map(fused.row_of))
+            w13, w2 = stacks[i]
+            plain = _ep_partial(x, ids, gates, w13[list(shard.global_of)], w2[list(shard.global_of)], maps[r])
+            assert torch.equal(share, plain)
+            pager.after_layer(i)
+            picks[r, i] = torch.bincount(local.flatten().long(), minlength=shard.num_local + 1)[:-1]
+            shares.append(share)
+        whole = _ep_partial(x, ids, gates, *stacks[i], torch.arange(experts, dtype=torch.int32))
+        torch.testing.assert_close(shares[0].float() + shares[1].float(), whole.float(), atol=2e-2, rtol=2e-2)
+        assert sum(int(p.sum()) for p in picks[:, i]) == ids.numel()  # every pick counted on one rank only
+        x = x + shares[0] + shares[1]  # the FFN's all-reduce
+    for r, runtime in enumerate(runtimes):
+        runtime.pager.end_step()
+        assert runtime.pager.route_counter.read_now()[0] == picks[r].tolist()
+
+
+def test_an_expert_map_that_is_not_a_cover_is_refused():
+    from fluxmoe.vllm_plugin.rank_experts import RankExperts
+
+    with pytest.raises(ConfigError, match=r"expert_map: expected .* got \[0, -1, 0, -1\]"):
+        RankExperts.from_expert_map(torch.tensor([0, -1, 0, -1]))
+    shard = RankExperts.from_expert_map(torch.tensor([-1, 1, -1, 0]))
+    assert shard.global_of == (3, 1) and shard.local_of.tolist() == [2, 1, 2, 0]
+    assert shard.kernel_map(torch.tensor([7, 5], dtype=torch.int32)).tolist() == [-1, 5, -1, 7]
+    with pytest.raises(ConfigError, match="the plan's shard has 4 experts per layer; vLLM gives this rank 2 of 4"):
+        shard.check_count(4, "layers.0.mlp")

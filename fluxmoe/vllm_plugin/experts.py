@@ -8,6 +8,8 @@ Per MoE layer of the plan:
   runs as ONE call of vLLM's own fused-MoE kernel over its arena span, with expert ids remapped
   to rows and the kernel config plain vLLM would pick for the layer's real expert count, so
   tokens are bit-for-bit plain vLLM's.
+Under expert parallel a rank pages its own experts (the plan is one rank's shard) and keeps plain
+vLLM's kernel call, its expert map sending each local expert to its arena row (`RankExperts`).
 With dummy weights, a paged layer's stacks are generated on the GPU one layer at a time with
 vLLM's own generator (so the values equal plain vLLM's) and split into tiers at once.
 
@@ -28,6 +30,7 @@ from vllm.model_executor.offloader.base import BaseOffloader, get_offloader, set
 from executor.tiers import ExpertLayout
 from fluxmoe.errors import ConfigError
 from fluxmoe.vllm_plugin import LOG_NAME
+from fluxmoe.vllm_plugin.rank_experts import RankExperts
 from fluxmoe.vllm_plugin.runtime import PagingRuntime, check_plan_for_model, current_runtime, set_current_runtime
 from fluxmoe.vllm_plugin.stats import interval_from_env
 
@@ -66,9 +69,9 @@ def _runtime_for(moe_config, params_dtype, quant_config) -> PagingRuntime:
     parallel = config.parallel_config
     check_plan_for_model(plan, config.model_config.hf_config.to_dict(), parallel.tensor_parallel_size,
                          parallel.enable_expert_parallel)
-    if parallel.enable_expert_parallel:
-        raise ConfigError("FluxMoE's plugin does not page under expert parallelism yet (plans and the simulator "
-                          "model it; tensor parallel pages)")
+    if parallel.enable_eplb:
+        raise ConfigError("FluxMoE pages a fixed split of experts over the ranks; vLLM's expert load balancer "
+                          "(--enable-eplb) moves experts between ranks: run without it")
     layout = ExpertLayout(moe_config.hidden_dim, moe_config.intermediate_size_per_partition)
     runtime = PagingRuntime(plan, layout, torch.device("cuda", torch.cuda.current_device()),
                             stats_interval_s=interval_from_env())
@@ -137,15 +140,17 @@ class PagedRoutedExperts(RoutedExperts):
                                  *args, **kwargs)
         else:
             super().__init__(layer_name, params_dtype, moe_config, quant_config, expert_map_manager, *args, **kwargs)
-        if self.use_ep:
-            raise ConfigError("FluxMoE plans do not run with expert parallelism yet")
         self.fluxmoe_runtime, self.fluxmoe_layer = runtime, model_layer
         runtime.bind(model_layer, self._fluxmoe_rebind)
         self.fluxmoe_position = runtime.position(model_layer)
+        self.fluxmoe_rank = None  # expert parallel: this rank's experts, and its ids' way to the arena
+        if self.use_ep:
+            self.fluxmoe_rank = RankExperts.from_expert_map(self.expert_map_manager.expert_map, runtime.device)
+            self.fluxmoe_rank.check_count(len(runtime.tiers[self.fluxmoe_position]), layer_name)
         self.fluxmoe_paged, self.fluxmoe_dummy = paged, _is_dummy_load()
         self.fluxmoe_landing = runtime.landing(model_layer) if paged and not self.fluxmoe_dummy else None
-        self.fluxmoe_shapes = ((moe_config.num_experts, *runtime.layout.w13_shape),
-                               (moe_config.num_experts, *runtime.layout.w2_shape))
+        self.fluxmoe_shapes = ((self.local_num_experts, *runtime.layout.w13_shape),  # plain vLLM's stacks
+                               (self.local_num_experts, *runtime.layout.w2_shape))
         inner = self.quant_method.process_weights_after_loading
 
         def process_weights_after_loading(layer) -> None:
@@ -163,9 +168,14 @@ class PagedRoutedExperts(RoutedExperts):
             return super().weight_loader(param, loaded_weight, weight_name, shard_id, expert_id, return_success)
         if loaded_weight.dim() == 3:
             raise ConfigError(f"{self.layer_name}: checkpoints with all experts in one tensor cannot be paged yet")
-        (w13, w2), row = landing.target(expert_id)
+        local = self._map_global_expert_id_to_local_expert_id(expert_id)
+        if local == -1:  # another rank's expert (expert parallel)
+            return False if return_success else None
+        (w13, w2), row = landing.target(local)
         target = w2 if shard_id == "w2" else w13
-        return super().weight_loader(target, loaded_weight, weight_name, shard_id, row, return_success)
+        # vLLM's loader maps the id it is given from global to local: give it the global id of local `row`.
+        as_global = row if self.fluxmoe_rank is None else self.fluxmoe_rank.global_of[row]
+        return super().weight_loader(target, loaded_weight, weight_name, shard_id, as_global, return_success)
 
     def _fluxmoe_place(self) -> None:
         if not self.fluxmoe_paged:
@@ -210,10 +220,11 @@ class PagedRoutedExperts(RoutedExperts):
                                           block_shape=quant.block_shape)
 
     def forward_modular(self, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
-        runtime = self.fluxmoe_runtime
+        runtime, rank = self.fluxmoe_runtime, self.fluxmoe_rank
+        local_ids = topk_ids if rank is None else rank.local_ids(topk_ids)
         if not runtime.any_paged:  # vLLM's own call, untouched; the picks are still counted, so a
             # budget change from here sends the coldest experts to the host
-            runtime.pager.count_routes(self.fluxmoe_position, topk_ids)
+            runtime.pager.count_routes(self.fluxmoe_position, local_ids)
             return super().forward_modular(x, topk_weights, topk_ids, shared_experts, shared_experts_input)
         from vllm.model_executor.layers.fused_moe import override_config
 
@@ -222,17 +233,21 @@ class PagedRoutedExperts(RoutedExperts):
             runtime.reporter.poll()  # eager steps (no graph replay hook); cheap unless a line is due
         pager.prefetch_on_release = not _piecewise_capture()
         weights = pager.before_layer(position)
-        pager.count_routes(position, topk_ids)  # per-expert picks, on the GPU (the closed loop reads them)
-        pager.fetch_routed(position, topk_ids)  # a no-op unless the plan fetches routed host experts only
+        pager.count_routes(position, local_ids)  # per-expert picks, on the GPU (the closed loop reads them)
+        pager.fetch_routed(position, local_ids)  # a no-op unless the plan fetches routed host experts only
         if weights.fused is None:
             out = super().forward_modular(x, topk_weights, topk_ids, shared_experts, shared_experts_input)
         else:
+            if rank is None:  # ids remapped to the span's rows
+                ids, experts, expert_map = weights.fused.row_of[topk_ids], weights.fused.rows, None
+            else:  # plain expert parallel's call, its map sending local experts to their rows
+                ids, experts, expert_map = topk_ids, rank.num_global, rank.kernel_map(weights.fused.row_of)
             with override_config(self._fluxmoe_config(x)):
                 out = self.quant_method.moe_kernel.apply(
                     hidden_states=x, w1=weights.fused.w13, w2=weights.fused.w2, topk_weights=topk_weights,
-                    topk_ids=weights.fused.row_of[topk_ids], activation=self.activation,
+                    topk_ids=ids, activation=self.activation,
                     apply_router_weight_on_input=self.apply_router_weight_on_input,
-                    global_num_experts=weights.fused.rows, expert_map=None, shared_experts=shared_experts,
+                    global_num_experts=experts, expert_map=expert_map, shared_experts=shared_experts,
                     shared_experts_input=shared_experts_input)
         pager.after_layer(position)
         if position == len(runtime.moe_layers) - 1:
