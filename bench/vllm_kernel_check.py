@@ -6,13 +6,16 @@ For token counts from 1 to 2048 and spans of E..3E rows: the same experts sit at
 larger tensor, the ids are remapped, and the kernel config is pinned to the one the real
 expert count gives (`override_config`). Under expert parallel (2 ranks, vLLM's linear and
 round-robin placements), plain vLLM's call over the rank's own stack with vLLM's map against the
-plugin's call over a span with `RankExperts.kernel_map`. Prints a table of max |difference| (0 =
-bit-exact).
+plugin's call over a span with `RankExperts.kernel_map`. Those rows assign blocks as vLLM's
+`TritonExperts` does (the experts the plugin calls: the map applied after alignment), where the
+functional `fused_experts` hands the map to the alignment op instead. Prints a table of max
+|difference| (0 = bit-exact).
 """
 import itertools
 import sys
 
 import torch
+import vllm.model_executor.layers.fused_moe.fused_moe as fused_moe_module
 from vllm.model_executor.layers.fused_moe import override_config
 from vllm.model_executor.layers.fused_moe.expert_map_manager import determine_expert_map
 from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts, try_get_optimal_moe_config
@@ -20,6 +23,14 @@ from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts, try_ge
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 from bench.device_info import write_result  # noqa: E402
 from fluxmoe.vllm_plugin.rank_experts import RankExperts  # noqa: E402
+
+_functional_assignment = fused_moe_module._prepare_expert_assignment
+
+
+def _triton_experts_assignment(*args, **kwargs):
+    """As TritonExperts.apply calls it (experts/triton_moe.py): the map applied after alignment."""
+    return _functional_assignment(*args, **dict(kwargs, ignore_invalid_experts=False))
+
 
 torch.manual_seed(0)
 dev = "cuda"
@@ -53,6 +64,7 @@ for (E, H, I, k), M, extra in itertools.product([(8, 1024, 2048, 2), (64, 1024, 
         shard = RankExperts.from_expert_map(vmap)
         mine = list(shard.global_of)
         local_config = try_get_optimal_moe_config(w1[mine].size(), w2[mine].size(), k, None, M)
+        fused_moe_module._prepare_expert_assignment = _triton_experts_assignment
         with override_config(local_config):  # what plain vLLM picks for the rank's stack
             plain_ep = fused_experts(x, w1[mine], w2[mine], weights, ids, global_num_experts=E, expert_map=vmap)
             row_of = torch.randperm(rows_total, device=dev)[:local].to(torch.int32)
@@ -61,6 +73,7 @@ for (E, H, I, k), M, extra in itertools.product([(8, 1024, 2048, 2), (64, 1024, 
             span1[row_of.long()], span2[row_of.long()] = w1[mine], w2[mine]
             ours_ep = fused_experts(x, span1, span2, weights, ids, global_num_experts=E,
                                     expert_map=shard.kernel_map(row_of))
+        fused_moe_module._prepare_expert_assignment = _functional_assignment
         rows.append(dict(E=E, k=k, M=M, span=rows_total, ep=f"{placement}/{rank}", naive_plain=False,
                          naive_ours=False, max_diff=float((plain_ep.float() - ours_ep.float()).abs().max()),
                          max_diff_unpinned=None, ep_share_nonzero=bool(plain_ep.abs().sum() > 0)))

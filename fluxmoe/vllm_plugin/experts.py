@@ -127,6 +127,18 @@ class _JoiningOffloader(BaseOffloader):
         self.inner._start_prefetch(layer_idx)
 
 
+def _check_expert_parallel_kernel(moe_kernel, layer_name: str) -> None:
+    """Under expert parallel the paged call hands vLLM a map from global ids to arena rows, which
+    may outnumber the model's experts. vLLM's Triton experts apply the map after aligning blocks
+    (fine); kernels that count in local id space inside the alignment op would overrun."""
+    from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
+
+    experts = getattr(getattr(moe_kernel, "impl", None), "fused_experts", None)
+    if type(experts) is not TritonExperts:
+        raise ConfigError(f"{layer_name}: FluxMoE pages under expert parallel only with vLLM's Triton experts; "
+                          f"vLLM chose {type(experts).__name__} (pass --moe-backend triton)")
+
+
 class PagedRoutedExperts(RoutedExperts):
     """`RoutedExperts` whose experts live in a FluxMoE plan's tiers."""
 
@@ -156,6 +168,8 @@ class PagedRoutedExperts(RoutedExperts):
         def process_weights_after_loading(layer) -> None:
             self._fluxmoe_place()
             inner(layer)
+            if self.fluxmoe_rank is not None and self.fluxmoe_paged:
+                _check_expert_parallel_kernel(self.quant_method.moe_kernel, layer_name)
             if not self.fluxmoe_paged:  # after vLLM's own processing: its final parameters
                 runtime.keep_resident(model_layer, self.w13_weight.data, self.w2_weight.data)
 
