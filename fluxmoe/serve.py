@@ -113,7 +113,9 @@ def prepare(args, vllm_args: list[str], make_plan) -> Launch:
     env = dict(os.environ, **{PLAN_ENV: str(plan_path.resolve())})
     env["VLLM_PLUGINS"] = _plugins_with_stats(os.environ.get("VLLM_PLUGINS"))
     if getattr(args, "adapt", False):
-        from fluxmoe.vllm_plugin.adapt import ADAPT_ENV
+        from fluxmoe.vllm_plugin.adapt import ADAPT_ENV, refuse_expert_parallel
+
+        refuse_expert_parallel(expert_parallel)
 
         env[ADAPT_ENV] = json.dumps({"model": str(Path(args.model).resolve()), "gpu": gpu,
                                      "expert_parallel": expert_parallel, "interval_s": args.adapt_interval})

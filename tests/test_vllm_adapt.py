@@ -214,6 +214,11 @@ def test_serve_with_adapt_hands_the_loop_its_settings(capsys, tmp_path, monkeypa
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "garbage_collection_threshold:0.8")  # the user's own stays
     assert prepare(args, [], lambda profile: make_plan(args, profile, _workload(args))).env[
         "PYTORCH_CUDA_ALLOC_CONF"] == "garbage_collection_threshold:0.8"
+    with pytest.raises(ConfigError, match="--adapt: the closed loop does not run under expert parallel"):
+        prepare(args, ["--tensor-parallel-size", "2", "--enable-expert-parallel"],
+                lambda profile: make_plan(args, profile, _workload(args)))
+    with pytest.raises(ConfigError, match="--adapt: the closed loop does not run under expert parallel"):
+        ServerLoop.from_settings(None, AdaptSettings(str(TINY), "h200x2", expert_parallel=True), "unused.json")
 
 
 class _Registry:

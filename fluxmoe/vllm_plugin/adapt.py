@@ -56,6 +56,15 @@ class AdaptSettings:
         return settings
 
 
+def refuse_expert_parallel(expert_parallel: bool) -> None:
+    """Under expert parallel each rank counts only its own experts' picks, and the cost model has
+    no per-expert popularity for a rank's shard yet: no closed loop there (tensor parallel is fine,
+    every rank routes every token)."""
+    if expert_parallel:
+        raise ConfigError("--adapt: the closed loop does not run under expert parallel yet (each rank sees only "
+                          "its own experts' picks); serve without --adapt, or with tensor parallel only")
+
+
 def engine_load(registry=None) -> dict:
     """vLLM's own gauges in this API server process (its stat loggers keep them in
     prometheus_client's registry): the share of the KV cache in use and the requests running,
@@ -97,6 +106,7 @@ class ServerLoop:
         from planner.plan import Plan
         from planner.replan import Replanner
 
+        refuse_expert_parallel(settings.expert_parallel)
         profile = profiles.load(settings.model, settings.gpu, expert_parallel=settings.expert_parallel)
         return cls(engine, Replanner(profile, Plan.load(plan_path)), settings.interval_s, settings.max_slowdown)
 
