@@ -32,7 +32,7 @@ from planner.memory import VLLM_MAX_NUM_SEQS, MemoryModel
 from planner.popularity import ExpertPopularity
 from planner.plan import (BaselinePrediction, LayerPlan, Plan, PlanInputs, Prediction,
                           WorkloadShape)
-from planner.solver import solver
+from planner.solver import freeze_variables, solver
 from profiles.registry import Profile
 
 PREFETCH_DEPTHS = (0, 1, 2, 3)
@@ -213,6 +213,7 @@ class _Problem:
             if self.tpot_limit_s is not None:
                 prob += step_time + cost.fixed_s(step) / unit <= self.tpot_limit_s / unit
             prob += step_time
+        freeze_variables(prob)
         model = _PlacementModel(prob, [(r[l], c[l], h[l], hc[l]) for l in m.moe_layers], slots, landing, step_time,
                                 unit, list(whole.values()))
         self._models[key] = model
