@@ -17,10 +17,11 @@ median 0.053 s, 99th percentile 0.53 s, worst 1.38 s, 1 over 1 s (Qwen3-30B-A3B 
 made cheaper, plans unchanged; planner_sweep_2026-11-25-b.json, session 14's is
 planner_sweep_2026-11-25-a.json): median 0.050 s, 99th percentile 0.50 s, worst 1.33 s, 1 over
 1 s (the same 66 GiB). Session 16 (MILPs given a start run without presolve, which carried the
-start into its presolved space wrongly and called it optimal beside faster placements;
-bench/results/planner_sweep_2026-11-25.json): median 0.060 s, 99th percentile 0.79 s, worst
-1.05 s, 3 over 1 s, on a machine that timed the session-15 code at 1.48 s worst and 4 over 1 s
-the same hour (timings here vary by 20% between hours). Its slowest first below.
+start into its presolved space wrongly and called it optimal beside faster placements) and
+PuLP's variable list taken once per model (bench/results/planner_sweep_2026-11-25.json): median
+0.052 s, 99th percentile 0.70 s, worst 0.96 s, none over 1 s; the same machine timed the
+session-15 code at 1.48 s worst and 4 over 1 s that hour (timings here vary by 20% between
+hours). Its slowest first below.
 
 Run: pytest bench/test_planner_speed.py --benchmark-enable
 """
@@ -31,8 +32,8 @@ import planner
 import profiles
 
 SLOWEST = [
-    ("mixtral-8x7b", "h200", "97GiB"), ("qwen3-30b-a3b", "h200", "58GiB"), ("qwen3-30b-a3b", "h200", "64GiB"),
-    ("qwen3-30b-a3b", "h200", "52GiB"), ("mixtral-8x7b", "h200", "96GiB"),
+    ("qwen3-30b-a3b", "h200", "64GiB"), ("qwen3-30b-a3b", "h200", "58GiB"), ("qwen3-30b-a3b", "h200", "52GiB"),
+    ("mixtral-8x7b", "h200", "97GiB"), ("mixtral-8x7b", "h200", "96GiB"),
     ("qwen3-30b-a3b", "h200", "72GiB"), ("qwen3-30b-a3b", "h200", "68GiB"),
     ("qwen3-30b-a3b", "a40x2", "43GiB"),
     ("mixtral-8x7b", "h200", "99GiB"), ("mixtral-8x7b", "h200", "98GiB"), ("mixtral-8x7b", "h200", "100GiB"),
