@@ -11,6 +11,14 @@ its own process (bench/vllm_run.py). Writes bench/results/vllm_identity_<model>_
 and prints a table.
 
     python3 bench/vllm_identity.py --model models/mixtral-tiny --base bench/plans/mixtral-tiny.json
+
+On several GPUs every run, plain ones included, gets vLLM's split, and the base plan is one
+rank's shard (issue #15; made with `fluxmoe plan --gpu h200x2 [--expert-parallel]`):
+
+    python3 bench/vllm_identity.py --model models/mixtral-tiny --base bench/plans/mixtral-tiny-tp2.json \
+        --tensor-parallel-size 2
+    python3 bench/vllm_identity.py --model models/mixtral-tiny --base bench/plans/mixtral-tiny-ep2.json \
+        --tensor-parallel-size 2 --expert-parallel
 """
 from __future__ import annotations
 
@@ -67,18 +75,31 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--base", required=True, help="a plan for the model (any budget): its shapes and hashes")
     ap.add_argument("--only", default="", help="comma-separated run names")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
+    ap.add_argument("--expert-parallel", action="store_true")
     a = ap.parse_args()
-    name = os.path.basename(a.model.rstrip("/"))
+    base = Plan.load(a.base)
+    if (base.tensor_parallel, base.expert_parallel) != (a.tensor_parallel_size,
+                                                        a.tensor_parallel_size if a.expert_parallel else 1):
+        raise SystemExit(f"--base: a plan for tensor_parallel={base.tensor_parallel}, expert_parallel="
+                         f"{base.expert_parallel}; this run asks for {a.tensor_parallel_size}"
+                         f"{' with expert parallel' if a.expert_parallel else ''}")
+    split = ((f"_tp{a.tensor_parallel_size}" if a.tensor_parallel_size > 1 else "")
+             + ("_ep" if a.expert_parallel else ""))
+    name = os.path.basename(a.model.rstrip("/")) + split
     plans_dir = os.path.join(RESULTS, "plans")
     os.makedirs(plans_dir, exist_ok=True)
     paths = {}
-    for key, plan in variants(Plan.load(a.base)).items():
+    for key, plan in variants(base).items():
         paths[key] = os.path.join(plans_dir, f"{name}-{key}.json")
         plan.save(paths[key])
     common = ["--model", a.model, "--greedy", "--dummy-scale", "0.1", "--capture-sizes", "1,2,4,8,512", "--max-num-seqs", "8",
               "--num-prompts", "8", "--input-len", "64", "--output-len", "24"]
     if "qwen3-next" in name:
         common += ["--gdn-prefill-backend", "triton"]  # no flashinfer on the GPU machine
+    if a.tensor_parallel_size > 1:
+        common += ["--tensor-parallel-size", str(a.tensor_parallel_size)] + (["--expert-parallel"] if a.expert_parallel
+                                                                              else [])
     runs = [("plain_graphs", [], "plain_graphs"), ("plain_eager", ["--eager"], "plain_eager"),
             ("plain_eager_again", ["--eager"], "plain_eager"),  # is plain vLLM itself repeatable?
             ("host_d1_graphs", ["--plan", paths["host_d1"]], "plain_graphs"),

@@ -8,6 +8,10 @@ negative control: after start-up it overwrites one resident expert of the first 
 so a comparison that cannot see expert weights would be caught passing anyway.
 
     python3 bench/vllm_run.py --model models/mixtral-tiny --greedy [--plan P] [--eager]
+
+`--tensor-parallel-size N` (and `--expert-parallel`) runs N GPUs: the engine stays in this
+process, its workers are processes of their own, so what a worker's paging runtime holds is
+read through `llm.apply_model` (one answer per rank) and the plan is one rank's shard.
 """
 from __future__ import annotations
 
@@ -62,6 +66,8 @@ def main() -> None:
     ap.add_argument("--trace", default="", help="take prompt/output lengths from this Azure trace CSV (first "
                                                 "--num-prompts rows, capped to fit --max-model-len)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=0)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
+    ap.add_argument("--expert-parallel", action="store_true", help="vLLM's --enable-expert-parallel")
     ap.add_argument("--label", default="")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the workload this many times and time the last: the first pays one-time costs "
@@ -118,6 +124,10 @@ def main() -> None:
               seed=0)
     if a.max_num_seqs:
         kw["max_num_seqs"] = a.max_num_seqs
+    if a.tensor_parallel_size > 1:
+        kw["tensor_parallel_size"] = a.tensor_parallel_size
+    if a.expert_parallel:
+        kw["enable_expert_parallel"] = True
     if a.max_num_batched_tokens:
         kw["max_num_batched_tokens"] = a.max_num_batched_tokens
     offload = set(a.offload_params.split(",")) if a.offload_params else set()
@@ -144,13 +154,9 @@ def main() -> None:
     if plan is not None:
         from fluxmoe.vllm_plugin.runtime import current_runtime
 
-        runtime = current_runtime()
-    if a.corrupt:
-        paged = [runtime.position(layer) for layer in sorted(runtime.paged_layers)]
-        target = next((i for i in paged if len(runtime.layers[i].resident[0])), None)
-        if target is None:
-            raise SystemExit("--corrupt needs a paged layer with a resident expert")
-        runtime.layers[target].resident[0][0].mul_(-1)  # one resident expert, read through its arena span
+        runtime = current_runtime()  # None where the workers are processes of their own (several GPUs)
+    if a.corrupt and not all(llm.apply_model(_corrupt_one_resident_expert)):
+        raise SystemExit("--corrupt needs a paged layer with a resident expert")
 
     if a.greedy:
         sp = [SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True, logprobs=1) for _, n_out in lengths]
@@ -172,6 +178,8 @@ def main() -> None:
 
         profiler = profile(activities=[ProfilerActivity.CUDA])
         profiler.start()
+    if a.routing and plan is not None and runtime is None:
+        raise SystemExit("--routing reads the route counter in this process: one GPU only")
     counter = runtime._pager.route_counter if a.routing and runtime is not None and runtime._pager else None
     before = counter.read_now() if counter is not None else None
     t1 = time.perf_counter()
@@ -193,13 +201,11 @@ def main() -> None:
                sampling_seeds="0 for all" if a.lockstep_sampling else "one per request",
                settings={k: (sorted(v) if isinstance(v, set) else v) for k, v in kw.items()
                          if k not in ("model", "skip_tokenizer_init")})
-    if runtime is not None:
-        res["fluxmoe"] = dict(pager_ran=runtime._pager is not None, paged_layers=len(runtime.paged_layers), moe_layers=len(runtime.moe_layers),
-                              gpu_expert_bytes=runtime.gpu_bytes, depth=runtime.plan.prefetch_depth,
-                              slots=runtime.slots, plan_kv_bytes=runtime.plan.kv_cache_bytes,
-                              host_bytes=sum(t.host_bytes for t in runtime.layers if t is not None),
-                              encode_s=round(runtime.encode_seconds, 2),
-                              compressed_experts=sum(len(t.compressed_ids) for t in runtime.layers if t is not None), stats=llm.collective_rpc("fluxmoe_stats"))
+    if plan is not None:
+        ranks = llm.apply_model(_paging_summary)
+        res["fluxmoe"] = dict(ranks[0], stats=llm.collective_rpc("fluxmoe_stats"))
+        if len(ranks) > 1:
+            res["fluxmoe"]["ranks"] = ranks
     if counter is not None:
         res["routing"] = _routing(llm, counter, before, token_prompts(a.repeat + 1), lengths)
     def probe(model):
@@ -231,6 +237,35 @@ def main() -> None:
         res["logprobs"] = [[float(step[t].logprob) for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
                            for o in outs]
     print("RESULT " + json.dumps(res), flush=True)
+
+
+def _paging_summary(model) -> dict:
+    """In a worker: what its paging runtime holds (one answer per rank through apply_model)."""
+    from fluxmoe.vllm_plugin.runtime import current_runtime
+
+    runtime = current_runtime()
+    if runtime is None:
+        return {"pager_ran": False}
+    return dict(pager_ran=runtime._pager is not None, paged_layers=len(runtime.paged_layers),
+                moe_layers=len(runtime.moe_layers), gpu_expert_bytes=runtime.gpu_bytes,
+                depth=runtime.plan.prefetch_depth, slots=runtime.slots, plan_kv_bytes=runtime.plan.kv_cache_bytes,
+                host_bytes=sum(t.host_bytes for t in runtime.layers if t is not None),
+                encode_s=round(runtime.encode_seconds, 2),
+                compressed_experts=sum(len(t.compressed_ids) for t in runtime.layers if t is not None))
+
+
+def _corrupt_one_resident_expert(model) -> bool:
+    """In a worker (the negative control): negate one resident expert of the first paged layer
+    that has one, read through its arena span. False where there is none."""
+    from fluxmoe.vllm_plugin.runtime import current_runtime
+
+    runtime = current_runtime()
+    paged = [runtime.position(layer) for layer in sorted(runtime.paged_layers)]
+    target = next((i for i in paged if len(runtime.layers[i].resident[0])), None)
+    if target is None:
+        return False
+    runtime.layers[target].resident[0][0].mul_(-1)
+    return True
 
 
 def _routing(llm, counter, before, prompts, lengths) -> dict:
