@@ -16,11 +16,11 @@ median 0.053 s, 99th percentile 0.53 s, worst 1.38 s, 1 over 1 s (Qwen3-30B-A3B 
 66 GiB; 72 GiB took 1.04 s before prefill attention was measured). Session 15 (pass 1's Python
 made cheaper, plans unchanged; planner_sweep_2026-11-25-b.json, session 14's is
 planner_sweep_2026-11-25-a.json): median 0.050 s, 99th percentile 0.50 s, worst 1.33 s, 1 over
-1 s (the same 66 GiB). Session 16 (MILPs given a start run without presolve, which carried the
-start into its presolved space wrongly and called it optimal beside faster placements) and
-PuLP's variable list taken once per model (bench/results/planner_sweep_2026-11-25.json): median
-0.052 s, 99th percentile 0.70 s, worst 0.96 s, none over 1 s; the same machine timed the
-session-15 code at 1.48 s worst and 4 over 1 s that hour (timings here vary by 20% between
+1 s (the same 66 GiB). Session 16 (pass-2 MILPs without a MIP start, which HiGHS with presolve
+carried into its presolved space wrongly and called optimal beside faster placements; PuLP's
+variable list taken once per model; bench/results/planner_sweep_2026-11-25.json): median
+0.059 s, 99th percentile 0.69 s, worst 1.08 s, 2 over 1 s; the same machine timed the
+session-15 code at 1.48 s worst and 4 over 1 s that day (timings here vary by 20% between
 hours). Its slowest first below.
 
 Run: pytest bench/test_planner_speed.py --benchmark-enable
@@ -32,15 +32,15 @@ import planner
 import profiles
 
 SLOWEST = [
-    ("qwen3-30b-a3b", "h200", "64GiB"), ("qwen3-30b-a3b", "h200", "58GiB"), ("qwen3-30b-a3b", "h200", "52GiB"),
-    ("mixtral-8x7b", "h200", "97GiB"), ("mixtral-8x7b", "h200", "96GiB"),
+    ("qwen3-30b-a3b", "h200", "66GiB"), ("qwen3-30b-a3b", "h200", "64GiB"), ("qwen3-30b-a3b", "h200", "58GiB"),
+    ("qwen3-30b-a3b", "h200", "52GiB"), ("mixtral-8x7b", "h200", "97GiB"), ("mixtral-8x7b", "h200", "96GiB"),
     ("qwen3-30b-a3b", "h200", "72GiB"), ("qwen3-30b-a3b", "h200", "68GiB"),
     ("qwen3-30b-a3b", "a40x2", "43GiB"),
     ("mixtral-8x7b", "h200", "99GiB"), ("mixtral-8x7b", "h200", "98GiB"), ("mixtral-8x7b", "h200", "100GiB"),
     ("mixtral-8x7b", "a40x2", "41GiB"),
     ("mixtral-8x22b", "h200", "130GiB"),
     ("qwen3-next-80b-a3b", "h200", "111GiB"),
-    ("qwen3-30b-a3b", "h200", "66GiB"), ("qwen3-30b-a3b", "h200", "65GiB"), ("qwen3-30b-a3b", "a40x2", "40GiB"),
+    ("qwen3-30b-a3b", "h200", "65GiB"), ("qwen3-30b-a3b", "a40x2", "40GiB"),
     ("qwen3-30b-a3b", "a40", "44GiB"),
     ("deepseek-v2-lite", "a40", "35GiB"),
     ("gpt-oss-120b", "h200", "115GiB"),

@@ -220,12 +220,10 @@ class _Problem:
         return model
 
     def _build(self, batch: int, depth: int, integer: bool, minimize_memory: bool, slots_fixed: int | None = None,
-               cutoff_s: float | None = None, start: list[TierCounts] | None = None,
-               whole_fixed: tuple[int, ...] | None = None):
+               cutoff_s: float | None = None, whole_fixed: tuple[int, ...] | None = None):
         """Solve the placement model: integer or relaxed, slots fixed or free, and with a cutoff
-        only placements faster than `cutoff_s` (seconds, before the step's fixed part); `start`:
-        a placement that fits, for the MILP to start from; `whole_fixed`: which layers are all
-        resident (1) or paged (0), where spans can bind."""
+        only placements faster than `cutoff_s` (seconds, before the step's fixed part);
+        `whole_fixed`: which layers are all resident (1) or paged (0), where spans can bind."""
         model = self._model(batch, depth, minimize_memory)
         prob, E = model.prob, self.model.num_experts
         for var in model.integer_variables:
@@ -235,8 +233,7 @@ class _Problem:
             var.lowBound, var.upBound = (0, 1) if whole_fixed is None else (whole_fixed[i], whole_fixed[i])
         started = time.perf_counter()
         prob.solve(solver(self.gap, MILP_NODE_LIMIT, MILP_SAFETY_TIME_LIMIT_S,
-                          None if cutoff_s is None else cutoff_s / model.unit,
-                          None if start is None or not integer else self._start_values(model, start)))
+                          None if cutoff_s is None else cutoff_s / model.unit))
         if time.perf_counter() - started >= MILP_SAFETY_TIME_LIMIT_S:
             self.safety_hits += 1
         if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
@@ -273,16 +270,6 @@ class _Problem:
             for i in by_lean[:len(partly) - fits]:
                 fixing[i] = 1
         return tuple(fixing)
-
-    def _start_values(self, model: _PlacementModel, tiers: list[TierCounts]) -> dict[str, float]:
-        """The model's integer variables set to a placement (by name, as the solver takes a start)."""
-        E = self.model.num_experts
-        values = {v.name: x for layer, t in zip(model.tiers, tiers)
-                  for v, x in zip(layer, (t.resident, t.compressed, t.host, t.host_compressed))}
-        values.update({v.name: float(t.resident == E) for v, t in zip(model.whole, tiers)})
-        values[model.slots.name] = max(t.paged for t in tiers)
-        values[model.landing.name] = float(any(t.host_compressed for t in tiers))
-        return values
 
     def memory_bytes(self, tiers: list[TierCounts], depth: int, batch: int) -> float:
         """GPU bytes a placement needs: fixed part, KV for `batch`, experts, staging."""
@@ -432,21 +419,20 @@ class _Problem:
                              self.routed)
         return Relaxation(batch, depth, bounds, best)
 
-    def milp(self, batch: int, depth: int, incumbent_rate: float = 0.0, slots: int | None = None,
-             start: Candidate | None = None) -> Candidate | None:
+    def milp(self, batch: int, depth: int, incumbent_rate: float = 0.0, slots: int | None = None) -> Candidate | None:
         """The MILP's placement for one (batch, depth) and staging slot count (None: any), asked
         only for those faster than `incumbent_rate` by more than the gap (closer ones cannot
         matter, and proving that none exists is where a MILP spends its time). HiGHS takes that
         as an objective bound, which prunes nodes by their LP bound but may still return a
-        slower placement it found: callers compare the answer with their incumbent. `start`: a
-        placement of this (batch, depth) that fits (its LP rounding), which the MILP starts from
-        where its slots agree."""
+        slower placement it found: callers compare the answer with their incumbent (pass 1 kept
+        the LP rounding already). No MIP start: HiGHS 1.16 with presolve carried one into its
+        presolved space with a wrong objective and called it optimal beside placements 8-10%
+        faster (Qwen3-30B-A3B, H200, 66 GiB, 160 sequences); without presolve it found them, but
+        node-limited MILPs then took other paths on other CPUs (the closed-loop test's plan at
+        60 GiB differed on the GPU machine's), and plans must not depend on the machine."""
         step = self.step(batch)
         cutoff = (batch / (incumbent_rate * (1 + self.gap)) - self.cost.fixed_s(step)) if incumbent_rate > 0 else None
-        if start is not None and slots is not None and start.staging_slots != slots:
-            start = None
-        solved = self._build(batch, depth, integer=True, minimize_memory=False, slots_fixed=slots, cutoff_s=cutoff,
-                             start=None if start is None else start.tiers)
+        solved = self._build(batch, depth, integer=True, minimize_memory=False, slots_fixed=slots, cutoff_s=cutoff)
         if solved is None:
             return None
         prob, values, _ = solved
@@ -716,7 +702,7 @@ def candidate_plans(profile: Profile, budget: int | str, *, top_k: int = 1, work
                     wave.append(entry)
                     queue.remove(entry)
             beat = threshold()
-            for cand in pool.map(lambda e: uncertified[e[4]][1].milp(e[1], e[2], beat, e[3], uncertified[e[4]][0].rounding),
+            for cand in pool.map(lambda e: uncertified[e[4]][1].milp(e[1], e[2], beat, e[3]),
                                  wave):
                 keep(cand)
     if not kept:

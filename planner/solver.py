@@ -43,11 +43,7 @@ def _silence_banner() -> None:
 
 
 class _HiGHS(pulp.HiGHS):
-    """PuLP's HiGHS, plus the node-limit stop (HighsModelStatus.kSolutionLimit) and a MIP start."""
-
-    def __init__(self, start: dict[str, float] | None = None, **options):
-        super().__init__(**options)
-        self.start = start or {}
+    """PuLP's HiGHS, plus the node-limit stop (HighsModelStatus.kSolutionLimit)."""
 
     def actualSolve(self, lp):
         """Solve `lp`, re-using the HiGHS model built for it by an earlier solve when its
@@ -69,7 +65,7 @@ class _HiGHS(pulp.HiGHS):
                    else highspy.HighsVarType.kContinuous for v in variables]
         model.changeColsIntegrality(len(variables), list(range(len(variables))), integer)
         if any(t == highspy.HighsVarType.kInteger for t in integer):
-            model.clearSolver()  # a MILP starts only from `start`, never from the last solve's values
+            model.clearSolver()  # a MILP never starts from the last solve's values
         return self._finish(lp)
 
     def createAndConfigureSolver(self, lp):
@@ -102,15 +98,6 @@ class _HiGHS(pulp.HiGHS):
         lp.assignStatus(status, sol_status)
         return status
 
-    def callSolver(self, lp):
-        if self.start:
-            # A partial start (some variables' values): HiGHS completes it with an LP and, if it
-            # is feasible, starts its search from it, so a node-limited stop is never worse.
-            index = {v.name: v.index for v in lp.variables()}
-            names = [n for n in self.start if n in index]
-            lp.solverModel.setSolution(len(names), [index[n] for n in names], [self.start[n] for n in names])
-        super().callSolver(lp)
-
     def findSolutionValues(self, lp):
         import highspy
 
@@ -135,11 +122,10 @@ def freeze_variables(prob: pulp.LpProblem) -> None:
     prob.variables = lambda: variables
 
 
-def solver(gap: float, node_limit: int, time_limit_s: float, cutoff: float | None = None,
-           start: dict[str, float] | None = None) -> pulp.LpSolver:
+def solver(gap: float, node_limit: int, time_limit_s: float, cutoff: float | None = None) -> pulp.LpSolver:
     """One thread (plans must not depend on the machine), relative gap, node limit, safety time
-    limit; `cutoff`: only solutions whose objective is below it matter; `start`: values of some
-    variables (by name) of a known feasible solution."""
+    limit; `cutoff`: only solutions whose objective is below it matter. No MIP start (see
+    `_Problem.milp`)."""
     _silence_banner()
     # No strong branching before pseudo-costs (reliability 0) and no restart after the root's
     # reductions: over a 1 GiB sweep of every shipped model (1,421 plans, 2 cores) the slowest
@@ -152,13 +138,5 @@ def solver(gap: float, node_limit: int, time_limit_s: float, cutoff: float | Non
     options = {"mip_pscost_minreliable": 0, "mip_allow_restart": False}
     if cutoff is not None:
         options["objective_bound"] = cutoff
-    if start:
-        # HiGHS 1.16 carries a MIP start into its presolved space with a wrong objective (Qwen3-30B,
-        # H200 66 GiB, 160 sequences: 10% below the start's own), then calls the start optimal
-        # beside placements 8-10% faster. Without presolve the start is taken as it is: over the
-        # 1 GiB sweep (1,249 plans) 15 plans are over 1% faster (Qwen3-30B on the H200 at 68-83
-        # GiB by 4-9%), 3 over 1% slower (at most 1.8%: node-limited MILPs), and the slowest
-        # plan takes 0.97 s instead of 1.48 (bench/NOTES.md, session 16).
-        options["presolve"] = "off"
-    return _HiGHS(start=start, msg=False, gapRel=gap, threads=1, timeLimit=time_limit_s, mip_max_nodes=node_limit,
+    return _HiGHS(msg=False, gapRel=gap, threads=1, timeLimit=time_limit_s, mip_max_nodes=node_limit,
                   **options)

@@ -2,7 +2,7 @@
 
 The end-to-end tests (test_planner, test_never_worse) check what the planner answers; these
 check the pieces that answer depends on cheaply (the roundings, span fixing, the move to the
-host, the MILP's cutoff and start, the bounds' certificate and the infeasible message), so a
+host, the MILP's cutoff, the bounds' certificate and the infeasible message), so a
 broken heuristic fails here in milliseconds instead of surfacing as a slightly worse plan.
 """
 
@@ -173,16 +173,6 @@ def test_spans_bind_only_where_a_group_could_exceed_the_row_limit(monkeypatch):
 
 
 # ---------------------------------------------------------------- the MILP: start, cutoff, status
-def test_a_milp_start_names_every_integer_variable():
-    p = problem(layers=3, experts=4)
-    model = p._model(1, 1, False)
-    tiers = [TierCounts(4, 0, 0, 0), TierCounts(1, 1, 2, 0), TierCounts(0, 1, 0, 3)]
-    assert p._start_values(model, tiers) == {
-        "r0": 4, "c0": 0, "h0": 0, "hc0": 0, "r1": 1, "c1": 1, "h1": 2, "hc1": 0,
-        "r2": 0, "c2": 1, "h2": 0, "hc2": 3, "slots": 4, "landing": 1.0}
-    assert p._start_values(model, tiers[:2])["landing"] == 0.0
-
-
 def test_the_milp_returns_only_placements_that_beat_the_incumbent_by_the_gap():
     """560 KiB, one sequence, depth 0: the best placement pages one expert per layer (one slot)."""
     p = problem(layers=2, experts=4, budget=560 * 1024, mip_gap=0.0)
@@ -195,20 +185,18 @@ def test_the_milp_returns_only_placements_that_beat_the_incumbent_by_the_gap():
     # out of the LP's reach (3x) ends the MILP at its root. (HiGHS may still report a solution
     # above the bound, as here below 1.5x; the search compares every answer with its incumbent.)
     assert p.milp(1, 0, incumbent_rate=rate * 3) is None
-    again = p.milp(1, 0, incumbent_rate=rate * 0.98, start=best)
+    again = p.milp(1, 0, incumbent_rate=rate * 0.98)
     assert again is not None and again.step_time_s == pytest.approx(best.step_time_s, rel=1e-9)
-    # A start whose slot count differs from the fixed one is dropped, not passed on.
-    other = p.milp(1, 0, slots=2, start=best)
+    other = p.milp(1, 0, slots=2)
     assert other is not None and other.staging_slots == 2 and other.step_time_s > best.step_time_s
     p.gap = 0.05
     assert p.milp(1, 0).status == "MILP optimal within 5%"
 
 
-def test_a_milp_started_from_a_rounding_still_finds_the_faster_placements():
-    """Qwen3-30B-A3B on the H200 at 66 GiB, 160 sequences, depth 2: HiGHS 1.16 with presolve
-    carried the LP rounding given as a start into its presolved space with a wrong objective and
-    returned it as optimal (4,542 tok/s) beside placements 8-10% faster, which the same MILP finds
-    without a start. A start must never make the answer worse than no start by more than the gap."""
+def test_the_milp_finds_placements_well_past_the_lps_rounding():
+    """Qwen3-30B-A3B on the H200 at 66 GiB, 160 sequences, depth 2: the LP's rounding runs at
+    ~4,540-4,600 tok/s and the MILP finds ~4,970. Given the rounding as a MIP start, HiGHS 1.16
+    with presolve returned the start as optimal (4,542): the search gives no start."""
     import profiles
     from planner.memory import MemoryModel
 
@@ -216,9 +204,8 @@ def test_a_milp_started_from_a_rounding_still_finds_the_faster_placements():
     p = _Problem(profile, 66 << 30, profile.hardware.host_pinned_bytes, WorkloadShape(),
                  MemoryModel.of(profile).reserve_bytes, None, 1024)
     rate = lambda c: c.batch / c.step_time_s  # noqa: E731
-    rounding = p.relax(160, 2).rounding
-    unstarted, started = p.milp(160, 2), p.milp(160, 2, start=rounding)
-    assert rate(started) >= rate(unstarted) * (1 - p.gap) and rate(started) > rate(rounding) * 1.05
+    rounding, found = p.relax(160, 2).rounding, p.milp(160, 2)
+    assert rate(found) > rate(rounding) * 1.05
 
 
 def test_a_bound_is_certified_only_within_the_gap():
